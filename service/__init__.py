@@ -1,0 +1,1 @@
+"""The application layer: person detection, the CLI, and the REST + gRPC pose service."""

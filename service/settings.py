@@ -1,0 +1,85 @@
+"""Service settings: environment variables (prefix ``OMNIPOSE_``), an optional env file, CLI flags.
+
+One place for every knob the service has. The batching knobs are named after Triton's dynamic
+batcher (``max_batch_size``, ``max_queue_delay_ms``) so platform teams recognise them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """Everything ``omnipose serve`` can be told. Env: ``OMNIPOSE_<FIELD>`` (case-insensitive)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="OMNIPOSE_",
+        env_file=None,
+        extra="ignore",
+        protected_namespaces=(),
+    )
+
+    # --- model -----------------------------------------------------------------------------
+    weights: Path | None = Field(
+        None, description="Pose checkpoint (project or published OmniPose); none: embedded default"
+    )
+    config: str | None = Field(
+        None, description="Model config name, e.g. coco-w48-384x288; default: the checkpoint's own"
+    )
+    device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (cuda when available)")
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="Pose model precision; fp16/bf16 only where the device supports it"
+    )
+    flip_test: bool = Field(True, description="Average with the mirrored crop")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU")
+
+    # --- person detection --------------------------------------------------------------------
+    detector: Literal["yolo", "hog", "none"] = Field(
+        "hog", description="yolo (needs detector_weights), hog (OpenCV, offline), none (boxes only)"
+    )
+    detector_weights: Path | None = Field(None, description="Local ultralytics YOLO weights file")
+    detector_min_score: float = Field(0.25, ge=0.0, le=1.0, description="Minimum person box score")
+    whole_image_if_no_person: bool = Field(
+        False, description="Use the whole image as one box when the detector finds nobody"
+    )
+
+    # --- dynamic batching (pose worker) ------------------------------------------------------
+    max_batch_size: int = Field(16, ge=1, description="Most person crops in one pose forward pass")
+    max_queue_delay_ms: float = Field(
+        5.0, ge=0.0, description="Longest wait for more crops before running a partial batch"
+    )
+    detector_max_batch_size: int = Field(8, ge=1, description="Most images in one detector call")
+    detector_max_queue_delay_ms: float = Field(2.0, ge=0.0, description="Detector batch wait")
+    max_queue_size: int = Field(
+        64, ge=1, description="Requests admitted, not finished; beyond: 429 / RESOURCE_EXHAUSTED"
+    )
+    cpu_workers: int = Field(
+        2, ge=1, description="Threads for image decoding, crop preparation, decoding and rendering"
+    )
+
+    # --- limits ------------------------------------------------------------------------------
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest encoded image")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Largest decoded image (width x height): decompression bombs"
+    )
+    max_images_per_batch: int = Field(16, ge=1, description="Most images in one batch request")
+    max_persons: int = Field(100, ge=1, description="Most persons estimated per image")
+    default_deadline_s: float = Field(30.0, gt=0, description="Deadline when the client sets none")
+    max_deadline_s: float = Field(120.0, gt=0, description="Cap on client-supplied deadlines")
+    grpc_max_message_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="gRPC max receive/send message size"
+    )
+
+    # --- network -----------------------------------------------------------------------------
+    host: str = Field("0.0.0.0", description="Interface both servers bind to")
+    http_port: int = Field(8000, ge=0, le=65535, description="REST (FastAPI) port")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port")
+    warmup: bool = Field(True, description="Run warm-up passes before reporting ready")
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="Time to finish in-flight work on SIGTERM"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
