@@ -1,0 +1,100 @@
+"""Image decoding with limits: every bad input becomes an ImageError with a message for the user.
+
+The size is read from the header (Pillow, lazily) before any pixel is decoded, so a small file that
+claims a huge canvas (a decompression bomb) is refused without allocating it.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+SUPPORTED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "BMP": "image/bmp",
+                     "WEBP": "image/webp", "TIFF": "image/tiff"}
+DEFAULT_MAX_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+def _pillow_open(buffer: io.BytesIO) -> Image.Image:
+    """Pillow's own ``Image.open``.
+
+    Importing ultralytics replaces ``Image.open`` with a wrapper that pip-installs a HEIF plugin
+    when it meets unknown bytes; a server must answer bad input with an error, not an install.
+    """
+    patches = sys.modules.get("ultralytics.utils.patches")
+    opener = getattr(patches, "_image_open", Image.open)
+    return opener(buffer)
+
+
+class ImageError(ValueError):
+    """The bytes are not an acceptable image. ``kind`` lets transports pick a status code."""
+
+    def __init__(self, message: str, kind: str = "invalid") -> None:
+        super().__init__(message)
+        self.kind = kind  # invalid | unsupported | too_large
+
+
+def decode_image(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode encoded image bytes to a BGR uint8 array (H x W x 3), enforcing the limits."""
+    if not data:
+        raise ImageError("the image is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise ImageError(
+            f"the image is {len(data)} bytes, over the limit of {max_bytes} bytes", kind="too_large"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with _pillow_open(io.BytesIO(data)) as header:
+                fmt, (width, height) = header.format, header.size
+    except UnidentifiedImageError:
+        raise ImageError("the data is not a recognised image (corrupt or not an image)") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise ImageError(
+            "the image declares an implausibly large canvas", kind="too_large"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"the image header cannot be read: {exc}") from None
+    if fmt not in SUPPORTED_FORMATS:
+        raise ImageError(
+            f"image format {fmt} is not supported; send one of {', '.join(SUPPORTED_FORMATS)}",
+            kind="unsupported",
+        )
+    if width * height > max_pixels:
+        raise ImageError(
+            f"the image is {width}x{height} = {width * height} pixels, over the limit of"
+            f" {max_pixels} pixels", kind="too_large",
+        )
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if image is None or image.shape[0] != height or image.shape[1] != width:
+        raise ImageError(f"the {fmt} image is truncated or corrupt and cannot be decoded")
+    return image
+
+
+def read_image_file(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read and decode an image file, with the file name in every error message."""
+    file = Path(path)
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"{file}: cannot read file ({exc.strerror or exc})") from None
+    try:
+        return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    except ImageError as exc:
+        raise ImageError(f"{file}: {exc}", kind=exc.kind) from None
+
+
+def encode_jpeg(image_bgr: np.ndarray, quality: int = 90) -> bytes:
+    """JPEG bytes of a BGR image (for rendered overlays)."""
+    ok, buffer = cv2.imencode(".jpg", image_bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ImageError("could not encode the rendered image as JPEG")
+    return buffer.tobytes()

@@ -1,0 +1,102 @@
+"""Turning a weights file (or nothing) into a ready pose estimator: one place for CLI and server.
+
+With no weights the embedded default checkpoint is used; if the package has none, a randomly
+initialised network runs so the pipeline still works end to end, and the caller is told loudly
+that its keypoints are meaningless.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import model as model_package
+from model.checkpoint import load_model
+from model.configs import ModelConfig
+from model.skeleton import KeypointSpec
+from model.topdown import Precision, TopDownPoseEstimator
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = Path(model_package.__file__).resolve().parent / "weights" / "default.pt"
+UNTRAINED_CONFIG = "coco-w18-256x192"
+UNTRAINED_WARNING = (
+    "NO WEIGHTS: the pose network is randomly initialised, so every keypoint is meaningless. "
+    "Pass --weights FILE (a published OmniPose checkpoint or one made by `omnipose train`)."
+)
+
+
+@dataclass
+class LoadedPoseModel:
+    """An estimator plus what clients need to know about it (for /v1/models and metrics)."""
+
+    estimator: TopDownPoseEstimator
+    config: ModelConfig
+    keypoints: KeypointSpec
+    weights_path: Path | None
+    weights_sha256: str | None
+    trained: bool
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"omnipose-{self.config.name}"
+
+    @property
+    def version(self) -> str:
+        """Short content hash: two files with the same weights report the same version."""
+        return self.weights_sha256[:12] if self.weights_sha256 else "untrained"
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "config": self.config.to_dict(),
+            "keypoints": self.keypoints.to_dict(),
+            "input_size": list(self.config.input_size),
+            "heatmap_size": list(self.config.heatmap_size),
+            "weights_path": str(self.weights_path) if self.weights_path else None,
+            "weights_sha256": self.weights_sha256,
+            "trained": self.trained,
+            "device": str(self.estimator.device),
+            "precision": self.estimator.precision,
+            "flip_test": self.estimator.flip_test,
+            "metadata": self.metadata,
+        }
+
+
+def resolve_weights(weights: str | Path | None) -> Path | None:
+    """The file to load: the user's, else the embedded default if the package ships one."""
+    if weights is not None:
+        return Path(weights)
+    return DEFAULT_WEIGHTS if DEFAULT_WEIGHTS.is_file() else None
+
+
+def load_pose_model(
+    weights: str | Path | None = None,
+    config_name: str | None = None,
+    device: str = "auto",
+    precision: Precision = "fp32",
+    flip_test: bool = True,
+) -> LoadedPoseModel:
+    """Load weights (or the default) and wrap them in a TopDownPoseEstimator on ``device``."""
+    path = resolve_weights(weights)
+    if path is None:
+        log.warning(UNTRAINED_WARNING)
+    network, config, checkpoint = load_model(
+        path, config_name or (UNTRAINED_CONFIG if path is None else None), device="cpu"
+    )
+    keypoints = (checkpoint.keypoints if checkpoint and checkpoint.keypoints else config.keypoints)
+    estimator = TopDownPoseEstimator(
+        network, config, keypoints, device=device, precision=precision, flip_test=flip_test
+    )
+    return LoadedPoseModel(
+        estimator=estimator,
+        config=config,
+        keypoints=keypoints,
+        weights_path=path,
+        weights_sha256=checkpoint.sha256 if checkpoint else None,
+        trained=path is not None,
+        metadata=dict(checkpoint.metadata) if checkpoint else {},
+    )
