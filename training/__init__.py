@@ -1,0 +1,1 @@
+"""Training: synthetic data, datasets, losses and the training loop for OmniPose models."""
