@@ -1,0 +1,135 @@
+"""The ``omnipose`` command as a user runs it: results, rendering, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import save_checkpoint
+from model.configs import get_config
+from model.network import build_model
+from service.cli import main
+from tests.samples import BUS_JPG, ZIDANE_JPG
+
+LIGHT = "coco-w18-128x96"
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_predict_writes_coco_results_and_overlay(tmp_path, capsys) -> None:
+    out, render = tmp_path / "results.json", tmp_path / "rendered"
+    code, _, err = run_cli(capsys, "predict", str(BUS_JPG), "--config", LIGHT, "--device", "cpu",
+                           "--out", str(out), "--render", str(render))
+    assert code == 0, err
+    results = json.loads(out.read_text())
+    assert len(results) >= 2  # HOG finds at least two of the four people on the bus photo
+    for annotation in results:
+        assert annotation["category_id"] == 1
+        assert len(annotation["keypoints"]) == 17 * 3
+        x, y, w, h = annotation["bbox"]
+        assert 0 <= x < 810 and 0 <= y < 1080 and w > 0 and h > 0
+    overlay = cv2.imread(str(render / "bus_pose.jpg"))
+    assert overlay.shape == (1080, 810, 3)
+    assert np.abs(overlay.astype(int) - cv2.imread(str(BUS_JPG)).astype(int)).max() > 100
+    if "NO WEIGHTS" in err:  # no embedded default: the untrained warning must be loud
+        assert "meaningless" in err
+
+
+def test_predict_with_boxes_mapping_for_two_images(tmp_path, capsys) -> None:
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({
+        BUS_JPG.name: [[50, 400, 200, 500], [220, 400, 120, 480]],
+        ZIDANE_JPG.name: [[100, 50, 500, 650]],
+    }))  # fmt: skip
+    out = tmp_path / "r.json"
+    code, _, err = run_cli(capsys, "predict", str(BUS_JPG), str(ZIDANE_JPG), "--boxes", str(boxes),
+                           "--detector", "none", "--config", LIGHT, "--no-flip", "--out", str(out))
+    assert code == 0, err
+    results = json.loads(out.read_text())
+    by_image = {}
+    for annotation in results:
+        by_image.setdefault(annotation["image_file"], []).append(annotation["bbox"])
+    assert sorted(by_image[str(ZIDANE_JPG)]) == [[100, 50, 500, 650]]
+    assert 1 <= len(by_image[str(BUS_JPG)]) <= 2
+
+
+def test_whole_image_fallback_is_explicit(tmp_path, capsys) -> None:
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((200, 160, 3), 90, np.uint8))
+    out = tmp_path / "r.json"
+    code, _, err = run_cli(capsys, "predict", str(blank), "--config", LIGHT, "--out", str(out))
+    assert code == 0 and json.loads(out.read_text()) == []
+    assert "no person detected" in err
+    code, _, _ = run_cli(capsys, "predict", str(blank), "--config", LIGHT, "--out", str(out),
+                         "--whole-image-if-no-person")
+    results = json.loads(out.read_text())
+    assert code == 0 and [r["bbox"] for r in results] == [[0, 0, 160, 200]]
+
+
+def mismatched_checkpoint(path: Path) -> Path:
+    """A valid project checkpoint for MPII (16 joints), to be refused for a COCO config."""
+    config = get_config("mpii-w18-256x256")
+    save_checkpoint(path, build_model(config), config)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make_args", "fragment"),
+    [
+        (lambda d: [str(d / "missing.jpg")], "missing.jpg: cannot read file"),
+        (lambda d: [str(d / "empty.jpg")], "empty.jpg: the image is empty"),
+        (lambda d: [str(d / "text.jpg")], "not a recognised image"),
+        (lambda d: [str(BUS_JPG), "--weights", str(d / "text.jpg")], "text.jpg"),
+        (lambda d: [str(BUS_JPG), "--weights", str(d / "nope.pt")], "nope.pt"),
+        (lambda d: [str(BUS_JPG), "--weights", str(mismatched_checkpoint(d / "mpii.pt")),
+                    "--config", "coco-w18-256x192"], "expects coco"),
+        (lambda d: [str(BUS_JPG), "--config", "coco-w99-1x1"], "must be multiples of 32"),
+        (lambda d: [str(BUS_JPG), "--config", "body-w18-256x192"], "unknown model config"),
+        (lambda d: [str(BUS_JPG), "--boxes", str(d / "bad_boxes.json")], "positive width"),
+        (lambda d: [str(BUS_JPG), "--detector", "yolo", "--detector-weights",
+                    str(d / "yolo.pt")], "YOLO weights file not found"),
+        (lambda d: [str(BUS_JPG), "--device", "cuda:0"] if not torch.cuda.is_available()
+         else [str(d / "missing.jpg")], "CUDA is not available|missing.jpg"),
+    ],
+)
+def test_bad_inputs_give_one_line_errors(tmp_path, capsys, make_args, fragment) -> None:
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("this is not an image")
+    (tmp_path / "bad_boxes.json").write_text("[[10, 10, -5, 20]]")
+    args = make_args(tmp_path)
+    code, _, err = run_cli(capsys, "predict", *args, "--out", str(tmp_path / "r.json"))
+    assert code == 2
+    error_lines = [line for line in err.splitlines() if line.startswith("omnipose predict: error:")]
+    assert len(error_lines) == 1, err
+    assert re.search(fragment, error_lines[0]), error_lines[0]
+    assert "Traceback" not in err
+
+
+def test_console_script_exit_status_and_info(tmp_path) -> None:
+    """The installed entry point itself: a bad image exits non-zero with one line, no traceback."""
+    script = Path(sys.executable).with_name("omnipose")
+    env = {**os.environ, "YOLO_OFFLINE": "1"}
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    proc = subprocess.run([str(script), "predict", str(bad), "--out", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("omnipose predict: error: ")
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run([str(script), "info", "coco-w48-384x288", "mpii-w48-256x256"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "68,141,357" in proc.stdout and "68,141,308" in proc.stdout
