@@ -187,10 +187,9 @@ def add_info_parser(subparsers: argparse._SubParsersAction) -> None:
 
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from service.server import add_serve_parser
     from training.cli import add_eval_parser, add_export_parser, add_train_parser
     from training.synth import add_synth_parser
-
-    from service.server import add_serve_parser
 
     parser = argparse.ArgumentParser(
         prog="omnipose", description="OmniPose multi-person pose estimation: predict, serve, train."

@@ -19,6 +19,7 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="OMNIPOSE_",
         env_file=None,
+        env_ignore_empty=True,
         extra="ignore",
         protected_namespaces=(),
     )
@@ -72,6 +73,10 @@ class ServiceSettings(BaseSettings):
     max_deadline_s: float = Field(120.0, gt=0, description="Cap on client-supplied deadlines")
     grpc_max_message_bytes: int = Field(
         32 * 1024 * 1024, ge=1024, description="gRPC max receive/send message size"
+    )
+    stream_max_inflight: int = Field(
+        8, ge=1, description="Frames of one gRPC stream being processed at once; the server stops"
+        " reading further frames until results are sent (flow control holds the client back)",
     )
 
     # --- network -----------------------------------------------------------------------------

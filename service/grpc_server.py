@@ -1,0 +1,295 @@
+"""The gRPC transport (grpc.aio): omnipose.v1.PoseEstimation, standard health and reflection.
+
+Thin like the REST one: it converts protobuf messages to engine requests and engine errors to
+gRPC status codes. Message sizes are capped explicitly (``grpc_max_message_bytes``, both ways);
+a larger message is refused by gRPC itself with RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from proto import omnipose_pb2, omnipose_pb2_grpc
+from service.engine import (
+    EngineError,
+    EngineOverloaded,
+    ErrorCode,
+    ImageRequest,
+    ImageResult,
+    InvalidRequest,
+    PoseEngine,
+    client_boxes,
+)
+from service.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SERVICE_NAME = omnipose_pb2.DESCRIPTOR.services_by_name["PoseEstimation"].full_name
+GRPC_STATUS = {
+    ErrorCode.INVALID_IMAGE: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.PAYLOAD_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+RETRY_AFTER_KEY = "retry-after"
+
+
+# --- conversions -----------------------------------------------------------------------------
+def to_image_request(message: omnipose_pb2.EstimateRequest) -> ImageRequest:
+    """Protobuf request -> engine request (boxes validated like the REST ones)."""
+    boxes = scores = None
+    if message.HasField("boxes"):
+        listed = message.boxes.boxes
+        boxes = client_boxes([[b.x, b.y, b.width, b.height] for b in listed])
+        scores = np.array([b.score if b.HasField("score") else 1.0 for b in listed])
+        bad = np.flatnonzero(~((scores >= 0) & (scores <= 1)))
+        if len(bad):
+            raise InvalidRequest(f"box {bad[0]} score {scores[bad[0]]:g} is not in [0, 1]")
+    return ImageRequest(
+        data=message.image,
+        boxes=boxes,
+        box_scores=scores,
+        flip=message.flip if message.HasField("flip") else None,
+        min_keypoint_score=message.min_keypoint_score,
+        min_instance_score=message.min_instance_score,
+        max_persons=message.max_persons or None,
+        render=message.render,
+    )
+
+
+def to_response(result: ImageResult, engine: PoseEngine) -> omnipose_pb2.EstimateResponse:
+    model = engine.pose_model
+    joint_names = model.keypoints.joint_names
+    persons = []
+    for person in result.persons:
+        x, y, w, h = (float(v) for v in person.bbox)
+        keypoints = [omnipose_pb2.Keypoint(name=name, x=kx, y=ky, score=kc)
+                     for name, (kx, ky, kc) in zip(joint_names, person.keypoints.tolist(),
+                                                    strict=True)]
+        persons.append(omnipose_pb2.Person(
+            bbox=omnipose_pb2.Box(x=x, y=y, width=w, height=h, score=person.box_score),
+            score=person.score, keypoints=keypoints,
+        ))
+    return omnipose_pb2.EstimateResponse(
+        width=result.width, height=result.height,
+        model=omnipose_pb2.ModelRef(name=model.name, version=model.version),
+        persons=persons, timings_ms=result.timings_ms, rendered_jpeg=result.rendered_jpeg or b"",
+    )
+
+
+def to_model_description(description: dict) -> omnipose_pb2.ModelDescription:
+    keypoints = description["keypoints"]
+    config = description["config"]
+
+    def pairs(items: list) -> list[omnipose_pb2.JointPair]:
+        return [omnipose_pb2.JointPair(first=a, second=b) for a, b in items]
+
+    return omnipose_pb2.ModelDescription(
+        name=description["name"], version=description["version"], config=config["name"],
+        dataset=config["dataset"], width=config["width"],
+        input_height=description["input_size"][0], input_width=description["input_size"][1],
+        heatmap_height=description["heatmap_size"][0],
+        heatmap_width=description["heatmap_size"][1],
+        joint_names=keypoints["joint_names"], flip_pairs=pairs(keypoints["flip_pairs"]),
+        limbs=pairs(keypoints["limbs"]), sigmas=keypoints["sigmas"],
+        weights_sha256=description["weights_sha256"] or "", trained=description["trained"],
+        device=description["device"], precision=description["precision"],
+        flip_test=description["flip_test"], detector=description["detector"],
+        max_batch_size=description["max_batch_size"],
+    )
+
+
+def _timeout(context: grpc.aio.ServicerContext) -> float | None:
+    """The client's remaining deadline (grpc-timeout), if it set one; the engine caps it."""
+    remaining = context.time_remaining()
+    return None if remaining is None else max(remaining, 1e-3)
+
+
+# --- the service -----------------------------------------------------------------------------
+class PoseEstimationService(omnipose_pb2_grpc.PoseEstimationServicer):
+    """omnipose.v1.PoseEstimation over the shared engine."""
+
+    def __init__(self, engine: PoseEngine, metrics: ServiceMetrics, stream_max_inflight: int):
+        self.engine = engine
+        self.metrics = metrics
+        self.stream_max_inflight = stream_max_inflight
+
+    def _record(self, method: str, status: str, started: float) -> None:
+        self.metrics.requests.labels("grpc", method, status).inc()
+        self.metrics.request_latency.labels("grpc", method).observe(time.perf_counter() - started)
+
+    async def _unary(self, method: str, context: grpc.aio.ServicerContext,
+                     work: Callable[[], Awaitable[T]]) -> T:
+        """Run ``work``, turning engine errors into gRPC status codes and recording metrics."""
+        started = time.perf_counter()
+        status = grpc.StatusCode.OK
+        try:
+            return await work()
+        except EngineError as exc:
+            status = GRPC_STATUS.get(exc.code, grpc.StatusCode.INTERNAL)
+            metadata = ((RETRY_AFTER_KEY, str(exc.retry_after_s)),) \
+                if isinstance(exc, EngineOverloaded) else ()
+            await context.abort(status, exc.message, trailing_metadata=metadata)
+        except asyncio.CancelledError:
+            status = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            log.exception("%s failed", method)
+            status = grpc.StatusCode.INTERNAL
+            await context.abort(status, f"{type(exc).__name__}: {exc}")
+        finally:
+            self._record(method, status.name, started)
+        raise AssertionError("unreachable: context.abort raises")
+
+    async def Estimate(self, request: omnipose_pb2.EstimateRequest,
+                       context: grpc.aio.ServicerContext) -> omnipose_pb2.EstimateResponse:
+        async def work() -> omnipose_pb2.EstimateResponse:
+            result = await self.engine.estimate(to_image_request(request), _timeout(context))
+            return to_response(result, self.engine)
+
+        return await self._unary("Estimate", context, work)
+
+    async def EstimateBatch(self, request: omnipose_pb2.EstimateBatchRequest,
+                            context: grpc.aio.ServicerContext
+                            ) -> omnipose_pb2.EstimateBatchResponse:
+        async def work() -> omnipose_pb2.EstimateBatchResponse:
+            requests = []
+            for index, image in enumerate(request.images):
+                try:
+                    requests.append(to_image_request(image))
+                except EngineError as exc:
+                    raise exc.prefixed(f"images[{index}]") from None
+            results = await self.engine.estimate_many(requests, _timeout(context))
+            return omnipose_pb2.EstimateBatchResponse(
+                results=[to_response(result, self.engine) for result in results])
+
+        return await self._unary("EstimateBatch", context, work)
+
+    async def GetModel(self, request: omnipose_pb2.GetModelRequest,
+                       context: grpc.aio.ServicerContext) -> omnipose_pb2.ModelDescription:
+        async def work() -> omnipose_pb2.ModelDescription:
+            return to_model_description(self.engine.describe())
+
+        return await self._unary("GetModel", context, work)
+
+    async def _frame(self, frame: omnipose_pb2.StreamFrame,
+                     context: grpc.aio.ServicerContext) -> omnipose_pb2.StreamResult:
+        """One frame's answer; errors become a FrameError so the stream goes on."""
+        try:
+            result = await self.engine.estimate(to_image_request(frame.request), _timeout(context))
+        except EngineError as exc:
+            status = GRPC_STATUS.get(exc.code, grpc.StatusCode.INTERNAL)
+            return omnipose_pb2.StreamResult(frame_id=frame.frame_id, error=omnipose_pb2.FrameError(
+                code=status.name, message=exc.message))
+        return omnipose_pb2.StreamResult(frame_id=frame.frame_id,
+                                         response=to_response(result, self.engine))
+
+    async def StreamEstimate(self, request_iterator: AsyncIterator[omnipose_pb2.StreamFrame],
+                             context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[omnipose_pb2.StreamResult]:
+        """Results in frame order, at most ``stream_max_inflight`` frames read but unanswered.
+
+        The reader takes a slot before reading each frame and the writer frees it once that
+        frame's result is sent, so a client that sends faster than the model runs is held back
+        by HTTP/2 flow control instead of filling the server's memory.
+        """
+        started = time.perf_counter()
+        status = grpc.StatusCode.OK
+        slots = asyncio.Semaphore(self.stream_max_inflight)
+        pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()
+
+        async def reader() -> None:
+            try:
+                iterator = aiter(request_iterator)
+                while True:
+                    await slots.acquire()
+                    try:
+                        frame = await anext(iterator)
+                    except StopAsyncIteration:
+                        return
+                    pending.put_nowait(asyncio.create_task(self._frame(frame, context)))
+            finally:
+                pending.put_nowait(None)
+
+        reading = asyncio.create_task(reader())
+        try:
+            while (task := await pending.get()) is not None:
+                yield await task
+                slots.release()
+            await reading  # surfaces a failed read (e.g. a malformed message)
+        except asyncio.CancelledError:
+            status = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            status = grpc.StatusCode.INTERNAL
+            raise
+        finally:
+            reading.cancel()
+            while not pending.empty():
+                task = pending.get_nowait()
+                if task is not None:
+                    task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reading
+            self._record("StreamEstimate", status.name, started)
+
+
+# --- server ----------------------------------------------------------------------------------
+class GrpcServer:
+    """The grpc.aio server with the pose service, health (grpc.health.v1) and reflection."""
+
+    def __init__(self, engine: PoseEngine, host: str, port: int,
+                 metrics: ServiceMetrics | None = None) -> None:
+        settings = engine.settings
+        limit = settings.grpc_max_message_bytes
+        self.engine = engine
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ])
+        self.service = PoseEstimationService(engine, metrics or engine.metrics,
+                                             settings.stream_max_inflight)
+        omnipose_pb2_grpc.add_PoseEstimationServicer_to_server(self.service, self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot bind the gRPC server to {address}")
+
+    async def start(self) -> None:
+        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+
+    async def _set_all(self, status: int) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def set_serving(self) -> None:
+        await self._set_all(health_pb2.HealthCheckResponse.SERVING)
+
+    async def enter_drain(self) -> None:
+        """Health NOT_SERVING for good, so balancers stop sending before the server stops."""
+        await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new calls, let running ones finish within ``grace_s``."""
+        await self.server.stop(grace_s)

@@ -1,0 +1,434 @@
+"""The REST transport (FastAPI): parses HTTP into engine requests and engine answers into HTTP.
+
+Thin on purpose: batching, deadlines, admission and every pipeline stage live in the engine, so
+REST and gRPC behave the same. Every error, from any layer, is ``{"error": {"code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.engine import (
+    EngineError,
+    EngineOverloaded,
+    ErrorCode,
+    ImageRequest,
+    ImageResult,
+    InvalidRequest,
+    PoseEngine,
+    client_boxes,
+)
+from service.metrics import ServiceMetrics
+from service.schemas import (
+    BatchPoseResponse,
+    ErrorResponse,
+    HealthResponse,
+    ModelDescription,
+    PoseOptions,
+    PoseResponse,
+)
+
+HTTP_STATUS = {
+    ErrorCode.INVALID_IMAGE: 400,
+    ErrorCode.INVALID_ARGUMENT: 422,
+    ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,
+    ErrorCode.OVERLOADED: 429,
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.DEADLINE_EXCEEDED: 504,
+    ErrorCode.INTERNAL: 500,
+}
+CLIENT_CLOSED_REQUEST = 499  # nginx's convention: the client went away before the answer
+MULTIPART_OVERHEAD_BYTES = 1024 * 1024  # form fields and part headers around the image bytes
+TIMEOUT_HEADER = "X-Request-Timeout"
+
+
+def _error_doc(description: str) -> dict:
+    return {"model": ErrorResponse, "description": description}
+
+
+POSE_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _error_doc("The bytes are not a decodable image (empty, corrupt, truncated)"),
+    413: _error_doc("The image (bytes or pixels) or the batch is over the service's limits"),
+    415: _error_doc("Unsupported content type or image format (e.g. GIF)"),
+    422: _error_doc("Invalid parameters (boxes, thresholds, timeout) or a missing image field"),
+    429: _error_doc("The service is at capacity; retry after the Retry-After header's seconds"),
+    499: _error_doc("Not sent: the client closed the connection first (recorded in metrics)"),
+    500: _error_doc("Unexpected failure inside the service"),
+    503: _error_doc("The model is still loading/warming up, or the service is shutting down"),
+    504: _error_doc("The request's deadline (X-Request-Timeout or the default) passed"),
+}
+
+def _request_body_doc(file_field: str, many: bool) -> dict:
+    """OpenAPI for bodies the handlers parse themselves (multipart or a raw image)."""
+    file_schema: dict[str, Any] = {"type": "string", "format": "binary"}
+    if many:
+        file_schema = {"type": "array", "items": file_schema}
+    form_fields: dict[str, Any] = {file_field: file_schema}
+    for name, field in PoseOptions.model_fields.items():
+        form_fields[name] = {"type": "string", "description": f"{field.description} (form field;"
+                             " overrides the query parameter)"}
+    content: dict[str, Any] = {
+        "multipart/form-data": {"schema": {"type": "object", "properties": form_fields,
+                                           "required": [file_field]}},
+    }
+    if not many:
+        content["image/*"] = {"schema": {"type": "string", "format": "binary"}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+# --- errors ----------------------------------------------------------------------------------
+def error_response(status: int, code: str, message: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)
+
+
+def engine_error_response(error: EngineError) -> JSONResponse:
+    headers = None
+    if isinstance(error, EngineOverloaded):
+        headers = {"Retry-After": str(error.retry_after_s)}
+    return error_response(HTTP_STATUS.get(error.code, 500), str(error.code), error.message, headers)
+
+
+def _validation_message(errors: list[dict]) -> str:
+    parts = []
+    for error in errors:
+        location = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body",))
+        parts.append(f"{location}: {error.get('msg')}" if location else str(error.get("msg")))
+    return "; ".join(parts)
+
+
+# --- metrics middleware ----------------------------------------------------------------------
+class RequestMetricsMiddleware:
+    """Counts every HTTP request by route template and status, and times it (pure ASGI, so it
+    does not buffer bodies or interfere with disconnect detection)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = {"code": CLIENT_CLOSED_REQUEST}
+
+        async def send_with_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        except Exception:
+            status["code"] = 500
+            raise
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels("http", endpoint, str(status["code"])).inc()
+            self.metrics.request_latency.labels("http", endpoint).observe(
+                time.perf_counter() - started)
+
+
+# --- request parsing -------------------------------------------------------------------------
+def _check_content_length(request: Request, limit: int) -> None:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise InvalidRequest(f"the request body is {length} bytes, over the limit of {limit}"
+                             " bytes", ErrorCode.PAYLOAD_TOO_LARGE)
+
+
+async def _read_form(request: Request) -> FormData:
+    try:
+        return await request.form(max_files=1000, max_fields=100)
+    except Exception as exc:  # python-multipart / starlette raise several types
+        raise InvalidRequest(f"the multipart body cannot be parsed: {exc}") from None
+
+
+def _merge_options(query: dict[str, Any], form: FormData | None,
+                   file_fields: set[str]) -> PoseOptions:
+    """Query parameters, overridden by same-named form fields; unknown form fields are errors."""
+    values = {k: v for k, v in query.items() if v is not None}
+    if form is not None:
+        for key, value in form.multi_items():
+            if key in file_fields:
+                continue
+            if isinstance(value, UploadFile):
+                raise InvalidRequest(f"form field {key!r} must be a value, not a file")
+            values[key] = value
+    try:
+        return PoseOptions.model_validate(values)
+    except ValidationError as exc:
+        raise InvalidRequest(_validation_message(exc.errors())) from None
+
+
+def _image_id(options: PoseOptions) -> int | str:
+    if options.image_id is None:
+        return 0
+    return int(options.image_id) if options.image_id.isdigit() else options.image_id
+
+
+def _to_request(data: bytes, options: PoseOptions, boxes: Any = None) -> ImageRequest:
+    return ImageRequest(
+        data=data, boxes=client_boxes(boxes) if boxes is not None else None, flip=options.flip,
+        min_keypoint_score=options.min_keypoint_score,
+        min_instance_score=options.min_instance_score,
+        max_persons=options.max_persons, render=options.render,
+    )
+
+
+def _timeout(header_value: float | None) -> float | None:
+    if header_value is not None and not header_value > 0:
+        raise InvalidRequest(f"{TIMEOUT_HEADER} must be a positive number of seconds,"
+                             f" got {header_value!r}")
+    return header_value
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read by then)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> tuple[bool, Any]:
+    """Run ``work``; if the client goes away first, cancel it (freeing its queued work)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    if task.cancelled():
+        return False, None
+    return True, task.result()
+
+
+# --- app -------------------------------------------------------------------------------------
+def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> FastAPI:
+    """The FastAPI app over ``engine``; ``metrics`` defaults to the engine's."""
+    metrics = metrics or engine.metrics
+    settings = engine.settings
+    app = FastAPI(
+        title="OmniPose Serve",
+        version="1.0",
+        description="Multi-person 2D human pose estimation (OmniPose: HRNet + WASPv2), "
+                    "dynamically batched. Keypoints follow the COCO results format.",
+    )
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        return engine_error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(500, str(ErrorCode.INTERNAL), f"{type(exc).__name__}: {exc}")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, str(ErrorCode.INVALID_ARGUMENT),
+                              _validation_message(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    def model_ref() -> dict[str, str]:
+        model = engine.pose_model
+        return {"name": model.name, "version": model.version}
+
+    def to_json(result: ImageResult, image_id: int | str) -> dict[str, Any]:
+        spec = engine.pose_model.keypoints
+        return {
+            "image": {"width": result.width, "height": result.height},
+            "model": model_ref(),
+            "persons": [person.to_coco(image_id, spec) for person in result.persons],
+            "timings_ms": result.timings_ms,
+        }
+
+    async def answer(request: Request, work: Awaitable[Any],
+                     build: Callable[[Any], Response]) -> Response:
+        completed, value = await _unless_disconnected(request, work)
+        if not completed:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return build(value)
+
+    @app.post(
+        "/v1/pose",
+        response_model=PoseResponse,
+        responses={200: {"content": {"image/jpeg": {"schema": {"type": "string",
+                                                               "format": "binary"}}},
+                         "description": "Persons found (JSON), or the overlay when render=true"},
+                   **POSE_ERRORS},
+        openapi_extra=_request_body_doc("image", many=False),
+        summary="Estimate the poses of every person in one image",
+    )
+    async def estimate_pose(
+        request: Request,
+        boxes: str | None = Query(None, description=PoseOptions.model_fields["boxes"].description),
+        flip: bool | None = Query(None, description="Flip test; default: the service's setting"),
+        min_keypoint_score: float | None = Query(None, ge=0, le=1,
+                                                 description="Keypoints below it become 0, 0, 0"),
+        min_instance_score: float | None = Query(None, ge=0, le=1,
+                                                 description="Drop persons scoring below it"),
+        max_persons: int | None = Query(None, ge=1, description="Keep the top-scoring persons"),
+        render: bool | None = Query(None, description="Return image/jpeg with skeletons drawn"),
+        image_id: str | None = Query(None, description="image_id of the returned annotations"),
+        request_timeout: float | None = Header(
+            None, alias=TIMEOUT_HEADER, description="Deadline in seconds (capped by the server)"),
+    ) -> Response:
+        query = {"boxes": boxes, "flip": flip, "min_keypoint_score": min_keypoint_score,
+                 "min_instance_score": min_instance_score, "max_persons": max_persons,
+                 "render": render, "image_id": image_id}
+        timeout = _timeout(request_timeout)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type == "multipart/form-data":
+            _check_content_length(request, settings.max_image_bytes + MULTIPART_OVERHEAD_BYTES)
+            form = await _read_form(request)
+            uploads = form.getlist("image")
+            if not uploads:
+                raise InvalidRequest("the multipart body has no 'image' file field")
+            if len(uploads) > 1 or not isinstance(uploads[0], UploadFile):
+                raise InvalidRequest("the 'image' field must be exactly one file;"
+                                     " use /v1/pose/batch for several images")
+            data = await uploads[0].read()
+            options = _merge_options(query, form, {"image"})
+        elif content_type.startswith("image/"):
+            _check_content_length(request, settings.max_image_bytes)
+            data = await request.body()
+            options = _merge_options(query, None, set())
+        else:
+            raise InvalidRequest(
+                f"unsupported content type {content_type or '(none)'!r}: send the image as"
+                " multipart/form-data field 'image' or as a raw body with an image/* type",
+                ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            )
+        image_request = _to_request(data, options, options.boxes)
+        image_id = _image_id(options)
+
+        def build(result: ImageResult) -> Response:
+            if options.render:
+                return Response(result.rendered_jpeg, media_type="image/jpeg",
+                                headers={"X-Persons": str(len(result.persons))})
+            return JSONResponse(to_json(result, image_id))
+
+        return await answer(request, engine.estimate(image_request, timeout), build)
+
+    @app.post(
+        "/v1/pose/batch",
+        response_model=BatchPoseResponse,
+        responses=POSE_ERRORS,
+        openapi_extra=_request_body_doc("images", many=True),
+        summary="Estimate poses in several images (multipart field 'images', repeated)",
+    )
+    async def estimate_pose_batch(
+        request: Request,
+        boxes: str | None = Query(
+            None, description="JSON list with one entry per image: a box list [[x, y, w, h],"
+                              " ...] or null to detect people in that image"),
+        flip: bool | None = Query(None, description="Flip test; default: the service's setting"),
+        min_keypoint_score: float | None = Query(None, ge=0, le=1),
+        min_instance_score: float | None = Query(None, ge=0, le=1),
+        max_persons: int | None = Query(None, ge=1),
+        image_id: str | None = Query(
+            None, description="image_id of the first image; the others count up from it when"
+                              " it is a number"),
+        request_timeout: float | None = Header(None, alias=TIMEOUT_HEADER),
+    ) -> Response:
+        query = {"boxes": boxes, "flip": flip, "min_keypoint_score": min_keypoint_score,
+                 "min_instance_score": min_instance_score, "max_persons": max_persons,
+                 "image_id": image_id}
+        timeout = _timeout(request_timeout)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "multipart/form-data":
+            raise InvalidRequest(
+                f"unsupported content type {content_type or '(none)'!r}: send the images as"
+                " multipart/form-data fields named 'images'", ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            )
+        limit = settings.max_images_per_batch
+        _check_content_length(request, limit * settings.max_image_bytes + MULTIPART_OVERHEAD_BYTES)
+        form = await _read_form(request)
+        uploads = form.getlist("images")
+        if not uploads:
+            raise InvalidRequest("the multipart body has no 'images' file fields")
+        if len(uploads) > limit:
+            raise InvalidRequest(f"{len(uploads)} images in one batch, over the limit of {limit}",
+                                 ErrorCode.PAYLOAD_TOO_LARGE)
+        if not all(isinstance(u, UploadFile) for u in uploads):
+            raise InvalidRequest("every 'images' field must be a file")
+        options = _merge_options(query, form, {"images"})
+        if options.render:
+            raise InvalidRequest("render is only available on /v1/pose (one image)")
+        per_image_boxes: list[Any] = [None] * len(uploads)
+        if options.boxes is not None:
+            import json
+
+            try:
+                per_image_boxes = json.loads(options.boxes)
+            except ValueError as exc:
+                raise InvalidRequest(f"boxes is not valid JSON ({exc})") from None
+            if not isinstance(per_image_boxes, list) or len(per_image_boxes) != len(uploads):
+                raise InvalidRequest(f"boxes must be a JSON list with one entry (a box list or"
+                                     f" null) per image: {len(uploads)} entries")
+        requests = []
+        for index, (upload, image_boxes) in enumerate(zip(uploads, per_image_boxes, strict=True)):
+            try:
+                requests.append(_to_request(await upload.read(), options, image_boxes))
+            except EngineError as exc:
+                raise exc.prefixed(f"images[{index}]") from None
+        first_id = _image_id(options)
+
+        def build(results: list[ImageResult]) -> Response:
+            ids = [first_id + i if isinstance(first_id, int) else first_id
+                   for i in range(len(results))]
+            return JSONResponse({"results": [to_json(r, i) for r, i in zip(results, ids,
+                                                                           strict=True)]})
+
+        return await answer(request, engine.estimate_many(requests, timeout), build)
+
+    @app.get("/v1/models", response_model=ModelDescription,
+             responses={503: _error_doc("The model is still loading")},
+             summary="The loaded pose model: config, joints, skeleton, input size, checksum")
+    async def get_model() -> dict:
+        return engine.describe()
+
+    @app.get("/healthz", response_model=HealthResponse, summary="Liveness: the process answers")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=HealthResponse,
+             responses={503: _error_doc("Not ready: loading, warming up, or shutting down")},
+             summary="Readiness: model and detector loaded and warmed, not shutting down")
+    async def readyz() -> Response:
+        if engine.ready:
+            return JSONResponse({"status": "ready"})
+        return error_response(503, str(ErrorCode.UNAVAILABLE), f"not ready: {engine.state}")
+
+    @app.get("/metrics", response_class=Response, summary="Prometheus metrics (text format)",
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

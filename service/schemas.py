@@ -1,0 +1,125 @@
+"""REST request/response models: what OpenAPI documents is exactly what the handlers return."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(..., description="Machine-readable kind, e.g. invalid_image, overloaded",
+                      examples=["invalid_image"])
+    message: str = Field(..., description="What went wrong, for a human",
+                         examples=["the image is empty (0 bytes)"])
+
+
+class ErrorResponse(BaseModel):
+    """Every error of every endpoint has this shape."""
+
+    error: ErrorDetail
+
+
+class ImageInfo(BaseModel):
+    width: int = Field(..., description="Decoded image width in pixels")
+    height: int = Field(..., description="Decoded image height in pixels")
+
+
+class ModelRef(BaseModel):
+    name: str = Field(..., examples=["omnipose-coco-w48-384x288"])
+    version: str = Field(..., description="First 12 hex digits of the weights' SHA-256, or"
+                                          " 'untrained'")
+
+
+class NamedKeypoint(BaseModel):
+    x: float
+    y: float
+    score: float
+
+
+class PersonAnnotation(BaseModel):
+    """A COCO results-format keypoint annotation (plus box score and keypoints by name)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    image_id: int | str
+    category_id: int = Field(1, description="Always 1 (person)")
+    bbox: list[float] = Field(..., description="Person box x, y, w, h in image pixels",
+                              min_length=4, max_length=4)
+    keypoints: list[float] = Field(
+        ..., description="x1, y1, c1, x2, y2, c2, ... in image pixels; c is the confidence."
+                         " Keypoints below min_keypoint_score are reported as 0, 0, 0.")
+    score: float = Field(..., description="Box score x mean confidence of confident keypoints")
+    box_score: float = Field(..., description="Detector (or client) box score")
+    named_keypoints: dict[str, NamedKeypoint] = Field(
+        ..., description="The same keypoints keyed by joint name")
+
+
+class PoseResponse(BaseModel):
+    image: ImageInfo
+    model: ModelRef
+    persons: list[PersonAnnotation]
+    timings_ms: dict[str, float] = Field(
+        ..., description="Milliseconds per pipeline stage (image_decode, detection, preprocess,"
+                         " queue_wait, pose_inference, decode, render) and total",
+    )
+
+
+class BatchPoseResponse(BaseModel):
+    results: list[PoseResponse] = Field(..., description="One result per image, in request order")
+
+
+class ModelConfigInfo(BaseModel):
+    name: str
+    dataset: str
+    width: int
+    input_size: list[int]
+
+
+class KeypointsInfo(BaseModel):
+    dataset: str
+    joint_names: list[str]
+    flip_pairs: list[list[int]]
+    limbs: list[list[int]] = Field(..., description="Skeleton: pairs of joint indices")
+    limb_colors: list[list[int]] = Field(..., description="BGR colour per limb")
+    sigmas: list[float] = Field(..., description="COCO OKS per-joint sigmas")
+
+
+class ModelDescription(BaseModel):
+    name: str
+    version: str
+    config: ModelConfigInfo
+    keypoints: KeypointsInfo
+    input_size: list[int] = Field(..., description="Network input (height, width)")
+    heatmap_size: list[int] = Field(..., description="Heatmap (height, width)")
+    weights_path: str | None
+    weights_sha256: str | None
+    trained: bool = Field(..., description="False: random weights, keypoints are meaningless")
+    device: str
+    precision: str
+    flip_test: bool
+    detector: str
+    max_batch_size: int
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class HealthResponse(BaseModel):
+    status: str = Field(..., examples=["ok", "ready", "starting", "draining"])
+
+
+class PoseOptions(BaseModel):
+    """Per-request options, from query parameters or (overriding them) multipart form fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    boxes: str | None = Field(
+        None, description="JSON list of person boxes [[x, y, w, h], ...] in image pixels; when"
+                          " given (even []), person detection is skipped",
+    )
+    flip: bool | None = Field(None, description="Flip test; default: the service's setting")
+    min_keypoint_score: float = Field(
+        0.0, ge=0.0, le=1.0, description="Keypoints below it are reported as 0, 0, 0")
+    min_instance_score: float = Field(0.0, ge=0.0, le=1.0, description="Drop persons below it")
+    max_persons: int | None = Field(None, ge=1, description="Keep the top-scoring persons")
+    render: bool = Field(False, description="Return an image/jpeg overlay instead of JSON")
+    image_id: str | None = Field(None, description="Echoed as image_id in the annotations")

@@ -1,0 +1,221 @@
+"""The service process: one engine, the REST (uvicorn) and gRPC servers on one event loop.
+
+Life cycle: both servers listen at once (``/healthz`` answers while the model loads), the engine
+loads and warms up, then readiness turns on (``/readyz`` 200, gRPC health SERVING). On SIGTERM or
+SIGINT readiness turns off, new requests are refused with 503/UNAVAILABLE, both servers stop
+accepting and finish in-flight calls within ``shutdown_grace_s``, the engine stops, and the
+process exits 0.
+
+``python -m service.server --help`` lists the flags; the ``omnipose serve`` subcommand has the
+same ones (``add_serve_parser``). Every flag is a :class:`ServiceSettings` field, which can also
+be set as ``OMNIPOSE_<FIELD>`` in the environment; flags win.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. With spinning, a
+# forward pass on a machine with as many threads as cores slows down by 10-40x as soon as any
+# other thread (our HTTP/gRPC loop, image decoding, another process) needs a core, because every
+# barrier waits for a descheduled spinner. Measured on the 2-core dev machine: 0.4 s -> 16 s.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+import types
+import typing
+from collections.abc import Generator, Sequence
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.engine import PoseEngine, configure_threads
+from service.grpc_server import GrpcServer
+from service.metrics import ServiceMetrics
+from service.rest import create_app
+from service.settings import ServiceSettings
+
+log = logging.getLogger("omnipose.server")
+
+
+# --- command line ----------------------------------------------------------------------------
+def _flag_kwargs(annotation: Any) -> dict[str, Any]:
+    """argparse options for a settings field's type (Optional unwrapped, Literal -> choices)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in args if a is not type(None))
+        args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return {"choices": list(args), "type": str}
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if annotation in (int, float):
+        return {"type": annotation}
+    return {"type": str}
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per ServiceSettings field; unset flags leave env/defaults in charge."""
+    parser.add_argument("--env-file", type=Path, default=argparse.SUPPRESS,
+                        help="Read OMNIPOSE_* settings from this file (flags still win)")
+    for name, field in ServiceSettings.model_fields.items():
+        default = field.default if field.default is not None else "none"
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
+            help=f"{field.description} (env OMNIPOSE_{name.upper()}; default {default})",
+            **_flag_kwargs(field.annotation),
+        )
+
+
+def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
+    """Defaults < environment (and --env-file) < flags."""
+    given = vars(args)
+    overrides = {name: given[name] for name in ServiceSettings.model_fields if name in given}
+    env_file = given.get("env_file")
+    if env_file is not None:
+        return ServiceSettings(_env_file=env_file, **overrides)
+    return ServiceSettings(**overrides)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """Handler of ``omnipose serve``: run until SIGTERM/SIGINT; the exit code to return."""
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        print(f"omnipose serve: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    return run(settings)
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``serve``; its handler is ``args.func(args) -> exit code``."""
+    parser = subparsers.add_parser(
+        "serve", help="Run the REST + gRPC pose service",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_settings_arguments(parser)
+    parser.set_defaults(func=serve_command)
+    return parser
+
+
+# --- the process -----------------------------------------------------------------------------
+class _UvicornServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: this process shuts both servers down together."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind the HTTP socket ourselves so a taken port is an error we report (uvicorn would exit)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(settings: ServiceSettings) -> int:
+    """Run both servers until a stop signal; returns the process exit code."""
+    threads = configure_threads(settings)
+    metrics = ServiceMetrics()
+    engine = PoseEngine(settings, metrics)
+    try:
+        http_socket = _bind(settings.host, settings.http_port)
+        grpc_server = GrpcServer(engine, settings.host, settings.grpc_port, metrics)
+    except (OSError, RuntimeError) as exc:
+        log.error("cannot listen: %s", exc)
+        return 1
+    http_server = _UvicornServer(uvicorn.Config(
+        create_app(engine, metrics), lifespan="off", log_level=settings.log_level,
+        access_log=settings.log_level == "debug",
+        timeout_graceful_shutdown=int(max(1, settings.shutdown_grace_s)),
+    ))
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    await grpc_server.start()
+    http_task = asyncio.create_task(http_server.serve(sockets=[http_socket]))
+    log.info("listening: http %s:%d, grpc %s:%d (torch threads %d); loading the model",
+             settings.host, http_socket.getsockname()[1], settings.host, grpc_server.port, threads)
+
+    exit_code = 0
+    starting = asyncio.create_task(engine.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping, http_task}, return_when=asyncio.FIRST_COMPLETED)
+    if starting.done() and starting.exception() is not None:
+        log.error("the pose engine failed to start: %s", starting.exception())
+        exit_code = 1
+    elif http_task.done():
+        log.error("the HTTP server stopped unexpectedly")
+        exit_code = 1
+    elif starting.done():
+        await grpc_server.set_serving()
+        log.info("ready")
+        await asyncio.wait({stopping, http_task}, return_when=asyncio.FIRST_COMPLETED)
+        if http_task.done() and not stopping.done():
+            log.error("the HTTP server stopped unexpectedly")
+            exit_code = 1
+
+    log.info("shutting down: draining in-flight requests (up to %.0f s); signal again to force",
+             settings.shutdown_grace_s)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _force_exit)
+    starting.cancel()
+    stopping.cancel()
+    engine.begin_drain()
+    await grpc_server.enter_drain()
+    http_server.should_exit = True
+    await asyncio.gather(http_task, grpc_server.stop(settings.shutdown_grace_s),
+                         return_exceptions=True)
+    if not await engine.wait_idle(settings.shutdown_grace_s):
+        log.warning("%d requests still running after the grace period", engine.inflight)
+    await engine.close()
+    log.info("stopped")
+    return exit_code
+
+
+def _force_exit() -> None:
+    """A second SIGTERM/SIGINT during the drain: stop now, unanswered requests are dropped."""
+    log.warning("second stop signal: exiting without finishing in-flight requests")
+    logging.shutdown()
+    os._exit(1)
+
+
+def run(settings: ServiceSettings) -> int:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return asyncio.run(serve(settings))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m service.server", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_settings_arguments(parser)
+    return serve_command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
