@@ -594,3 +594,20 @@ def test_dashboard_layout_is_well_formed(dashboard: dict) -> None:
             assert panel["datasource"]["uid"] == "${datasource}"
             assert all(t["datasource"]["uid"] == "${datasource}" for t in panel["targets"])
     assert dashboard["uid"] and dashboard["title"]
+
+
+def test_dashboard_metrics_are_exported_by_the_running_server(dashboard: dict, server,
+                                                              images) -> None:
+    """Scrape the real service after one request: every series the dashboard reads is there."""
+    import httpx
+
+    response = httpx.post(f"{server.http_url}/v1/pose", files={"image": ("bus.jpg", images.bus)},
+                          timeout=60)
+    assert response.status_code == 200, response.text
+    scraped = httpx.get(f"{server.http_url}/metrics", timeout=10).text
+    sample_names = set(re.findall(r"^(omnipose_[a-z0-9_]+)", scraped, flags=re.MULTILINE))
+    queries = dashboard_queries(dashboard)
+    referenced = {name for q in queries for name in re.findall(r"\bomnipose_[a-z0-9_]+", q)}
+    assert referenced <= sample_names, f"not exported: {sorted(referenced - sample_names)}"
+    stages = set(re.findall(r'omnipose_stage_duration_seconds_count\{stage="(\w+)"\}', scraped))
+    assert {"image_decode", "detection", "pose_inference", "decode"} <= stages
