@@ -21,6 +21,7 @@ from model.nms import oks_nms
 from model.skeleton import KeypointSpec
 from model.transforms import (
     BOX_PADDING,
+    PIXEL_STD,
     box_to_center_scale,
     get_affine_transforms,
     normalize_crops,
@@ -188,7 +189,8 @@ class TopDownPoseEstimator:
         scores = instance_scores(keypoints, crops.box_scores)
         order = list(range(len(crops)))
         if nms_threshold is not None and len(crops) > 1:
-            areas = crops.boxes[:, 2] * crops.boxes[:, 3]
+            # The padded, aspect-fitted crop area, as the published evaluation uses for OKS.
+            areas = np.prod(crops.scales * PIXEL_STD, axis=1)
             sigmas = np.asarray(self.keypoints.sigmas)
             order = oks_nms(keypoints, scores, areas, sigmas, threshold=nms_threshold)
         return [

@@ -75,29 +75,37 @@ class NoDetector(PersonDetector):
 class HogPersonDetector(PersonDetector):
     """OpenCV's built-in HOG + linear SVM people detector: weak, but offline and weight-free.
 
-    Images are scaled so the longer side is at most ``max_side`` (HOG cost grows with area). SVM
-    margins are squashed to (0, 1) with a logistic so scores are comparable with YOLO's.
+    Images are scaled down so the longer side is at most ``max_side`` (HOG cost grows with area)
+    and never scaled up: an image smaller than the 64 x 128 detection window is padded instead,
+    so a tiny or absurdly thin image costs nothing. SVM margins are squashed to (0, 1) with a
+    logistic so scores are comparable with YOLO's; HOG only reports windows with a positive
+    margin, so its scores start at 0.5 and ``min_score`` filters only above that.
     """
 
     name = "hog"
+    WINDOW_WIDTH, WINDOW_HEIGHT = 64, 128
 
     def __init__(self, min_score: float = 0.25, max_side: int = 800, nms_iou: float = 0.45) -> None:
         self.min_score = min_score
         self.max_side = max_side
         self.nms_iou = nms_iou
+        self._hit_threshold = max(0.0, float(np.log(min_score / (1.0 - min_score))))
         self._hog = cv2.HOGDescriptor()
         self._hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
 
     def _detect_one(self, image_bgr: np.ndarray) -> Detections:
         height, width = image_bgr.shape[:2]
         factor = min(1.0, self.max_side / max(height, width))
-        # HOG needs at least its 64 x 128 window; upscale tiny images instead of failing.
-        factor = max(factor, 128 / height, 64 / width)
-        resized = image_bgr if factor == 1.0 else cv2.resize(
-            image_bgr, (round(width * factor), round(height * factor)), interpolation=cv2.INTER_AREA
-        )
+        scaled = image_bgr
+        if factor < 1.0:
+            size = (max(1, round(width * factor)), max(1, round(height * factor)))
+            scaled = cv2.resize(image_bgr, size, interpolation=cv2.INTER_AREA)
+        pad_bottom = max(0, self.WINDOW_HEIGHT - scaled.shape[0])
+        pad_right = max(0, self.WINDOW_WIDTH - scaled.shape[1])
+        if pad_bottom or pad_right:
+            scaled = cv2.copyMakeBorder(scaled, 0, pad_bottom, 0, pad_right, cv2.BORDER_CONSTANT)
         rects, margins = self._hog.detectMultiScale(
-            resized, winStride=(8, 8), padding=(8, 8), scale=1.05
+            scaled, hitThreshold=self._hit_threshold, winStride=(8, 8), padding=(8, 8), scale=1.05
         )
         if len(rects) == 0:
             return Detections.empty()
@@ -106,7 +114,8 @@ class HogPersonDetector(PersonDetector):
         keep = cv2.dnn.NMSBoxes(boxes.tolist(), scores.tolist(), self.min_score, self.nms_iou)
         keep = np.asarray(keep, dtype=int).reshape(-1)
         boxes, scores = clip_boxes(boxes[keep], width, height), scores[keep]
-        return Detections(boxes, scores)
+        valid = (boxes[:, 2] > 0) & (boxes[:, 3] > 0)  # windows lying only on the padding
+        return Detections(boxes[valid], scores[valid])
 
     def detect_batch(self, images_bgr: Sequence[np.ndarray]) -> list[Detections]:
         return [self._detect_one(image) for image in images_bgr]

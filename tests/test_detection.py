@@ -35,6 +35,29 @@ def test_hog_handles_tiny_and_blank_images() -> None:
     assert len(detector.detect(np.full((480, 640, 3), 127, np.uint8))) == 0
 
 
+def test_hog_never_upscales_thin_images() -> None:
+    """A 1 x 40000 image once became a 491 MB upscaled copy; now it is padded, not enlarged."""
+    import tracemalloc
+
+    detector = HogPersonDetector()
+    tracemalloc.start()
+    try:
+        result = detector.detect(np.zeros((1, 40_000, 3), np.uint8))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(result) == 0
+    assert peak < 50 * 1024 * 1024
+
+
+def test_hog_min_score_filters_above_one_half() -> None:
+    image = read_image_file(BUS_JPG)
+    loose, strict = HogPersonDetector(min_score=0.25).detect(image), HogPersonDetector(
+        min_score=0.72).detect(image)
+    assert np.all(loose.scores >= 0.5)
+    assert np.all(strict.scores >= 0.72) and len(strict) < len(loose)
+
+
 def test_no_detector_finds_nobody_and_whole_image_is_explicit() -> None:
     image = np.zeros((50, 80, 3), np.uint8)
     assert len(NoDetector().detect(image)) == 0
