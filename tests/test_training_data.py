@@ -1,0 +1,464 @@
+"""Data side of training: recipes/overrides, records, augmentation geometry, image sources,
+losses and the metric helpers. All on tiny hand-made or synthetic inputs (seconds)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from model.codec import decode_heatmaps
+from model.skeleton import COCO_KEYPOINTS
+from model.topdown import PersonPose
+from model.transforms import get_affine_transforms, transform_points
+from training.config import ConfigError, ExperimentConfig, get_recipe, load_config
+from training.data import (
+    DataError,
+    KeypointTrainDataset,
+    center_scale_to_box,
+    load_detection_records,
+    load_mpii_records,
+    load_split,
+    open_image_source,
+)
+from training.evaluate import coco_keypoint_eval, coco_results, pckh
+from training.losses import JointsMSELoss, JointsOHKMLoss
+
+NUM_JOINTS = 17
+
+
+# --- a tiny hand-made COCO-format set -----------------------------------------------------------
+
+
+def _person_keypoints(rng: np.random.Generator, x: float, y: float, w: float, h: float) -> list:
+    """17 labelled joints spread inside the box (v=2), one unlabelled (v=0)."""
+    xs = x + rng.uniform(0.1, 0.9, NUM_JOINTS) * w
+    ys = y + np.linspace(0.05, 0.95, NUM_JOINTS) * h
+    keypoints = np.stack([xs, ys, np.full(NUM_JOINTS, 2.0)], axis=1)
+    keypoints[4] = 0  # right ear not labelled
+    return keypoints.reshape(-1).round(2).tolist()
+
+
+def make_coco_set(root: Path, split: str = "val", num_images: int = 4, seed: int = 0) -> Path:
+    """Images with coloured rectangles as persons, plus annotations (some to be filtered)."""
+    rng = np.random.default_rng(seed)
+    image_dir = root / "images" / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for index in range(num_images):
+        image_id = 100 + index
+        canvas = rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)
+        name = f"{image_id:012d}.jpg"
+        cv2.imwrite(str(image_dir / name), canvas)
+        images.append({"id": image_id, "file_name": name, "width": 160, "height": 120})
+        for person in range(2):
+            x, y, w, h = 10.0 + 70 * person, 10.0, 50.0, 90.0
+            annotations.append(
+                {
+                    "id": len(annotations) + 1, "image_id": image_id, "category_id": 1,
+                    "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0, "num_keypoints": 16,
+                    "keypoints": _person_keypoints(rng, x, y, w, h),
+                }
+            )  # fmt: skip
+        # filtered out: a crowd region and a person without keypoints
+        annotations.append(
+            {"id": len(annotations) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 1,
+             "bbox": [0, 0, 20, 20], "area": 400.0, "num_keypoints": 0,
+             "keypoints": [0] * 51}
+        )  # fmt: skip
+        annotations.append(
+            {"id": len(annotations) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
+             "bbox": [100, 60, 20, 30], "area": 600.0, "num_keypoints": 0,
+             "keypoints": [0] * 51}
+        )  # fmt: skip
+    data = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "person", "keypoints": list(COCO_KEYPOINTS.joint_names),
+                        "skeleton": [[a + 1, b + 1] for a, b in COCO_KEYPOINTS.limbs]}],
+    }  # fmt: skip
+    annotation_file = root / "annotations" / f"person_keypoints_{split}.json"
+    annotation_file.parent.mkdir(parents=True, exist_ok=True)
+    annotation_file.write_text(json.dumps(data))
+    return annotation_file
+
+
+def tiny_config(root: Path, **overrides: str) -> ExperimentConfig:
+    values = [f"data.root={root}", "data.val_split=val", "data.train_split=val",
+              "data.num_workers=0"]  # fmt: skip
+    values += [f"{key}={value}" for key, value in overrides.items()]
+    return load_config("synth-w8-96x64", values)
+
+
+# --- config --------------------------------------------------------------------------------------
+
+
+def test_published_recipes_follow_the_reference_facts() -> None:
+    coco = get_recipe("coco-w48-384x288")
+    assert (coco.train.lr, coco.train.weight_decay, coco.train.epochs) == (1e-4, 1e-4, 210)
+    assert coco.train.lr_steps == (140, 180) and coco.train.lr_factor == 0.1
+    assert coco.train.batch_size == 12
+    assert coco.data.sigma == 3.0  # 96x72 heatmaps
+    assert get_recipe("coco-w48-256x192").data.sigma == 2.0
+    assert (coco.data.scale_factor, coco.data.rotation_factor) == (0.35, 45.0)
+    assert (coco.data.rotation_prob, coco.data.half_body_prob) == (0.6, 0.3)
+    assert coco.data.half_body_min_joints == 8
+    assert (coco.test.flip_test, coco.test.oks_nms_threshold) == (True, 0.9)
+    mpii = get_recipe("mpii-w48-256x256")
+    assert (mpii.data.format, mpii.data.root, mpii.data.val_split) == ("mpii", "data/mpii", "valid")
+    synth = get_recipe("synth-w18-128x96")
+    assert synth.model.config == "coco-w18-128x96" and synth.data.train_split == "train"
+    get_recipe("coco-w48-384x288").train.epochs = 1  # copies: the registry is not mutated
+    assert get_recipe("coco-w48-384x288").train.epochs == 210
+
+
+def test_overrides_are_typed_and_checked(tmp_path: Path) -> None:
+    config = load_config(
+        "synth-w18-128x96",
+        ["train.epochs=3", "data.root=/x", "train.lr_steps=1,2", "train.amp=false",
+         "data.val_boxes=none", "train.lr=3e-4"],
+    )  # fmt: skip
+    assert config.train.epochs == 3 and config.data.root == "/x"
+    assert config.train.lr_steps == (1, 2) and config.train.amp is False
+    assert config.data.val_boxes is None and config.train.lr == pytest.approx(3e-4)
+    for bad in (["train.epoch=3"], ["train.epochs=three"], ["nosection.x=1"], ["train.epochs"],
+                ["model.config=coco-w18-100x96"], ["data.format=mpii"]):  # fmt: skip
+        with pytest.raises(ConfigError):
+            load_config("synth-w18-128x96", bad)
+    with pytest.raises(ConfigError, match="unknown training config"):
+        load_config("no-such-recipe")
+    recipe_file = tmp_path / "mine.json"
+    recipe_file.write_text(json.dumps({"base": "synth-w8-96x64", "train": {"epochs": 7}}))
+    from_file = load_config(str(recipe_file), ["train.batch_size=5"])
+    assert (from_file.name, from_file.train.epochs, from_file.train.batch_size) == ("mine", 7, 5)
+    assert from_file.model.config == "coco-w8-96x64"
+    assert ExperimentConfig.from_dict(from_file.to_dict()) == from_file
+
+
+# --- records -----------------------------------------------------------------------------------
+
+
+def test_coco_records_filter_crowds_and_empty_persons(tmp_path: Path) -> None:
+    make_coco_set(tmp_path, "val", num_images=3)
+    config = tiny_config(tmp_path)
+    records, _, annotation_file = load_split(config.data, config.model_config(), "val")
+    assert len(records) == 6 and records.num_images == 3  # 2 real persons per image
+    assert records.visible.shape == (6, NUM_JOINTS) and (records.visible[:, 4] == 0).all()
+    data = json.loads(annotation_file.read_text())
+    first = next(a for a in data["annotations"] if a["image_id"] == 100)
+    np.testing.assert_allclose(
+        records.joints[0], np.asarray(first["keypoints"]).reshape(-1, 3)[:, :2], atol=1e-4
+    )
+    # box -> center/scale at the model's aspect ratio (64/96), padded by 1.25
+    # clipped HRNet-style to w = h - 1 = 49 / 89 px, center x + (w - 1) / 2
+    np.testing.assert_allclose(records.centers[0], [10 + 48 / 2, 10 + 88 / 2])
+    np.testing.assert_allclose(records.scales[0], np.array([89 * 64 / 96, 89]) / 200 * 1.25)
+    with pytest.raises(DataError, match=r"person_keypoints_nosplit\.json"):
+        load_split(config.data, config.model_config(), "nosplit")
+
+
+def test_detection_records_keep_person_boxes_above_threshold(tmp_path: Path) -> None:
+    annotation_file = make_coco_set(tmp_path, "val", num_images=2)
+    detections = [
+        {"image_id": 100, "category_id": 1, "bbox": [5, 5, 40, 80], "score": 0.9},
+        {"image_id": 100, "category_id": 1, "bbox": [5, 5, 40, 80], "score": 0.05},
+        {"image_id": 101, "category_id": 3, "bbox": [5, 5, 40, 80], "score": 0.99},  # a car
+        {"image_id": 101, "category_id": 1, "bbox": [50, 5, 30, 60], "score": 0.5},
+    ]
+    detections_file = tmp_path / "dets.json"
+    detections_file.write_text(json.dumps(detections))
+    config = tiny_config(tmp_path)
+    records = load_detection_records(annotation_file, detections_file, config.model_config(), 0.1)
+    np.testing.assert_allclose(records.scores, [0.9, 0.5])
+    assert records.image_ids[records.image_index].tolist() == [100, 101]
+    detections_file.write_text(json.dumps([{**detections[0], "image_id": 7}]))
+    with pytest.raises(DataError, match="image_id 7"):
+        load_detection_records(annotation_file, detections_file, config.model_config(), 0.0)
+
+
+def test_mpii_records_use_hrnet_conversion(tmp_path: Path) -> None:
+    joints = [[float(10 + j), float(20 + 2 * j)] for j in range(16)]
+    entry = {"image": "a.jpg", "center": [50.0, 60.0], "scale": 0.5, "joints": joints,
+             "joints_vis": [1] * 15 + [0]}  # fmt: skip
+    annotation_file = tmp_path / "annot" / "valid.json"
+    annotation_file.parent.mkdir(parents=True)
+    annotation_file.write_text(json.dumps([entry, {**entry, "image": "b.jpg"}]))
+    model_config = load_config("mpii-w18-256x256").model_config()
+    records = load_mpii_records(annotation_file, model_config)
+    np.testing.assert_allclose(records.joints[0], np.asarray(joints) - 1)  # 1-based -> 0-based
+    np.testing.assert_allclose(records.centers[0], [50.0, 60.0 + 15 * 0.5])
+    np.testing.assert_allclose(records.scales[0], [0.625, 0.625])
+    assert records.visible[0, 15] == 0 and records.file_names == ["a.jpg", "b.jpg"]
+    # head size: upper neck (8) to head top (9)
+    assert records.head_sizes[0] == pytest.approx(np.hypot(1.0, 2.0))
+    # the equivalent box reproduces center and scale through the service's crop code
+    from model.transforms import box_to_center_scale
+
+    centers, scales = box_to_center_scale(records.boxes, model_config.aspect_ratio)
+    np.testing.assert_allclose(centers, records.centers)
+    np.testing.assert_allclose(scales, records.scales)
+    np.testing.assert_allclose(center_scale_to_box(centers, scales), records.boxes)
+
+
+# --- training samples ----------------------------------------------------------------------------
+
+
+def test_unaugmented_targets_peak_at_the_joints(tmp_path: Path) -> None:
+    make_coco_set(tmp_path, "val", num_images=1)
+    config = tiny_config(tmp_path)
+    model_config = config.model_config()
+    records, images, _ = load_split(config.data, model_config, "val")
+    dataset = KeypointTrainDataset(records, images, model_config, config.data, augment=False)
+    inputs, heatmaps, weights, index = dataset[0]
+    assert inputs.shape == (3, 96, 64) and heatmaps.shape == (NUM_JOINTS, 24, 16)
+    assert index == 0 and weights[4] == 0 and weights.sum() == 16
+    coords, _ = decode_heatmaps(heatmaps[None])
+    affine = get_affine_transforms(records.centers[:1], records.scales[:1], np.zeros(1), (16, 24))
+    expected = transform_points(records.joints[:1], affine)[0]
+    labelled = weights.numpy() > 0
+    # DARK recovers sub-pixel peaks; near the map border the cut Gaussian biases it slightly
+    np.testing.assert_allclose(coords[0][labelled], expected[labelled], atol=0.25)
+    assert np.median(np.abs(coords[0][labelled] - expected[labelled])) < 0.02
+
+
+def test_flip_mirrors_crop_and_swaps_joints(tmp_path: Path) -> None:
+    make_coco_set(tmp_path, "val", num_images=1)
+    config = tiny_config(
+        tmp_path, **{"data.scale_factor": "0", "data.rotation_prob": "0",
+                     "data.half_body_prob": "0"}
+    )  # fmt: skip
+    model_config = config.model_config()
+    records, images, _ = load_split(config.data, model_config, "val")
+    plain = KeypointTrainDataset(records, images, model_config, config.data, augment=False)
+    augmented = KeypointTrainDataset(records, images, model_config, config.data, augment=True)
+    image = images.read_rgb(records.file_names[0])
+    flip_index = COCO_KEYPOINTS.flip_index()
+    flipped_seen = plain_seen = False
+    for epoch in range(12):
+        augmented.set_epoch(epoch)
+        rng = np.random.default_rng([augmented.seed, epoch, 0])
+        affine, joints, visible = augmented.sample_geometry(0, image.shape[1], rng)
+        plain_affine, plain_joints, plain_visible = plain.sample_geometry(
+            0, image.shape[1], np.random.default_rng(0)
+        )
+        if np.allclose(affine, plain_affine):
+            plain_seen = True
+            continue
+        flipped_seen = True
+        heatmap_width = model_config.heatmap_size[1]
+        # the flipped sample's joint j is the plain sample's mirror joint, mirrored in the map
+        np.testing.assert_allclose(joints[:, 0], heatmap_width - plain_joints[flip_index, 0])
+        np.testing.assert_allclose(joints[:, 1], plain_joints[flip_index, 1])
+        np.testing.assert_array_equal(visible, plain_visible[flip_index])
+        crop = cv2.warpAffine(image, affine, (64, 96), flags=cv2.INTER_LINEAR)
+        plain_crop = cv2.warpAffine(image, plain_affine, (64, 96), flags=cv2.INTER_LINEAR)
+        np.testing.assert_array_equal(crop[:, 1:], plain_crop[:, ::-1][:, :-1])
+    assert flipped_seen and plain_seen
+
+
+def test_augmentation_is_reproducible_per_epoch_and_varies_between_epochs(tmp_path: Path) -> None:
+    make_coco_set(tmp_path, "val", num_images=1)
+    config = tiny_config(tmp_path)
+    model_config = config.model_config()
+    records, images, _ = load_split(config.data, model_config, "val")
+    dataset = KeypointTrainDataset(records, images, model_config, config.data, seed=5)
+    dataset.set_epoch(3)
+    first = dataset[1][0]
+    again = dataset[1][0]
+    dataset.set_epoch(4)
+    other = dataset[1][0]
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_zip_archive_reads_the_same_images(tmp_path: Path) -> None:
+    make_coco_set(tmp_path / "folder", "val", num_images=2)
+    zipped_root = tmp_path / "zipped"
+    (zipped_root / "annotations").mkdir(parents=True)
+    annotation = tmp_path / "folder" / "annotations" / "person_keypoints_val.json"
+    (zipped_root / "annotations" / annotation.name).write_bytes(annotation.read_bytes())
+    (zipped_root / "images").mkdir()
+    with zipfile.ZipFile(zipped_root / "images" / "val.zip", "w") as archive:
+        for image in sorted((tmp_path / "folder" / "images" / "val").iterdir()):
+            archive.write(image, f"val/{image.name}")  # official archives nest a folder
+    folder_config = tiny_config(tmp_path / "folder")
+    zip_config = tiny_config(zipped_root)
+    model_config = folder_config.model_config()
+    folder_records, folder_images, _ = load_split(folder_config.data, model_config, "val")
+    zip_records, zip_images, _ = load_split(zip_config.data, model_config, "val")
+    assert type(zip_images).__name__ == "ZipImages"
+    folder_set = KeypointTrainDataset(folder_records, folder_images, model_config,
+                                      folder_config.data)  # fmt: skip
+    zip_set = KeypointTrainDataset(zip_records, zip_images, model_config, zip_config.data)
+    assert torch.equal(folder_set[3][0], zip_set[3][0])
+    # the archive is opened lazily inside each worker process
+    loader = DataLoader(zip_set, batch_size=2, num_workers=2)
+    batch_inputs = next(iter(loader))[0]
+    assert torch.equal(batch_inputs[1], folder_set[1][0])
+    with pytest.raises(DataError, match=r"val\.zip:missing\.jpg"):
+        zip_images.read_rgb("missing.jpg")
+
+
+def test_missing_or_corrupt_image_names_the_file(tmp_path: Path) -> None:
+    make_coco_set(tmp_path, "val", num_images=2)
+    config = tiny_config(tmp_path)
+    model_config = config.model_config()
+    records, images, _ = load_split(config.data, model_config, "val")
+    missing = tmp_path / "images" / "val" / records.file_names[1]
+    missing.unlink()
+    corrupt = tmp_path / "images" / "val" / records.file_names[0]
+    corrupt.write_bytes(b"not a jpeg")
+    dataset = KeypointTrainDataset(records, images, model_config, config.data)
+    with pytest.raises(DataError, match=r"cannot decode image .*000000000100\.jpg"):
+        dataset[0]
+    from training.cli import _one_line
+
+    # through a worker process: the error comes back wrapped in the worker's traceback text
+    batches = iter(DataLoader(torch.utils.data.Subset(dataset, [2]), num_workers=1))
+    try:
+        with pytest.raises(DataError, match=r"cannot read image .*0000001") as raised:
+            next(batches)
+    finally:
+        del batches  # shut the worker down now, not at a later garbage collection
+        gc.collect()
+    message = _one_line(raised.value)
+    assert message.startswith("cannot read image") and str(missing) in message
+    assert "\n" not in message
+    with pytest.raises(DataError, match="not found"):
+        open_image_source(tmp_path / "images" / "nosplit")
+
+
+# --- losses and metrics ---------------------------------------------------------------------
+
+
+def test_losses_ignore_zero_weight_joints_and_ohkm_takes_the_hardest() -> None:
+    target = torch.zeros(2, 4, 3, 3)
+    prediction = torch.zeros(2, 4, 3, 3)
+    prediction[:, 0] = 1.0  # joint 0 entirely wrong
+    prediction[:, 1] = 0.5
+    weights = torch.ones(2, 4)
+    full = JointsMSELoss()(prediction, target, weights)
+    assert full.item() == pytest.approx(0.5 * (1.0 + 0.25) / 4)
+    weights[:, 0] = 0
+    assert JointsMSELoss()(prediction, target, weights).item() == pytest.approx(0.5 * 0.25 / 4)
+    hardest = JointsOHKMLoss(top_k=1)(prediction, target, torch.ones(2, 4))
+    assert hardest.item() == pytest.approx(0.5)
+
+
+def test_pckh_counts_joints_within_half_a_head() -> None:
+    ground_truth = np.zeros((2, 16, 2))
+    predictions = np.zeros((2, 16, 2))
+    predictions[0, 0] = [0.0, 4.0]  # head size 10: 0.4 -> hit
+    predictions[1, 0] = [0.0, 6.0]  # 0.6 -> miss
+    predictions[:, 6] = [100.0, 0]  # pelvis wrong, but excluded from the mean
+    visible = np.ones((2, 16))
+    visible[1, 1] = 0
+    per_joint, mean = pckh(predictions, ground_truth, visible, np.array([10.0, 10.0]))
+    assert per_joint[0] == 0.5 and per_joint[1] == 1.0 and per_joint[6] == 0.0
+    counted = visible.sum(axis=0)
+    counted[[6, 7]] = 0
+    assert mean == pytest.approx((counted.sum() - 1) / counted.sum())
+
+
+def test_ground_truth_as_predictions_scores_ap_one(tmp_path: Path) -> None:
+    annotation_file = make_coco_set(tmp_path, "val", num_images=4)
+    config = tiny_config(tmp_path)
+    records, _, _ = load_split(config.data, config.model_config(), "val")
+    outputs = []
+    for group in records.persons_by_image():
+        poses = [
+            PersonPose(
+                records.boxes[row],
+                1.0,
+                np.concatenate([records.joints[row], records.visible[row][:, None]], 1),
+                1.0,
+            )
+            for row in group
+        ]
+        outputs.append((int(records.image_index[group[0]]), poses))
+    perfect = coco_keypoint_eval(annotation_file, coco_results(outputs, records))
+    assert perfect["AP"] == pytest.approx(1.0) and perfect["AR"] == pytest.approx(1.0)
+    for _, poses in outputs:  # move every prediction 8 px: must hurt
+        for pose in poses:
+            pose.keypoints[:, 0] += 8.0
+    shifted = coco_keypoint_eval(annotation_file, coco_results(outputs, records))
+    assert shifted["AP"] < 0.9
+    assert coco_keypoint_eval(annotation_file, [])["AP"] == 0.0
+
+
+def test_mpii_evaluation_scores_ground_truth_perfectly(tmp_path: Path) -> None:
+    from training.evaluate import _mpii_from_outputs, evaluate_model
+
+    rng = np.random.default_rng(0)
+    entries = []
+    for image, people in (("a.jpg", 2), ("b.jpg", 1)):
+        cv2.imwrite(str(tmp_path / image), rng.integers(0, 255, (80, 100, 3), dtype=np.uint8))
+        for _ in range(people):
+            joints = rng.uniform(20, 60, (16, 2)).round(1).tolist()
+            entries.append({"image": image, "center": [50.0, 40.0], "scale": 0.3,
+                            "joints": joints, "joints_vis": [1] * 16})  # fmt: skip
+    (tmp_path / "annot").mkdir()
+    (tmp_path / "annot" / "valid.json").write_text(json.dumps(entries))
+    (tmp_path / "images").mkdir()
+    for image in ("a.jpg", "b.jpg"):
+        (tmp_path / image).rename(tmp_path / "images" / image)
+    config = load_config(
+        "mpii-w18-256x256",
+        [f"data.root={tmp_path}", "data.num_workers=0", "model.config=mpii-w8-256x256"],
+    )
+    records, _, _ = load_split(config.data, config.model_config(), "valid")
+    outputs = [
+        (int(records.image_index[group[0]]),
+         [PersonPose(records.boxes[r], 1.0, np.c_[records.joints[r], np.ones(16)], 1.0)
+          for r in group])
+        for group in records.persons_by_image()
+    ]  # fmt: skip
+    spec = config.model_config().keypoints
+    assert _mpii_from_outputs(outputs, records, spec)["Mean"] == 1.0
+    outputs[0][1][0].keypoints[:, 0] += 100  # first person of a.jpg far off
+    wrong = _mpii_from_outputs(outputs, records, spec)
+    assert wrong["Mean"] == pytest.approx(2 / 3) and wrong["Head"] == pytest.approx(2 / 3)
+    # the whole path with an (untrained) network runs and reports every metric
+    from model.network import build_model
+
+    result = evaluate_model(
+        build_model(config.model_config()), config, device=torch.device("cpu"), progress=False
+    )
+    assert result.kind == "mpii" and result.num_persons == 3
+    assert {"Head", "Mean", "Mean@0.1", "head_top"} <= set(result.metrics)
+    assert all(0.0 <= value <= 1.0 for value in result.metrics.values())
+
+
+def test_training_targets_decode_to_the_annotations_through_the_serving_path(
+    tmp_path: Path,
+) -> None:
+    """Targets and inference agree on geometry: perfect heatmaps must score AP 1 through
+    ``TopDownPoseEstimator`` (crop, DARK decode, inverse transform) and pycocotools."""
+    from model.network import build_model
+    from model.topdown import TopDownPoseEstimator
+
+    annotation_file = make_coco_set(tmp_path, "val", num_images=3)
+    config = tiny_config(tmp_path)
+    model_config = config.model_config()
+    records, images, _ = load_split(config.data, model_config, "val")
+    dataset = KeypointTrainDataset(records, images, model_config, config.data, augment=False)
+    estimator = TopDownPoseEstimator(build_model(model_config), model_config)
+    outputs = []
+    for group in records.persons_by_image():
+        image = images.read_rgb(records.file_names[records.image_index[group[0]]])
+        crops = estimator.prepare(image, records.boxes[group], records.scores[group])
+        heatmaps = torch.stack([dataset[int(row)][1] for row in group])
+        poses = estimator.decode(heatmaps, crops, nms_threshold=None)
+        outputs.append((int(records.image_index[group[0]]), poses))
+        for row, pose in zip(group, poses, strict=True):
+            labelled = records.visible[row] > 0
+            error = np.abs(pose.keypoints[labelled, :2] - records.joints[row][labelled])
+            assert np.median(error) < 0.2  # image pixels
+    metrics = coco_keypoint_eval(annotation_file, coco_results(outputs, records))
+    assert metrics["AP"] > 0.99

@@ -1,0 +1,618 @@
+"""Datasets for training and evaluation: COCO keypoints (and synthetic sets in its layout), MPII.
+
+Layouts (the original project's)::
+
+    COCO / synthetic: ROOT/annotations/person_keypoints_{SPLIT}.json
+                      ROOT/images/{SPLIT}/FILE  or  ROOT/images/{SPLIT}.zip (read in place)
+    MPII:             ROOT/annot/{SPLIT}.json   (HRNet's JSON: image, center, scale, joints,
+                      joints_vis; joints 1-based there, 0-based here)
+                      ROOT/images/FILE  or  ROOT/images.zip
+
+Persons are stored as flat numpy arrays rather than a list of dicts, so forked DataLoader workers
+share them without copy-on-write churn. Training samples are augmented as published (random
+scale, rotation with probability 0.6, flip with joint swapping, half-body) from a random
+generator seeded by (seed, epoch, index): the same sample gets the same augmentation whatever the
+number of workers or processes, which makes resumed runs exact.
+
+A missing or unreadable image raises :class:`DataError` naming the file: a broken data set should
+stop a run, never silently shrink it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from model.codec import encode_gaussian_heatmaps
+from model.configs import ModelConfig
+from model.skeleton import KeypointSpec
+from model.transforms import (
+    BOX_PADDING,
+    PIXEL_STD,
+    box_to_center_scale,
+    get_affine_transforms,
+    normalize_crops,
+    transform_points,
+)
+from training.config import DataSection
+
+# Joints counted as "upper body" by the half-body augmentation.
+UPPER_BODY_JOINTS = {
+    "coco": tuple(range(11)),  # face, shoulders, elbows, wrists
+    "mpii": (7, 8, 9, 10, 11, 12, 13, 14, 15),  # thorax, neck, head, arms
+}
+HALF_BODY_PADDING = 1.5
+FLIP_PROBABILITY = 0.5
+MPII_CENTER_SHIFT = 15.0  # HRNet's conversion: center moved down by 15 * scale px ...
+MPII_SCALE_PADDING = 1.25  # ... and the scale padded by 1.25
+PERSON_CATEGORY_ID = 1
+
+
+class DataError(Exception):
+    """The data set is missing or broken; the message is one line naming the file."""
+
+
+# --- image sources ------------------------------------------------------------------------------
+
+
+class ImageSource:
+    """Reads RGB images by file name from a folder or a zip archive."""
+
+    def read_bytes(self, file_name: str) -> bytes:
+        raise NotImplementedError
+
+    def location(self, file_name: str) -> str:
+        """Human-readable path of one image, for error messages."""
+        raise NotImplementedError
+
+    def read_rgb(self, file_name: str) -> np.ndarray:
+        data = self.read_bytes(file_name)
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        if image is None:
+            raise DataError(
+                f"cannot decode image {self.location(file_name)} (corrupt or not an image)"
+            )
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class FolderImages(ImageSource):
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def location(self, file_name: str) -> str:
+        return str(self.directory / file_name)
+
+    def read_bytes(self, file_name: str) -> bytes:
+        try:
+            return (self.directory / file_name).read_bytes()
+        except OSError as error:
+            location = self.location(file_name)
+            raise DataError(f"cannot read image {location}: {error.strerror}") from None
+
+
+class ZipImages(ImageSource):
+    """Images read straight from a zip archive, without extraction.
+
+    The archive handle is opened lazily in each process (a ``ZipFile`` shared across a fork
+    would interleave seeks), and dropped when pickled for spawned workers. Members may sit under
+    a top-level folder (``train2017/000...jpg`` in the official archives) or at the root.
+    """
+
+    def __init__(self, archive: Path) -> None:
+        self.archive = Path(archive)
+        self._zip: zipfile.ZipFile | None = None
+        self._pid: int | None = None
+        self._members: dict[str, str] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"archive": self.archive}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["archive"])
+
+    def location(self, file_name: str) -> str:
+        return f"{self.archive}:{file_name}"
+
+    def _open(self) -> zipfile.ZipFile:
+        if self._zip is None or self._pid != os.getpid():
+            try:
+                self._zip = zipfile.ZipFile(self.archive)
+            except (OSError, zipfile.BadZipFile) as error:
+                raise DataError(f"cannot open image archive {self.archive}: {error}") from None
+            self._pid = os.getpid()
+            members: dict[str, str] = {}
+            for name in self._zip.namelist():
+                if name.endswith("/"):
+                    continue
+                members.setdefault(name, name)
+                if "/" in name:
+                    members.setdefault(name.split("/", 1)[1], name)
+            self._members = members
+        return self._zip
+
+    def read_bytes(self, file_name: str) -> bytes:
+        archive = self._open()
+        member = self._members.get(file_name)
+        if member is None:
+            raise DataError(f"cannot read image {self.location(file_name)}: not in the archive")
+        try:
+            return archive.read(member)
+        except (OSError, zipfile.BadZipFile, RuntimeError) as error:
+            raise DataError(f"cannot read image {self.location(file_name)}: {error}") from None
+
+
+def open_image_source(directory: Path) -> ImageSource:
+    """``DIR`` as a folder if it exists, else ``DIR.zip``."""
+    directory = Path(directory)
+    if directory.is_dir():
+        return FolderImages(directory)
+    archive = directory.parent / f"{directory.name}.zip"
+    if archive.is_file():
+        return ZipImages(archive)
+    raise DataError(f"image folder {directory} not found (nor an archive {archive})")
+
+
+# --- person records -----------------------------------------------------------------------------
+
+
+@dataclass
+class PersonRecords:
+    """One row per person crop (ground-truth person or detection), grouped by image."""
+
+    file_names: list[str]  # per image
+    image_ids: np.ndarray  # per image: COCO image id (MPII: running index)
+    image_index: np.ndarray  # per person: row in the image tables
+    boxes: np.ndarray  # per person: x, y, w, h
+    centers: np.ndarray  # per person: crop center (HRNet convention)
+    scales: np.ndarray  # per person: crop size / 200, padded
+    joints: np.ndarray  # per person: J x 2 image coordinates (0 where unknown)
+    visible: np.ndarray  # per person: J, 1 where the joint is annotated
+    scores: np.ndarray  # per person: box score (1 for ground truth)
+    head_sizes: np.ndarray | None = None  # MPII: PCKh normaliser per person
+
+    def __len__(self) -> int:
+        return len(self.image_index)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.file_names)
+
+    def persons_by_image(self) -> list[np.ndarray]:
+        """Person rows of each image that has any, in image order."""
+        order = np.argsort(self.image_index, kind="stable")
+        cuts = np.flatnonzero(np.diff(self.image_index[order])) + 1
+        return [group for group in np.split(order, cuts) if len(group)]
+
+
+def coco_annotation_path(root: str | Path, split: str) -> Path:
+    return Path(root) / "annotations" / f"person_keypoints_{split}.json"
+
+
+def coco_image_dir(root: str | Path, split: str) -> Path:
+    return Path(root) / "images" / split
+
+
+def mpii_annotation_path(root: str | Path, split: str) -> Path:
+    return Path(root) / "annot" / f"{split}.json"
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise DataError(f"{what} {path} not found")
+    try:
+        with open(path) as stream:
+            return json.load(stream)
+    except (OSError, json.JSONDecodeError) as error:
+        raise DataError(f"cannot read {what} {path}: {error}") from None
+
+
+def _coco_tables(
+    data: dict, path: Path
+) -> tuple[list[str], np.ndarray, dict[int, int], np.ndarray]:
+    try:
+        images = sorted(data["images"], key=lambda image: image["id"])
+        file_names = [str(image["file_name"]) for image in images]
+        image_ids = np.array([int(image["id"]) for image in images], dtype=np.int64)
+        sizes = np.array([[image["width"], image["height"]] for image in images], dtype=np.float64)
+    except (KeyError, TypeError) as error:
+        raise DataError(f"annotation file {path}: malformed 'images' entry ({error!r})") from None
+    row_of_id = {int(image_id): row for row, image_id in enumerate(image_ids)}
+    return file_names, image_ids, row_of_id, sizes.reshape(-1, 2)
+
+
+def load_coco_records(
+    annotation_file: Path, model_config: ModelConfig, min_area: float = 0.0
+) -> PersonRecords:
+    """Ground-truth persons with at least one labelled keypoint (HRNet's selection).
+
+    Boxes are clipped to the image; crowd regions, zero-area boxes, persons without keypoints
+    and persons whose annotated area is below ``min_area`` are left out.
+    """
+    data = _read_json(annotation_file, "annotation file")
+    file_names, image_ids, row_of_id, sizes = _coco_tables(data, annotation_file)
+    num_joints = model_config.num_joints
+    rows, boxes, keypoints = [], [], []
+    for annotation in data.get("annotations", []):
+        if annotation.get("category_id", PERSON_CATEGORY_ID) != PERSON_CATEGORY_ID:
+            continue
+        if annotation.get("iscrowd", 0):
+            continue
+        kps = np.asarray(annotation.get("keypoints", []), dtype=np.float64)
+        if kps.size != num_joints * 3 or kps.max(initial=0) <= 0:
+            continue
+        row = row_of_id.get(int(annotation["image_id"]))
+        if row is None:
+            continue
+        width, height = sizes[row]
+        x, y, w, h = (float(v) for v in annotation["bbox"])
+        x1, y1 = max(0.0, x), max(0.0, y)
+        x2 = min(width - 1, x1 + max(0.0, w - 1))
+        y2 = min(height - 1, y1 + max(0.0, h - 1))
+        area = float(annotation.get("area", w * h))
+        if area <= 0 or area < min_area or x2 <= x1 or y2 <= y1:  # no crop of a point
+            continue
+        rows.append(row)
+        boxes.append([x1, y1, x2 - x1, y2 - y1])
+        keypoints.append(kps.reshape(num_joints, 3))
+    kps_array = np.asarray(keypoints, dtype=np.float64).reshape(-1, num_joints, 3)
+    box_array = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    centers, scales = box_to_center_scale(box_array, model_config.aspect_ratio)
+    return PersonRecords(
+        file_names=file_names,
+        image_ids=image_ids,
+        image_index=np.asarray(rows, dtype=np.int64),
+        boxes=box_array,
+        centers=centers,
+        scales=scales,
+        joints=kps_array[..., :2].astype(np.float32),
+        visible=(kps_array[..., 2] > 0).astype(np.float32),
+        scores=np.ones(len(rows)),
+    )
+
+
+def load_detection_records(
+    annotation_file: Path, detections_file: Path, model_config: ModelConfig, score_threshold: float
+) -> PersonRecords:
+    """Person detections (COCO results format) as crops: category 1, score >= threshold.
+
+    The annotation file supplies the image list (file names); detections of images not in it
+    are an error, since they would silently vanish from the evaluation.
+    """
+    data = _read_json(annotation_file, "annotation file")
+    file_names, image_ids, row_of_id, _ = _coco_tables(data, annotation_file)
+    detections = _read_json(detections_file, "detections file")
+    if not isinstance(detections, list):
+        raise DataError(f"detections file {detections_file}: expected a list of detections")
+    rows, boxes, scores = [], [], []
+    for detection in detections:
+        try:
+            if int(detection.get("category_id", PERSON_CATEGORY_ID)) != PERSON_CATEGORY_ID:
+                continue
+            score = float(detection["score"])
+            image_id = int(detection["image_id"])
+            box = [float(v) for v in detection["bbox"]]
+        except (KeyError, TypeError, ValueError) as error:
+            raise DataError(
+                f"detections file {detections_file}: malformed entry ({error!r})"
+            ) from None
+        if score < score_threshold or len(box) != 4 or box[2] <= 0 or box[3] <= 0:
+            continue
+        if image_id not in row_of_id:
+            raise DataError(
+                f"detections file {detections_file}: image_id {image_id} is not in "
+                f"{annotation_file}"
+            )
+        rows.append(row_of_id[image_id])
+        boxes.append(box)
+        scores.append(score)
+    box_array = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    centers, scales = box_to_center_scale(box_array, model_config.aspect_ratio)
+    num_joints = model_config.num_joints
+    return PersonRecords(
+        file_names=file_names,
+        image_ids=image_ids,
+        image_index=np.asarray(rows, dtype=np.int64),
+        boxes=box_array,
+        centers=centers,
+        scales=scales,
+        joints=np.zeros((len(rows), num_joints, 2), np.float32),
+        visible=np.zeros((len(rows), num_joints), np.float32),
+        scores=np.asarray(scores, dtype=np.float64),
+    )
+
+
+def center_scale_to_box(
+    centers: np.ndarray, scales: np.ndarray, padding: float = BOX_PADDING
+) -> np.ndarray:
+    """Inverse of ``box_to_center_scale`` for boxes already at the crop's aspect ratio."""
+    sizes = np.asarray(scales, dtype=np.float64) * PIXEL_STD / padding
+    corners = np.asarray(centers, dtype=np.float64) - (sizes - 1) * 0.5
+    return np.concatenate([corners, sizes], axis=1)
+
+
+def load_mpii_records(annotation_file: Path, model_config: ModelConfig) -> PersonRecords:
+    """HRNet's MPII JSON: center/scale per person (shifted and padded as HRNet does)."""
+    data = _read_json(annotation_file, "annotation file")
+    if not isinstance(data, list):
+        raise DataError(f"annotation file {annotation_file}: expected a list of persons")
+    num_joints = model_config.num_joints
+    file_names: list[str] = []
+    row_of_name: dict[str, int] = {}
+    rows, centers, scales, joints, visible, head_sizes = [], [], [], [], [], []
+    for entry in data:
+        try:
+            name = str(entry["image"])
+            center = np.asarray(entry["center"], dtype=np.float64).reshape(2)
+            scale = float(entry["scale"])
+            person_joints = np.asarray(
+                entry.get("joints", np.zeros((num_joints, 2))), dtype=np.float64
+            ).reshape(num_joints, 2)
+            person_visible = np.asarray(
+                entry.get("joints_vis", np.zeros(num_joints)), dtype=np.float64
+            ).reshape(num_joints)
+        except (KeyError, TypeError, ValueError) as error:
+            raise DataError(
+                f"annotation file {annotation_file}: malformed entry ({error!r})"
+            ) from None
+        if center[0] != -1:
+            center[1] += MPII_CENTER_SHIFT * scale
+            scale *= MPII_SCALE_PADDING
+        if name not in row_of_name:
+            row_of_name[name] = len(file_names)
+            file_names.append(name)
+        rows.append(row_of_name[name])
+        centers.append(center)
+        scales.append([scale, scale])
+        joints.append(person_joints - 1.0)  # MATLAB 1-based -> 0-based
+        visible.append((person_visible > 0).astype(np.float64))
+        head_box = entry.get("head_box") or entry.get("headbox")
+        head_sizes.append(_head_size(head_box, person_joints))
+    center_array = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
+    scale_array = np.asarray(scales, dtype=np.float64).reshape(-1, 2)
+    return PersonRecords(
+        file_names=file_names,
+        image_ids=np.arange(len(file_names), dtype=np.int64),
+        image_index=np.asarray(rows, dtype=np.int64),
+        boxes=center_scale_to_box(center_array, scale_array),
+        centers=center_array,
+        scales=scale_array,
+        joints=np.asarray(joints, dtype=np.float32).reshape(-1, num_joints, 2),
+        visible=np.asarray(visible, dtype=np.float32).reshape(-1, num_joints),
+        scores=np.ones(len(rows)),
+        head_sizes=np.asarray(head_sizes, dtype=np.float64),
+    )
+
+
+MPII_HEAD_BOX_FACTOR = 0.6  # the MPII toolkit's PCKh normaliser: 0.6 x head-box diagonal
+MPII_UPPER_NECK, MPII_HEAD_TOP = 8, 9
+
+
+def _head_size(head_box: Any, joints: np.ndarray) -> float:
+    """PCKh normaliser: 0.6 x head-box diagonal when the box is given (the MPII toolkit's
+    definition), else the upper-neck to head-top segment length (PCKh's original definition).
+    """
+    if head_box is not None:
+        x1, y1, x2, y2 = (float(v) for v in head_box)
+        return MPII_HEAD_BOX_FACTOR * float(np.hypot(x2 - x1, y2 - y1))
+    return float(np.linalg.norm(joints[MPII_HEAD_TOP] - joints[MPII_UPPER_NECK]))
+
+
+# --- building data sets from a config ----------------------------------------------------------
+
+
+def _check_root(root: Path) -> None:
+    if not root.is_dir():
+        raise DataError(f"data root {root} not found")
+
+
+def load_split(
+    data: DataSection,
+    model_config: ModelConfig,
+    split: str,
+    boxes_file: str | None = None,
+    min_area: float = 0.0,
+) -> tuple[PersonRecords, ImageSource, Path]:
+    """Persons, image source and annotation file of one split of the configured data set.
+
+    ``min_area`` filters ground-truth persons (training only: evaluation must see them all).
+    """
+    root = Path(data.root)
+    _check_root(root)
+    if data.format == "mpii":
+        annotation_file = mpii_annotation_path(root, split)
+        records = load_mpii_records(annotation_file, model_config)
+        return records, open_image_source(root / "images"), annotation_file
+    annotation_file = coco_annotation_path(root, split)
+    if boxes_file:
+        records = load_detection_records(
+            annotation_file, Path(boxes_file), model_config, data.box_score_threshold
+        )
+    else:
+        records = load_coco_records(annotation_file, model_config, min_area)
+    return records, open_image_source(coco_image_dir(root, split)), annotation_file
+
+
+# --- training samples ---------------------------------------------------------------------------
+
+
+def half_body_box(
+    joints: np.ndarray,
+    visible: np.ndarray,
+    upper_body: tuple[int, ...],
+    aspect_ratio: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Center and scale of a box around the upper or the lower body's visible joints.
+
+    Upper body is picked with probability 0.5 when it has more than two visible joints, else
+    whichever half has; ``None`` when fewer than two joints would remain.
+    """
+    visible_joints = np.flatnonzero(visible > 0)
+    is_upper = np.isin(visible_joints, upper_body)
+    upper, lower = visible_joints[is_upper], visible_joints[~is_upper]
+    if rng.random() < 0.5 and len(upper) > 2:
+        selected = upper
+    else:
+        selected = lower if len(lower) > 2 else upper
+    if len(selected) < 2:
+        return None
+    points = joints[selected].astype(np.float64)
+    center = points.mean(axis=0)
+    width, height = points.max(axis=0) - points.min(axis=0)
+    if width > aspect_ratio * height:
+        height = width / aspect_ratio
+    elif width < aspect_ratio * height:
+        width = height * aspect_ratio
+    scale = np.array([width, height]) / PIXEL_STD * HALF_BODY_PADDING
+    return center, scale
+
+
+def _flip_matrix(image_width: int) -> np.ndarray:
+    """Homogeneous 3x3 mirror x -> (W - 1) - x: composing it avoids copying the image."""
+    return np.array([[-1.0, 0.0, image_width - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+
+
+class KeypointTrainDataset(Dataset):
+    """Augmented person crops with Gaussian heatmap targets.
+
+    ``__getitem__`` returns (input ``[3, H, W]`` float32 normalised, heatmaps ``[J, h, w]``,
+    target weights ``[J]``, index). Call :meth:`set_epoch` before each epoch so augmentation
+    differs between epochs while staying reproducible.
+    """
+
+    def __init__(
+        self,
+        records: PersonRecords,
+        images: ImageSource,
+        model_config: ModelConfig,
+        data: DataSection,
+        keypoints: KeypointSpec | None = None,
+        augment: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.records = records
+        self.images = images
+        self.model_config = model_config
+        self.data = data
+        self.keypoints = keypoints or model_config.keypoints
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self.flip_index = self.keypoints.flip_index()
+        self.upper_body = UPPER_BODY_JOINTS.get(self.keypoints.dataset, ())
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def sample_geometry(
+        self, index: int, image_width: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Augmented crop affine ``[2, 3]`` on the stored image, heatmap joints ``[J, 2]`` and
+        visibility ``[J]`` (left/right swapped when flipped).
+        """
+        records, data = self.records, self.data
+        joints = records.joints[index].astype(np.float64)
+        visible = records.visible[index].copy()
+        center = records.centers[index].copy()
+        scale = records.scales[index].copy()
+        rotation = 0.0
+        flip = False
+        if self.augment:
+            if visible.sum() > data.half_body_min_joints and rng.random() < data.half_body_prob:
+                half_body = half_body_box(
+                    joints, visible, self.upper_body, self.model_config.aspect_ratio, rng
+                )
+                if half_body is not None:
+                    center, scale = half_body
+            factor = data.scale_factor
+            scale = scale * np.clip(rng.standard_normal() * factor + 1, 1 - factor, 1 + factor)
+            if rng.random() <= data.rotation_prob:
+                limit = data.rotation_factor
+                rotation = float(np.clip(rng.standard_normal() * limit, -2 * limit, 2 * limit))
+            flip = data.flip and rng.random() <= FLIP_PROBABILITY
+        if flip:  # work in mirrored-image coordinates from here on
+            center = np.array([image_width - 1 - center[0], center[1]])
+            joints = np.stack([image_width - 1 - joints[:, 0], joints[:, 1]], axis=1)
+            joints, visible = joints[self.flip_index], visible[self.flip_index]
+        height, width = self.model_config.input_size
+        heatmap_height, heatmap_width = self.model_config.heatmap_size
+        rotations = np.array([rotation])
+        crop_affine = get_affine_transforms(center[None], scale[None], rotations, (width, height))[
+            0
+        ]
+        heatmap_affine = get_affine_transforms(
+            center[None], scale[None], rotations, (heatmap_width, heatmap_height)
+        )
+        heatmap_joints = transform_points(joints[None], heatmap_affine)[0]
+        if flip:  # the crop samples the stored image: stored -> mirrored -> crop
+            crop_affine = crop_affine @ _flip_matrix(image_width)
+        return crop_affine, heatmap_joints, visible
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        records = self.records
+        image = self.images.read_rgb(records.file_names[records.image_index[index]])
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        crop_affine, heatmap_joints, visible = self.sample_geometry(index, image.shape[1], rng)
+        height, width = self.model_config.input_size
+        crop = cv2.warpAffine(
+            image, crop_affine, (width, height), flags=cv2.INTER_LINEAR, borderValue=0
+        )
+        heatmaps, weights = encode_gaussian_heatmaps(
+            heatmap_joints[None], visible[None], self.model_config.heatmap_size, self.data.sigma
+        )
+        return (
+            normalize_crops(crop[None])[0],
+            torch.from_numpy(heatmaps[0]),
+            torch.from_numpy(weights[0]),
+            index,
+        )
+
+
+# --- evaluation samples -------------------------------------------------------------------------
+
+
+class EvalImages(Dataset):
+    """One item per image with persons to evaluate: (image row, RGB image, person rows).
+
+    Cropping happens in the main process through ``TopDownPoseEstimator.prepare`` (so evaluation
+    crops exactly as the service does); the workers do the expensive part, decoding images.
+    """
+
+    def __init__(
+        self, records: PersonRecords, images: ImageSource, max_images: int | None = None
+    ) -> None:
+        self.records = records
+        self.images = images
+        groups = records.persons_by_image()
+        self.groups = groups[:max_images] if max_images is not None else groups
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, item: int) -> tuple[int, np.ndarray, np.ndarray]:
+        persons = self.groups[item]
+        image_row = int(self.records.image_index[persons[0]])
+        image = self.images.read_rgb(self.records.file_names[image_row])
+        return image_row, image, persons
+
+
+def collate_list(batch: list[Any]) -> list[Any]:
+    """Keep evaluation items as a list (images differ in size)."""
+    return batch
+
+
+def worker_init(_worker_id: int) -> None:
+    """One OpenCV thread per worker: the workers are the parallelism."""
+    cv2.setNumThreads(1)
