@@ -76,6 +76,15 @@ def test_dataset_loads_with_pycocotools_and_labels_are_consistent(dataset: Path)
     assert (all_v == 1).sum() > 0, "occluded joints must occur"
 
 
+def test_people_too_small_to_label_have_no_keypoints(dataset: Path) -> None:
+    data = json.loads((dataset / "annotations" / "person_keypoints_train.json").read_text())
+    small = [a for a in data["annotations"] if a["area"] < synth.MIN_KEYPOINT_AREA]
+    large = [a for a in data["annotations"] if a["area"] >= synth.MIN_KEYPOINT_AREA]
+    assert small and large, "the sample should hold both small and large people"
+    assert all(a["num_keypoints"] == 0 and not any(a["keypoints"]) for a in small)
+    assert any(a["num_keypoints"] > 0 for a in large)
+
+
 def test_same_seed_gives_identical_files_for_any_worker_count(tmp_path: Path) -> None:
     kwargs = {"image_size": (96, 96), "progress": False}
     first = synth.generate_dataset(tmp_path / "a", 4, seed=11, workers=1, **kwargs)

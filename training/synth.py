@@ -22,7 +22,10 @@ How a scene is made:
   views), ``v=2`` otherwise.
 
 People whose silhouette has no pixel in the image are not annotated; people that are visible but
-have no labelled joint are annotated with ``num_keypoints`` 0, as COCO does.
+have no labelled joint are annotated with ``num_keypoints`` 0, as COCO does. So are people whose
+silhouette covers fewer than ``MIN_KEYPOINT_AREA`` pixels (32 x 32, COCO's "small"): COCO leaves
+such people without keypoints, and a joint label on a 10-pixel figure is noise for training and
+an unreachable target for evaluation.
 
 Every image draws from its own ``numpy`` generator seeded with ``(seed, index)``, so the output is
 byte-identical for a seed whatever the number of worker processes.
@@ -985,6 +988,9 @@ def sample_scene(
     return camera, people, props, light
 
 
+MIN_KEYPOINT_AREA = 32 * 32
+
+
 def _annotations(render: SceneRender) -> list[dict]:
     """COCO annotation dicts (without ids) for every person with a visible silhouette."""
     annotations = []
@@ -992,6 +998,8 @@ def _annotations(render: SceneRender) -> list[dict]:
         if render.areas[i] <= 0:
             continue  # entirely outside the image or hidden: nothing to annotate
         keypoints = render.keypoints[i]
+        if render.areas[i] < MIN_KEYPOINT_AREA:
+            keypoints = np.zeros_like(keypoints)  # too small to label, as in COCO
         rle = mask_utils.encode(np.asfortranarray((render.id_map == i).astype(np.uint8)))
         flat: list[float | int] = []
         for x, y, v in keypoints:
