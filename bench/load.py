@@ -2,11 +2,13 @@
 
 What it measures, per transport and concurrency level (default 1, 2, 4, 8, 16, 32): N clients
 each send one request at a time (closed loop) for ``--duration`` seconds; throughput in images/s
-and persons/s, latency p50/p95/p99, the mean pose batch size the server formed (from /metrics),
-and any error or lost request (a request that got no answer). It also measures the raw model on
-the same machine: ``estimator.forward`` on batches of ``max_batch_size`` crops, in-process, no
-service around it, so ``service persons/s / raw crops/s`` is the fraction of the model's batched
-throughput the service delivers.
+and persons/s, latency p50/p95/p99 (of answered requests), the mean pose batch size the server
+formed (from /metrics), errors (an error answer or a failed call) and lost requests (no answer
+within ``--request-timeout``). It also measures the raw model on the same machine:
+``estimator.forward`` on batches of ``max_batch_size`` crops, in-process, no service around it,
+so ``service crops/s / raw crops/s`` is the fraction of the model's batched throughput the service
+delivers; the service's crops are the boxes it was sent (boxes per image x images answered), not
+the persons it returned, which OKS-NMS may have merged.
 
 Typical use (starts its own server with the given settings, 10 s per level)::
 
@@ -56,10 +58,11 @@ class LevelResult:
     concurrency: int
     requests: int
     errors: int
-    lost: int
+    lost: int  # no answer within --request-timeout
     seconds: float
     images_per_s: float
     persons_per_s: float
+    crops_per_s: float | None  # boxes sent x images answered / s (None when the server detects)
     p50_ms: float
     p95_ms: float
     p99_ms: float
@@ -67,7 +70,8 @@ class LevelResult:
     ratio_to_raw: float | None = None
     server_cpu_ms_per_person: float | None = None  # server process CPU time / persons
     client_cpu_ms_per_person: float | None = None  # this process's CPU time / persons
-    cpu_ratio_to_raw: float | None = None  # raw CPU per crop / server CPU per person
+    server_cpu_ms_per_crop: float | None = None  # server process CPU time / crops sent
+    cpu_ratio_to_raw: float | None = None  # raw CPU per crop / server CPU per crop
 
 
 # --- inputs ----------------------------------------------------------------------------------
@@ -197,12 +201,14 @@ async def run_level(transport: str, concurrency: int, args: argparse.Namespace, 
                     boxes: list[list[float]] | None, http_url: str, grpc_target: str,
                     server_pid: int | None) -> LevelResult:
     latencies: list[float] = []
-    persons = errors = sent = 0
+    persons = errors = lost = sent = 0
     stop_at = time.perf_counter() + args.duration
+    # the transports' own timeouts are longer, so a hung call is counted as lost, not as an error
+    transport_timeout = args.request_timeout + 30
 
     if transport == "rest":
         params = {"boxes": json.dumps(boxes)} if boxes is not None else {}
-        client = httpx.AsyncClient(base_url=http_url, timeout=120,
+        client = httpx.AsyncClient(base_url=http_url, timeout=transport_timeout,
                                    limits=httpx.Limits(max_connections=concurrency + 4))
 
         async def call() -> int:
@@ -225,22 +231,30 @@ async def run_level(transport: str, concurrency: int, args: argparse.Namespace, 
                 omnipose_pb2.Box(x=x, y=y, width=w, height=h) for x, y, w, h in boxes]))
 
         async def call() -> int:
-            return len((await stub.Estimate(request, timeout=120)).persons)
+            return len((await stub.Estimate(request, timeout=transport_timeout)).persons)
 
         close = channel.close
 
     async def client_loop() -> None:
-        nonlocal persons, errors, sent
+        nonlocal persons, errors, lost, sent
         while time.perf_counter() < stop_at:
             sent += 1
             started = time.perf_counter()
             try:
-                found = await call()  # not `persons += await ...`: that reads before awaiting
-                persons += found
+                # not `persons += await ...`: that reads before awaiting
+                found = await asyncio.wait_for(call(), args.request_timeout)
+            except TimeoutError:  # no answer in time: lost (the call is cancelled)
+                lost += 1
+                if lost <= 3:
+                    print(f"  lost: no answer within {args.request_timeout} s", file=sys.stderr)
+                continue
             except Exception as exc:  # counted, reported, never silently dropped
                 errors += 1
                 if errors <= 3:
                     print(f"  error: {exc}", file=sys.stderr)
+                latencies.append(time.perf_counter() - started)
+                continue
+            persons += found
             latencies.append(time.perf_counter() - started)
 
     before = pose_batch_totals(http_url)
@@ -253,18 +267,23 @@ async def run_level(transport: str, concurrency: int, args: argparse.Namespace, 
     after = pose_batch_totals(http_url)
     await close()
 
-    done = len(latencies) - errors
-    p50, p95, p99 = (np.percentile(latencies, [50, 95, 99]) * 1000).tolist()
+    done = sent - errors - lost  # answered with a result
+    p50, p95, p99 = ((np.percentile(latencies, [50, 95, 99]) * 1000).tolist() if latencies
+                     else [float("nan")] * 3)
     passes = after[0] - before[0]
+    crops = len(boxes) * done if boxes is not None else None
     return LevelResult(
-        transport=transport, concurrency=concurrency, requests=sent, errors=errors,
-        lost=sent - len(latencies), seconds=round(elapsed, 2),
-        images_per_s=round(done / elapsed, 2), persons_per_s=round(persons / elapsed, 2),
+        transport=transport, concurrency=concurrency, requests=sent, errors=errors, lost=lost,
+        seconds=round(elapsed, 2), images_per_s=round(done / elapsed, 2),
+        persons_per_s=round(persons / elapsed, 2),
+        crops_per_s=round(crops / elapsed, 2) if crops is not None else None,
         p50_ms=round(p50, 1), p95_ms=round(p95, 1), p99_ms=round(p99, 1),
         mean_pose_batch=round((after[1] - before[1]) / passes, 2) if passes else 0.0,
         server_cpu_ms_per_person=(round(1000 * server_cpu / persons, 2)
                                   if persons and server_pid else None),
         client_cpu_ms_per_person=round(1000 * client_cpu / persons, 2) if persons else None,
+        server_cpu_ms_per_crop=(round(1000 * server_cpu / crops, 2)
+                                if crops and server_pid else None),
     )
 
 
@@ -285,8 +304,9 @@ def print_table(results: list[LevelResult], raws: list[float], raw_cpu: list[flo
     if raws:
         print(f"raw model: {np.mean(raws):.2f} crops/s mean (min {min(raws):.2f}, max"
               f" {max(raws):.2f}) over {len(raws)} runs on batches of the max batch size,"
-              f" {np.mean(raw_cpu):.2f} CPU ms per crop; 'vs raw' uses the runs just before and"
-              " after each level; 'cpu vs raw' = raw CPU per crop / server CPU per person")
+              f" {np.mean(raw_cpu):.2f} CPU ms per crop; 'vs raw' = crops sent per second"
+              " (boxes x images answered) / raw crops per second, with the raw runs just before"
+              " and after each level; 'cpu vs raw' = raw CPU per crop / server CPU per crop sent")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -304,6 +324,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       default=["rest", "grpc"])
     load.add_argument("--levels", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
     load.add_argument("--duration", type=float, default=10.0, help="seconds per level")
+    load.add_argument("--request-timeout", type=float, default=60.0,
+                      help="seconds without an answer after which a request counts as lost")
     load.add_argument("--persons", type=int, default=4, help="client boxes per image")
     load.add_argument("--detect", action="store_true", help="send no boxes: server detects")
     load.add_argument("--image-width", type=int, default=400)
@@ -352,11 +374,11 @@ def main(argv: list[str] | None = None) -> int:
                 result = asyncio.run(run_level(transport, level, args, image, boxes, http_url,
                                                grpc_target, server_pid))
                 measure_raw()  # right after each level: the machine may be shared and drift
-                if raws and not args.detect:
-                    result.ratio_to_raw = round(result.persons_per_s / np.mean(raws[-2:]), 4)
-                    if result.server_cpu_ms_per_person:
+                if raws and result.crops_per_s is not None:
+                    result.ratio_to_raw = round(result.crops_per_s / np.mean(raws[-2:]), 4)
+                    if result.server_cpu_ms_per_crop:
                         result.cpu_ratio_to_raw = round(
-                            np.mean(raw_cpu[-2:]) / result.server_cpu_ms_per_person, 4)
+                            np.mean(raw_cpu[-2:]) / result.server_cpu_ms_per_crop, 4)
                 results.append(result)
                 print(f"  {transport} x{level}: {result.persons_per_s:.2f} persons/s,"
                       f" p50 {result.p50_ms:.0f} ms, errors {result.errors}", flush=True)

@@ -18,8 +18,10 @@ import numpy as np
 
 from model.checkpoint import CheckpointError
 from service.boxes import BoxError, parse_boxes
-from service.detection import DETECTOR_KINDS, Detections, DetectorError, build_detector
+from service.detection import DETECTOR_KINDS, DetectorError, build_detector
 from service.images import ImageError, read_image_file
+from service.persons import client_persons, crop_persons, detected_persons
+from service.schemas import numeric_image_id
 
 EXIT_USER_ERROR = 2
 USER_ERRORS = (ImageError, CheckpointError, DetectorError, BoxError, ValueError, OSError)
@@ -65,7 +67,8 @@ def load_boxes_file(path: Path, images: Sequence[Path]) -> dict[Path, np.ndarray
 
 def image_id_for(path: Path, position: int) -> int:
     """COCO image ids are integers: a numeric file stem (as COCO names files), else the position."""
-    return int(path.stem) if path.stem.isdigit() else position
+    number = numeric_image_id(path.stem)
+    return position if number is None else number
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -74,7 +77,8 @@ def run_predict(args: argparse.Namespace) -> int:
 
     images = [Path(p) for p in args.images]
     boxes_by_image = load_boxes_file(Path(args.boxes), images) if args.boxes else {}
-    loaded = load_pose_model(args.weights, args.config, args.device, args.precision, args.flip)
+    loaded = load_pose_model(args.weights, args.config, args.device, args.precision, args.flip,
+                             args.flip_shift)
     if not loaded.trained:
         banner = "!" * 78
         print(f"{banner}\n{UNTRAINED_WARNING}\n{banner}", file=sys.stderr)
@@ -94,26 +98,23 @@ def run_predict(args: argparse.Namespace) -> int:
         image_bgr = read_image_file(path)
         height, width = image_bgr.shape[:2]
         if path in boxes_by_image:
-            boxes = boxes_by_image[path]
             try:
-                parse_boxes(boxes.tolist(), width, height)
+                boxes = parse_boxes(boxes_by_image[path].tolist(), width, height)
+                persons = client_persons(boxes, None, args.max_persons)
             except BoxError as exc:
                 raise CliError(f"{path.name}: {exc}") from None
-            detections = Detections(boxes, np.ones(len(boxes)))
         else:
             assert detector is not None
-            detections = detector.detect(image_bgr)
-            if len(detections) == 0 and args.whole_image_if_no_person:
-                detections = Detections.whole_image(image_bgr.shape)
-        detections = detections.top(args.max_persons)
-        rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
-        poses = loaded.estimator.estimate(rgb, detections.boxes, detections.scores)
+            persons = detected_persons(detector.detect(image_bgr), image_bgr.shape,
+                                       args.max_persons, args.whole_image_if_no_person)
+        crops = crop_persons(loaded.estimator, image_bgr, persons)
+        poses = loaded.estimator.decode(loaded.estimator.forward(crops.inputs), crops)
         image_id = image_id_for(path, position)
         for pose in poses:
             annotation = pose.to_coco(image_id, loaded.keypoints)
             annotation["image_file"] = str(path)
             results.append(annotation)
-        note = "" if len(detections) else " (no person detected; see --whole-image-if-no-person)"
+        note = "" if len(persons) else " (no person detected; see --whole-image-if-no-person)"
         print(f"{path.name}: {len(poses)} person(s){note}", file=sys.stderr)
         if render_dir:
             overlay = draw_poses(image_bgr, poses, loaded.keypoints)
@@ -145,9 +146,14 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
                    " mapping image file names to such lists; skips detection")
     p.add_argument("--whole-image-if-no-person", action="store_true",
                    help="use the whole image as one person box when none is detected")
-    p.add_argument("--max-persons", type=int, default=100, help="most persons per image")
+    p.add_argument("--max-persons", type=int, default=100,
+                   help="most persons per image: detections beyond it are dropped, lowest score"
+                   " first; more --boxes than this is an error")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="flip test: average with the mirrored crop (default on)")
+    p.add_argument("--flip-shift", action=argparse.BooleanOptionalAction, default=False,
+                   help="flip test: shift the mirrored heatmaps one pixel, as HRNet does"
+                   " (default off, as the published OmniPose)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
     p.add_argument("--out", required=True, help="results JSON file (COCO results format)")

@@ -15,6 +15,12 @@ is refused at once (:class:`EngineOverloaded`) instead of queueing without limit
 a deadline; work whose deadline has passed is dropped before it reaches a model, and a cancelled
 request (client gone) takes its queued work out of the queues. Every admitted request gets exactly
 one answer: an :class:`ImageResult` or an :class:`EngineError`.
+
+Memory is bounded too: besides the request count, the decoded pixels held by admitted requests are
+budgeted (``max_inflight_pixels``); an image's pixels are released as soon as its crops are cut.
+A failing model call fails only the request whose input made it fail: a failed batch is retried
+one request at a time. Unexpected failures reach the client as "internal error (request id
+...)"; the details go to the log under that id.
 """
 
 from __future__ import annotations
@@ -25,13 +31,17 @@ import copy
 import logging
 import math
 import os
+import re
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, TypeVar
 
 import cv2
@@ -39,20 +49,30 @@ import numpy as np
 import torch
 
 from model.render import draw_poses
-from model.topdown import CropBatch, PersonPose
+from model.topdown import KEYPOINT_SCORE_THRESHOLD, CropBatch, PersonPose
 from service.boxes import BoxError, parse_boxes
 from service.detection import Detections, PersonDetector, build_detector
 from service.images import ImageError, decode_image, encode_jpeg
 from service.loading import LoadedPoseModel, load_pose_model
 from service.metrics import ServiceMetrics
+from service.persons import client_persons, crop_persons, detected_persons
 from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-RENDER_DEFAULT_MIN_SCORE = 0.2
 WARMUP_IMAGE_SHAPE = (480, 640, 3)
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+SHUTTING_DOWN = "the service is shutting down"
+NO_DETECTOR = ("this deployment has no person detector: send the person boxes with the request"
+               " (boxes), or run the service with whole_image_if_no_person")
+
+# The id of the request being served, set by the transports; it travels into the model threads
+# with each job so a failure there is logged under the id the client was given.
+REQUEST_ID: ContextVar[str | None] = ContextVar("omnipose_request_id", default=None)
+# A client's own request id is used only if it is this tame: it is echoed and logged verbatim.
+_TAME_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -111,6 +131,29 @@ class EngineUnavailable(EngineError):
     default_code = ErrorCode.UNAVAILABLE
 
 
+def new_request_id() -> str:
+    """A short random id for correlating a client's answer with the server's log."""
+    return uuid.uuid4().hex[:16]
+
+
+def request_id_from(client_value: str | None) -> str:
+    """The id the client sent (so its logs and ours line up) if it is tame, else a new one."""
+    if client_value is not None and _TAME_REQUEST_ID.fullmatch(client_value):
+        return client_value
+    return new_request_id()
+
+
+def internal_error(what: str, request_id: str | None = None) -> EngineError:
+    """Log the exception being handled under a request id; the client gets only the id.
+
+    Exception text can carry file paths, library internals or other clients' data, so it is
+    for the log, never for the answer.
+    """
+    request_id = request_id or REQUEST_ID.get() or new_request_id()
+    log.error("%s (request id %s)", what, request_id, exc_info=True)
+    return EngineError(f"internal error (request id {request_id})", ErrorCode.INTERNAL)
+
+
 _IMAGE_ERROR_CODES = {
     "invalid": ErrorCode.INVALID_IMAGE,
     "unsupported": ErrorCode.UNSUPPORTED_MEDIA_TYPE,
@@ -121,11 +164,19 @@ _IMAGE_ERROR_CODES = {
 # --- requests and results --------------------------------------------------------------------
 def client_boxes(value: Any, image_width: int | None = None,
                  image_height: int | None = None) -> np.ndarray:
-    """Client boxes (``[[x, y, w, h], ...]`` or its JSON text) as N x 4, or InvalidRequest."""
+    """Client boxes (``[[x, y, w, h], ...]``, its JSON text, or an array) as N x 4, or
+    InvalidRequest. :func:`service.boxes.parse_boxes` is the one place boxes are checked."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
     try:
         return parse_boxes(value, image_width, image_height)
     except BoxError as exc:
         raise InvalidRequest(str(exc)) from None
+
+
+def _check_unit_interval(name: str, value: Any) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and 0 <= value <= 1):
+        raise InvalidRequest(f"{name} must be a number in [0, 1], got {value!r}")
 
 
 @dataclass
@@ -133,8 +184,10 @@ class ImageRequest:
     """One image to estimate, with the client's options. ``boxes`` None means: detect people."""
 
     data: bytes
-    boxes: np.ndarray | None = None  # N x 4, x y w h (see client_boxes)
-    box_scores: np.ndarray | None = None  # N, default 1.0
+    # x y w h per person, as the client sent them: a list, its JSON text, or an N x 4 array.
+    # Checked once the image size is known (client_boxes), so "outside the image" is caught too.
+    boxes: Any = None
+    box_scores: Sequence[float] | np.ndarray | None = None  # one per box, default 1.0
     flip: bool | None = None  # None: the service's flip_test setting
     min_keypoint_score: float = 0.0  # keypoints below it are reported as (0, 0, 0)
     min_instance_score: float = 0.0  # persons below it are left out
@@ -142,26 +195,18 @@ class ImageRequest:
     render: bool = False  # also return a JPEG with the skeletons drawn
 
     def validate(self) -> None:
-        """Range checks shared by both transports (gRPC has no schema to enforce them)."""
-        for name in ("min_keypoint_score", "min_instance_score"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and 0 <= value <= 1):
-                raise InvalidRequest(f"{name} must be a number in [0, 1], got {value!r}")
-        if self.max_persons is not None and self.max_persons < 1:
-            raise InvalidRequest(f"max_persons must be at least 1, got {self.max_persons}")
-        if self.boxes is not None:
-            boxes = np.asarray(self.boxes, dtype=np.float64)
-            if boxes.ndim != 2 or boxes.shape[1] != 4:
-                raise InvalidRequest(f"boxes must be N x 4 (x, y, w, h), got shape {boxes.shape}")
-            if not np.isfinite(boxes).all():
-                raise InvalidRequest("boxes contain NaN or infinity")
-            bad = np.flatnonzero((boxes[:, 2] <= 0) | (boxes[:, 3] <= 0))
+        """The option checks of every transport (REST's schema and gRPC's messages only type
+        them): the one place their ranges are enforced. Boxes are checked by client_boxes."""
+        _check_unit_interval("min_keypoint_score", self.min_keypoint_score)
+        _check_unit_interval("min_instance_score", self.min_instance_score)
+        if self.max_persons is not None and not (
+                isinstance(self.max_persons, int) and self.max_persons >= 1):
+            raise InvalidRequest(f"max_persons must be at least 1, got {self.max_persons!r}")
+        if self.box_scores is not None:
+            scores = np.asarray(self.box_scores, dtype=np.float64).reshape(-1)
+            bad = np.flatnonzero(~((scores >= 0) & (scores <= 1)))  # NaN fails both
             if len(bad):
-                raise InvalidRequest(f"boxes[{bad[0]}] must have positive width and height")
-            if self.box_scores is not None and len(self.box_scores) != len(boxes):
-                raise InvalidRequest(
-                    f"got {len(boxes)} boxes but {len(self.box_scores)} box scores"
-                )
+                raise InvalidRequest(f"box {bad[0]} score {scores[bad[0]]:g} is not in [0, 1]")
 
 
 @dataclass
@@ -186,6 +231,7 @@ class _Job:
     deadline: float  # time.monotonic()
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
+    request_id: str | None = None  # for the log, if this job's input makes the model fail
     enqueued_at: float = field(default_factory=time.monotonic)
     taken: int = 0  # units handed to the worker so far
     parts: list = field(default_factory=list)
@@ -216,6 +262,8 @@ class DynamicBatcher:
 
     A batch closes when it holds ``max_batch_size`` units or when the oldest waiting job has
     waited ``max_delay_s``: under load batches fill at once, at low load latency is bounded.
+    If a batch fails, its chunks are run again one at a time, so only the job whose input fails
+    is failed (and the rest of it, if it was split, is taken out of the queue).
     """
 
     def __init__(
@@ -269,7 +317,7 @@ class DynamicBatcher:
             self._cond.notify_all()
         for job in leftovers:
             job.loop.call_soon_threadsafe(
-                _resolve, job.future, None, EngineUnavailable("the service is shutting down")
+                _resolve, job.future, None, EngineUnavailable(SHUTTING_DOWN)
             )
         if self._thread is not None:
             self._thread.join(timeout)
@@ -284,10 +332,11 @@ class DynamicBatcher:
     async def submit(self, payload: Any, size: int, deadline: float, key: Hashable = None) -> _Job:
         """Queue ``size`` units and wait for them; cancellation takes them out of the queue."""
         loop = asyncio.get_running_loop()
-        job = _Job(payload, size, key, deadline, loop, loop.create_future())
+        job = _Job(payload, size, key, deadline, loop, loop.create_future(),
+                   request_id=REQUEST_ID.get())
         with self._cond:
             if self._stopping:
-                raise EngineUnavailable("the service is shutting down")
+                raise EngineUnavailable(SHUTTING_DOWN)
             self._queue.append(job)
             self._on_depth(self._pending_units())
             self._cond.notify()
@@ -358,43 +407,108 @@ class DynamicBatcher:
                 self._queue.popleft()
         return chunks, expired
 
+    def _fail(self, job: _Job, error: EngineError) -> None:
+        """Answer ``job`` with ``error`` and take its units still waiting out of the queue."""
+        with self._cond:
+            job.done = True
+            with contextlib.suppress(ValueError):
+                self._queue.remove(job)
+            self._on_depth(self._pending_units())
+        job.loop.call_soon_threadsafe(_resolve, job.future, None, error)
+
     def _execute(self, chunks: list[_Chunk]) -> None:
         started = time.perf_counter()
         try:
             outputs = self._run_batch(chunks)
-        except Exception as exc:  # a failed batch fails its requests, never the worker
-            log.exception("%s batch of %d chunks failed", self.name, len(chunks))
-            error = EngineError(f"{self.name} failed: {type(exc).__name__}: {exc}")
-            for job in {id(c.job): c.job for c in chunks}.values():
-                job.done = True
-                job.loop.call_soon_threadsafe(_resolve, job.future, None, error)
+        except Exception:  # a failed batch fails only the culprit, never the worker
+            if len(chunks) > 1:
+                log.warning("%s batch of %d chunks failed; running them one at a time",
+                            self.name, len(chunks), exc_info=True)
+                for chunk in chunks:
+                    if not chunk.job.done:
+                        self._execute([chunk])
+                return
+            job = chunks[0].job
+            self._fail(job, internal_error(f"the {self.name} model failed on a request's input",
+                                           job.request_id))
             return
         elapsed = time.perf_counter() - started
         for chunk, output in zip(chunks, outputs, strict=True):
             job = chunk.job
+            if job.done:  # cancelled or failed meanwhile
+                continue
             job.compute_s += elapsed
             job.parts.append(output)
-            if chunk.stop == job.size and not job.done:
+            if chunk.stop == job.size:
                 job.done = True
                 try:
                     value = self._combine(job.parts)
-                except Exception as exc:
-                    job.loop.call_soon_threadsafe(_resolve, job.future, None, exc)
+                except Exception:
+                    error = internal_error(f"combining {self.name} results failed",
+                                           job.request_id)
+                    job.loop.call_soon_threadsafe(_resolve, job.future, None, error)
                     continue
                 job.loop.call_soon_threadsafe(_resolve, job.future, value)
 
 
 # --- the engine ------------------------------------------------------------------------------
-def available_cpus() -> int:
-    """CPUs this process may run on (container limits included where the OS applies them)."""
+def cgroup_cpu_limit(cpu_max: str | None = None, cfs_quota_us: str | None = None,
+                     cfs_period_us: str | None = None) -> int | None:
+    """Whole CPUs a cgroup CPU quota allows (rounded up), or None when unlimited or unreadable.
+
+    Kubernetes CPU limits become a CFS quota, not a smaller CPU set: the process still sees
+    every core of the node, and a thread per core would be throttled. cgroup v2 ``cpu.max`` reads
+    "<quota> <period>" or "max <period>"; v1 has ``cpu.cfs_quota_us`` (-1: unlimited) and
+    ``cpu.cfs_period_us``.
+    """
+    if cpu_max is not None:
+        fields = cpu_max.split()
+        if not fields or fields[0] == "max":
+            return None
+        quota, period = fields[0], fields[1] if len(fields) > 1 else "100000"
+    elif cfs_quota_us is not None and cfs_period_us is not None:
+        quota, period = cfs_quota_us.strip(), cfs_period_us.strip()
+    else:
+        return None
     try:
-        return len(os.sched_getaffinity(0))
+        quota_us, period_us = int(quota), int(period)
+    except ValueError:
+        return None
+    if quota_us <= 0 or period_us <= 0:
+        return None
+    return max(1, math.ceil(quota_us / period_us))
+
+
+def read_cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> int | None:
+    """The CPU quota of this process's cgroup (v2, else v1 controller folders), if any."""
+    def read(path: Path) -> str | None:
+        try:
+            return path.read_text()
+        except OSError:
+            return None
+
+    cpu_max = read(root / "cpu.max")
+    if cpu_max is not None:
+        return cgroup_cpu_limit(cpu_max=cpu_max)
+    for folder in (root / "cpu", root / "cpu,cpuacct", root):
+        quota, period = read(folder / "cpu.cfs_quota_us"), read(folder / "cpu.cfs_period_us")
+        if quota is not None and period is not None:
+            return cgroup_cpu_limit(cfs_quota_us=quota, cfs_period_us=period)
+    return None
+
+
+def available_cpus(cgroup_root: Path = CGROUP_ROOT) -> int:
+    """CPUs this process may use: its CPU affinity, capped by a cgroup CPU quota."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    quota = read_cgroup_cpu_limit(cgroup_root)
+    return min(cpus, quota) if quota else cpus
 
 
 def configure_threads(settings: ServiceSettings) -> int:
-    """Give the pose forward the cores: torch intra-op threads = setting or all CPUs.
+    """Give the pose forward the cores: torch intra-op threads = setting or the usable CPUs.
 
     OpenCV's own pool is turned off: its work here (decode, warps, HOG) runs on our small pools,
     and a second thread pool of CPU-count size would fight the forward pass for the same cores.
@@ -403,6 +517,13 @@ def configure_threads(settings: ServiceSettings) -> int:
     torch.set_num_threads(threads)
     cv2.setNumThreads(1)
     return threads
+
+
+@dataclass(eq=False)
+class _PixelLease:
+    """Decoded pixels one admitted request holds against ``max_inflight_pixels``."""
+
+    held: int = 0
 
 
 class PoseEngine:
@@ -420,7 +541,9 @@ class PoseEngine:
         self.pose_model = pose_model
         self.detector = detector
         self.state = "starting"  # starting -> ready -> draining -> stopped (or failed)
+        self._failure = ""  # why start() failed, for the answers refused afterwards
         self._inflight = 0
+        self._inflight_pixels = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._latency_ewma_s = 0.5
@@ -437,6 +560,11 @@ class PoseEngine:
     def inflight(self) -> int:
         return self._inflight
 
+    @property
+    def inflight_pixels(self) -> int:
+        """Decoded image pixels held by admitted requests (see max_inflight_pixels)."""
+        return self._inflight_pixels
+
     async def start(self) -> None:
         """Load what was not given, start the model threads, warm up, then report ready."""
         settings = self.settings
@@ -445,7 +573,7 @@ class PoseEngine:
             if self.pose_model is None:
                 self.pose_model = await loop.run_in_executor(None, lambda: load_pose_model(
                     settings.weights, settings.config, settings.device, settings.precision,
-                    settings.flip_test,
+                    settings.flip_test, settings.flip_shift,
                 ))
             if self.detector is None:
                 self.detector = await loop.run_in_executor(None, lambda: build_detector(
@@ -467,8 +595,12 @@ class PoseEngine:
                 on_start=self._warm_detector if settings.warmup else None,
             )
             await asyncio.gather(self._pose_batcher.start(), self._detector_batcher.start())
-        except BaseException:
+        except asyncio.CancelledError:
+            self.state = "draining"  # stopped while loading: a shutdown, not a failure
+            raise
+        except BaseException as exc:
             self.state = "failed"
+            self._failure = str(exc) or type(exc).__name__
             raise
         self.state = "ready"
         log.info("engine ready: %s on %s, detector %s", self.pose_model.name,
@@ -488,7 +620,8 @@ class PoseEngine:
         return True
 
     async def close(self) -> None:
-        """Stop the model threads (failing anything still queued) and the CPU pool."""
+        """Stop the model threads and the CPU pool; whatever still waits for either is answered
+        503 / UNAVAILABLE (shutting down)."""
         self.state = "stopped"
         loop = asyncio.get_running_loop()
         for batcher in (self._pose_batcher, self._detector_batcher):
@@ -559,6 +692,7 @@ class PoseEngine:
         return outputs
 
     def _run_detector_batch(self, chunks: Sequence[_Chunk]) -> list[Detections]:
+        """One detector call for all images; a failure is retried image by image (batcher)."""
         self.metrics.batch_size.labels(model="detector").observe(len(chunks))
         return self.detector.detect_batch([chunk.job.payload for chunk in chunks])
 
@@ -572,14 +706,19 @@ class PoseEngine:
                                  f" got {timeout_s!r}")
         return time.monotonic() + min(timeout_s, self.settings.max_deadline_s)
 
+    def _retry_after_s(self) -> int:
+        return max(1, math.ceil(self._latency_ewma_s))
+
     @contextlib.contextmanager
-    def _admission(self) -> Iterator[None]:
+    def _admission(self) -> Iterator[_PixelLease]:
         if self.state == "starting":
             raise EngineUnavailable("the model is still loading and warming up")
+        if self.state == "failed":
+            raise EngineUnavailable(f"the engine failed to start: {self._failure}")
         if self.state != "ready":
-            raise EngineUnavailable("the service is shutting down")
+            raise EngineUnavailable(SHUTTING_DOWN)
         if self._inflight >= self.settings.max_queue_size:
-            retry_after = max(1, math.ceil(self._latency_ewma_s))
+            retry_after = self._retry_after_s()
             raise EngineOverloaded(
                 f"the service is at capacity ({self.settings.max_queue_size} requests in"
                 f" progress); retry in about {retry_after} s", retry_after_s=retry_after,
@@ -589,15 +728,49 @@ class PoseEngine:
         self.metrics.inflight.set(self._inflight)
         self.metrics.queue_depth.labels(queue="admission").set(self._inflight)
         started = time.monotonic()
+        lease = _PixelLease()
         try:
-            yield
+            yield lease
         finally:
+            self._release_pixels(lease, lease.held)
             self._inflight -= 1
             self.metrics.inflight.set(self._inflight)
             self.metrics.queue_depth.labels(queue="admission").set(self._inflight)
             self._latency_ewma_s = 0.8 * self._latency_ewma_s + 0.2 * (time.monotonic() - started)
             if self._inflight == 0:
                 self._idle.set()
+
+    def _hold_pixels(self, lease: _PixelLease, pixels: int) -> None:
+        """Count a decoded image against max_inflight_pixels, or refuse the request (429).
+
+        Runs on the event loop (no lock needed). A request alone in the engine is never refused,
+        so any image within max_image_pixels, and any batch, can be served when it is quiet.
+        """
+        budget = self.settings.max_inflight_pixels
+        others = self._inflight_pixels - lease.held
+        if others > 0 and self._inflight_pixels + pixels > budget:
+            retry_after = self._retry_after_s()
+            raise EngineOverloaded(
+                f"the service is at capacity ({self._inflight_pixels} decoded image pixels in"
+                f" progress, the limit is {budget}); retry in about {retry_after} s",
+                retry_after_s=retry_after,
+            )
+        lease.held += pixels
+        self._inflight_pixels += pixels
+        self.metrics.inflight_pixels.set(self._inflight_pixels)
+
+    def _release_pixels(self, lease: _PixelLease, pixels: int) -> None:
+        pixels = min(pixels, lease.held)
+        lease.held -= pixels
+        self._inflight_pixels -= pixels
+        self.metrics.inflight_pixels.set(self._inflight_pixels)
+
+    def _validate(self, request: ImageRequest) -> None:
+        """Everything checkable before admission: options, and boxes where nothing detects."""
+        request.validate()
+        if (request.boxes is None and self.detector is not None and self.detector.name == "none"
+                and not self.settings.whole_image_if_no_person):
+            raise InvalidRequest(NO_DETECTOR)
 
     @staticmethod
     async def _within(deadline: float, work: Awaitable[T]) -> T:
@@ -612,9 +785,9 @@ class PoseEngine:
     async def estimate(self, request: ImageRequest, timeout_s: float | None = None) -> ImageResult:
         """Persons in one image. Raises an EngineError subclass for anything but a result."""
         deadline = self.deadline_from(timeout_s)
-        request.validate()
-        with self._admission():
-            return await self._within(deadline, self._process(request, deadline))
+        self._validate(request)
+        with self._admission() as lease:
+            return await self._within(deadline, self._process(request, deadline, lease))
 
     async def estimate_many(self, requests: Sequence[ImageRequest],
                             timeout_s: float | None = None) -> list[ImageResult]:
@@ -630,23 +803,28 @@ class PoseEngine:
             raise InvalidRequest("the batch contains no images")
         for index, request in enumerate(requests):
             try:
-                request.validate()
+                self._validate(request)
             except EngineError as exc:
                 raise exc.prefixed(f"images[{index}]") from None
-        with self._admission():
-            return await self._within(deadline, self._process_all(requests, deadline))
+        with self._admission() as lease:
+            return await self._within(deadline, self._process_all(requests, deadline, lease))
 
-    async def _process_all(self, requests: Sequence[ImageRequest],
-                           deadline: float) -> list[ImageResult]:
-        tasks = [asyncio.create_task(self._process(r, deadline)) for r in requests]
+    async def _process_all(self, requests: Sequence[ImageRequest], deadline: float,
+                           lease: _PixelLease) -> list[ImageResult]:
+        tasks = [asyncio.create_task(self._process(r, deadline, lease)) for r in requests]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for index, task in enumerate(tasks):
-                if task.done() and task.exception() is not None:
-                    error = task.exception()
-                    if isinstance(error, EngineError):
-                        raise error.prefixed(f"images[{index}]") from None
-                    raise error
+                if not task.done():
+                    continue
+                if task.cancelled():  # nobody but a closing engine cancels these tasks
+                    raise EngineUnavailable(SHUTTING_DOWN)
+                error = task.exception()
+                if error is None:
+                    continue
+                if isinstance(error, EngineError):
+                    raise error.prefixed(f"images[{index}]") from None
+                raise error
             return [task.result() for task in tasks]
         finally:
             for task in tasks:
@@ -655,7 +833,22 @@ class PoseEngine:
 
     # -- the pipeline -------------------------------------------------------------------------
     async def _in_pool(self, function: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
+        """Run on the CPU pool. Work the pool drops because the engine closed (not because the
+        client went away) is answered UNAVAILABLE, not as a cancelled call."""
+        loop = asyncio.get_running_loop()
+        try:
+            future = loop.run_in_executor(self._pool, function, *args)
+        except RuntimeError:  # submitted after the pool was shut down
+            if self.state == "stopped":
+                raise EngineUnavailable(SHUTTING_DOWN) from None
+            raise
+        try:
+            return await future
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self.state == "stopped" and not (task is not None and task.cancelling()):
+                raise EngineUnavailable(SHUTTING_DOWN) from None
+            raise
 
     def _observe(self, timings: dict[str, float], stage: str, seconds: float) -> None:
         timings[stage] = round(seconds * 1000, 3)
@@ -673,9 +866,15 @@ class PoseEngine:
             code = _IMAGE_ERROR_CODES.get(exc.kind, ErrorCode.INVALID_IMAGE)
             raise InvalidRequest(str(exc), code) from None
 
-    def _prepare(self, image_bgr: np.ndarray, boxes: np.ndarray, scores: np.ndarray) -> CropBatch:
-        image_rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
-        return self.pose_model.estimator.prepare(image_rgb, boxes, scores)
+    def _prepare(self, image_bgr: np.ndarray, persons: Detections) -> CropBatch:
+        return crop_persons(self.pose_model.estimator, image_bgr, persons)
+
+    def _client_persons(self, request: ImageRequest, width: int, height: int) -> Detections:
+        boxes = client_boxes(request.boxes, width, height)
+        try:
+            return client_persons(boxes, request.box_scores, self.settings.max_persons)
+        except BoxError as exc:
+            raise InvalidRequest(str(exc)) from None
 
     def _decode_poses(self, heatmaps: torch.Tensor, crops: CropBatch,
                       request: ImageRequest) -> list[PersonPose]:
@@ -700,34 +899,37 @@ class PoseEngine:
         job = await self._detector_batcher.submit(image, 1, deadline)
         return job.future.result()
 
-    async def _process(self, request: ImageRequest, deadline: float) -> ImageResult:
+    async def _process(self, request: ImageRequest, deadline: float,
+                       lease: _PixelLease) -> ImageResult:
         timings: dict[str, float] = {}
         started = time.perf_counter()
         image = await self._in_pool(self._decode, request.data)
         self._observe(timings, "image_decode", time.perf_counter() - started)
         height, width = image.shape[:2]
+        pixels = height * width
+        self._hold_pixels(lease, pixels)
 
         if request.boxes is not None:
-            boxes = client_boxes(np.asarray(request.boxes).reshape(-1, 4).tolist(), width, height)
-            scores = (np.ones(len(boxes)) if request.box_scores is None
-                      else np.asarray(request.box_scores, dtype=np.float64))
+            persons = self._client_persons(request, width, height)
         else:
             self._check_deadline(deadline, "image decoding")
             mark = time.perf_counter()
             detections = await self._detect(image, deadline)
             self._observe(timings, "detection", time.perf_counter() - mark)
-            if len(detections) == 0 and self.settings.whole_image_if_no_person:
-                detections = Detections.whole_image(image.shape)
-            boxes, scores = detections.boxes, detections.scores
-        if len(boxes) > self.settings.max_persons:  # bound the model work one image can cause
-            keep = np.argsort(-scores, kind="stable")[:self.settings.max_persons]
-            boxes, scores = boxes[keep], scores[keep]
+            persons = detected_persons(detections, image.shape, self.settings.max_persons,
+                                       self.settings.whole_image_if_no_person)
 
-        persons: list[PersonPose] = []
-        if len(boxes):
+        crops = None
+        if len(persons):
             mark = time.perf_counter()
-            crops = await self._in_pool(self._prepare, image, boxes, scores)
+            crops = await self._in_pool(self._prepare, image, persons)
             self._observe(timings, "preprocess", time.perf_counter() - mark)
+        if not request.render:  # from here on only the crops are needed: free the pixels
+            image = None
+            self._release_pixels(lease, pixels)
+
+        poses: list[PersonPose] = []
+        if crops is not None:
             self._check_deadline(deadline, "preprocessing")
             flip = self.pose_model.estimator.flip_test if request.flip is None else request.flip
             job = await self._pose_batcher.submit(crops.inputs, len(crops), deadline, key=flip)
@@ -735,15 +937,15 @@ class PoseEngine:
                           - job.enqueued_at)
             self._observe(timings, "pose_inference", job.compute_s)
             mark = time.perf_counter()
-            persons = await self._in_pool(self._decode_poses, job.future.result(), crops, request)
+            poses = await self._in_pool(self._decode_poses, job.future.result(), crops, request)
             self._observe(timings, "decode", time.perf_counter() - mark)
-        self.metrics.persons_per_image.observe(len(persons))
+        self.metrics.persons_per_image.observe(len(poses))
 
         rendered = None
         if request.render:
             mark = time.perf_counter()
-            min_score = request.min_keypoint_score or RENDER_DEFAULT_MIN_SCORE
-            rendered = await self._in_pool(self._render, image, persons, min_score)
+            min_score = request.min_keypoint_score or KEYPOINT_SCORE_THRESHOLD
+            rendered = await self._in_pool(self._render, image, poses, min_score)
             self._observe(timings, "render", time.perf_counter() - mark)
         timings["total"] = round((time.perf_counter() - started) * 1000, 3)
-        return ImageResult(width, height, persons, timings, rendered)
+        return ImageResult(width, height, poses, timings, rendered)

@@ -2,7 +2,9 @@
 
 Thin like the REST one: it converts protobuf messages to engine requests and engine errors to
 gRPC status codes. Message sizes are capped explicitly (``grpc_max_message_bytes``, both ways);
-a larger message is refused by gRPC itself with RESOURCE_EXHAUSTED.
+a larger message is refused by gRPC itself with RESOURCE_EXHAUSTED. Every call gets a request id
+(the client's ``x-request-id`` metadata when tame), returned as trailing metadata; an unexpected
+failure answers only "internal error (request id ...)" and logs the details under that id.
 """
 
 from __future__ import annotations
@@ -15,20 +17,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from proto import omnipose_pb2, omnipose_pb2_grpc
 from service.engine import (
+    REQUEST_ID,
     EngineError,
     EngineOverloaded,
     ErrorCode,
     ImageRequest,
     ImageResult,
-    InvalidRequest,
     PoseEngine,
-    client_boxes,
+    internal_error,
+    request_id_from,
 )
 from service.metrics import ServiceMetrics
 
@@ -48,19 +50,17 @@ GRPC_STATUS = {
     ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 RETRY_AFTER_KEY = "retry-after"
+REQUEST_ID_KEY = "x-request-id"
 
 
 # --- conversions -----------------------------------------------------------------------------
 def to_image_request(message: omnipose_pb2.EstimateRequest) -> ImageRequest:
-    """Protobuf request -> engine request (boxes validated like the REST ones)."""
+    """Protobuf request -> engine request; the engine checks boxes and options like REST's."""
     boxes = scores = None
     if message.HasField("boxes"):
         listed = message.boxes.boxes
-        boxes = client_boxes([[b.x, b.y, b.width, b.height] for b in listed])
-        scores = np.array([b.score if b.HasField("score") else 1.0 for b in listed])
-        bad = np.flatnonzero(~((scores >= 0) & (scores <= 1)))
-        if len(bad):
-            raise InvalidRequest(f"box {bad[0]} score {scores[bad[0]]:g} is not in [0, 1]")
+        boxes = [[b.x, b.y, b.width, b.height] for b in listed]
+        scores = [b.score if b.HasField("score") else 1.0 for b in listed]
     return ImageRequest(
         data=message.image,
         boxes=boxes,
@@ -115,6 +115,13 @@ def to_model_description(description: dict) -> omnipose_pb2.ModelDescription:
     )
 
 
+def _call_request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str):
+            return request_id_from(value)
+    return request_id_from(None)
+
+
 def _timeout(context: grpc.aio.ServicerContext) -> float | None:
     """The client's remaining deadline (grpc-timeout), if it set one; the engine caps it."""
     remaining = context.time_remaining()
@@ -139,21 +146,26 @@ class PoseEstimationService(omnipose_pb2_grpc.PoseEstimationServicer):
         """Run ``work``, turning engine errors into gRPC status codes and recording metrics."""
         started = time.perf_counter()
         status = grpc.StatusCode.OK
+        request_id = _call_request_id(context)
+        id_metadata = ((REQUEST_ID_KEY, request_id),)
+        token = REQUEST_ID.set(request_id)
+        context.set_trailing_metadata(id_metadata)
         try:
             return await work()
         except EngineError as exc:
             status = GRPC_STATUS.get(exc.code, grpc.StatusCode.INTERNAL)
-            metadata = ((RETRY_AFTER_KEY, str(exc.retry_after_s)),) \
-                if isinstance(exc, EngineOverloaded) else ()
+            metadata = id_metadata + (((RETRY_AFTER_KEY, str(exc.retry_after_s)),)
+                                      if isinstance(exc, EngineOverloaded) else ())
             await context.abort(status, exc.message, trailing_metadata=metadata)
         except asyncio.CancelledError:
             status = grpc.StatusCode.CANCELLED
             raise
-        except Exception as exc:
-            log.exception("%s failed", method)
+        except Exception:
             status = grpc.StatusCode.INTERNAL
-            await context.abort(status, f"{type(exc).__name__}: {exc}")
+            error = internal_error(f"{method} failed", request_id)
+            await context.abort(status, error.message, trailing_metadata=id_metadata)
         finally:
+            REQUEST_ID.reset(token)
             self._record(method, status.name, started)
         raise AssertionError("unreachable: context.abort raises")
 
@@ -188,15 +200,18 @@ class PoseEstimationService(omnipose_pb2_grpc.PoseEstimationServicer):
 
         return await self._unary("GetModel", context, work)
 
-    async def _frame(self, frame: omnipose_pb2.StreamFrame,
-                     context: grpc.aio.ServicerContext) -> omnipose_pb2.StreamResult:
-        """One frame's answer; errors become a FrameError so the stream goes on."""
+    async def _frame(self, frame: omnipose_pb2.StreamFrame, context: grpc.aio.ServicerContext,
+                     request_id: str) -> omnipose_pb2.StreamResult:
+        """One frame's answer (its own task); errors become a FrameError so the stream goes on."""
+        REQUEST_ID.set(request_id)  # this task's context only
         try:
             result = await self.engine.estimate(to_image_request(frame.request), _timeout(context))
-        except EngineError as exc:
-            status = GRPC_STATUS.get(exc.code, grpc.StatusCode.INTERNAL)
+        except Exception as exc:
+            error = exc if isinstance(exc, EngineError) else internal_error(
+                f"StreamEstimate frame {frame.frame_id} failed")
+            status = GRPC_STATUS.get(error.code, grpc.StatusCode.INTERNAL)
             return omnipose_pb2.StreamResult(frame_id=frame.frame_id, error=omnipose_pb2.FrameError(
-                code=status.name, message=exc.message))
+                code=status.name, message=error.message))
         return omnipose_pb2.StreamResult(frame_id=frame.frame_id,
                                          response=to_response(result, self.engine))
 
@@ -211,6 +226,8 @@ class PoseEstimationService(omnipose_pb2_grpc.PoseEstimationServicer):
         """
         started = time.perf_counter()
         status = grpc.StatusCode.OK
+        request_id = _call_request_id(context)
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         slots = asyncio.Semaphore(self.stream_max_inflight)
         pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()
 
@@ -223,7 +240,8 @@ class PoseEstimationService(omnipose_pb2_grpc.PoseEstimationServicer):
                         frame = await anext(iterator)
                     except StopAsyncIteration:
                         return
-                    pending.put_nowait(asyncio.create_task(self._frame(frame, context)))
+                    pending.put_nowait(asyncio.create_task(self._frame(frame, context,
+                                                                        request_id)))
             finally:
                 pending.put_nowait(None)
 

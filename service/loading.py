@@ -62,6 +62,7 @@ class LoadedPoseModel:
             "device": str(self.estimator.device),
             "precision": self.estimator.precision,
             "flip_test": self.estimator.flip_test,
+            "flip_shift": self.estimator.flip_shift,
             "metadata": self.metadata,
         }
 
@@ -79,6 +80,7 @@ def load_pose_model(
     device: str = "auto",
     precision: Precision = "fp32",
     flip_test: bool = True,
+    flip_shift: bool = False,
 ) -> LoadedPoseModel:
     """Load weights (or the default) and wrap them in a TopDownPoseEstimator on ``device``."""
     path = resolve_weights(weights)
@@ -89,7 +91,8 @@ def load_pose_model(
     )
     keypoints = (checkpoint.keypoints if checkpoint and checkpoint.keypoints else config.keypoints)
     estimator = TopDownPoseEstimator(
-        network, config, keypoints, device=device, precision=precision, flip_test=flip_test
+        network, config, keypoints, device=device, precision=precision, flip_test=flip_test,
+        flip_shift=flip_shift,
     )
     return LoadedPoseModel(
         estimator=estimator,

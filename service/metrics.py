@@ -15,6 +15,8 @@ LATENCY_BUCKETS_S = (
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 PERSON_COUNT_BUCKETS = (0, 1, 2, 3, 4, 5, 8, 10, 15, 20, 30, 50, 100)
 
+# Pipeline stages timed per image; their series exist from start-up (at zero), so dashboards
+# and alerts see every stage before the first request instead of "no data".
 STAGES = (
     "image_decode", "queue_wait", "detection", "preprocess", "pose_inference", "decode", "render",
 )
@@ -46,6 +48,8 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
+        for stage in STAGES:
+            self.stage_latency.labels(stage=stage)
         self.batch_size = Histogram(
             "omnipose_batch_size",
             "Items per forward pass: person crops for the pose model, images for the detector.",
@@ -68,6 +72,11 @@ class ServiceMetrics:
         self.inflight = Gauge(
             "omnipose_inflight_requests",
             "Requests admitted and not yet answered.",
+            registry=r,
+        )
+        self.inflight_pixels = Gauge(
+            "omnipose_inflight_pixels",
+            "Decoded image pixels held by admitted requests (limit: max_inflight_pixels).",
             registry=r,
         )
         self.model_info = Info(

@@ -2,12 +2,18 @@
 
 Thin on purpose: batching, deadlines, admission and every pipeline stage live in the engine, so
 REST and gRPC behave the same. Every error, from any layer, is ``{"error": {"code", "message"}}``.
+Every response carries an ``X-Request-Id`` header (the client's own, when it sent a sane one); an
+unexpected failure answers only "internal error (request id ...)" and logs the details under it.
+Request bodies are counted as they arrive, so a chunked upload (no Content-Length) cannot exceed
+the limits either.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.engine import (
+    REQUEST_ID,
     EngineError,
     EngineOverloaded,
     ErrorCode,
@@ -29,7 +36,8 @@ from service.engine import (
     ImageResult,
     InvalidRequest,
     PoseEngine,
-    client_boxes,
+    new_request_id,
+    request_id_from,
 )
 from service.metrics import ServiceMetrics
 from service.schemas import (
@@ -39,7 +47,10 @@ from service.schemas import (
     ModelDescription,
     PoseOptions,
     PoseResponse,
+    numeric_image_id,
 )
+
+log = logging.getLogger(__name__)
 
 HTTP_STATUS = {
     ErrorCode.INVALID_IMAGE: 400,
@@ -53,7 +64,10 @@ HTTP_STATUS = {
 }
 CLIENT_CLOSED_REQUEST = 499  # nginx's convention: the client went away before the answer
 MULTIPART_OVERHEAD_BYTES = 1024 * 1024  # form fields and part headers around the image bytes
+MAX_FORM_FIELDS = 100
 TIMEOUT_HEADER = "X-Request-Timeout"
+REQUEST_ID_HEADER = "X-Request-Id"
+UNIT_INTERVAL_DOC = {"minimum": 0, "maximum": 1}  # documented here, enforced by the engine
 
 
 def _error_doc(description: str) -> dict:
@@ -67,7 +81,8 @@ POSE_ERRORS: dict[int | str, dict[str, Any]] = {
     422: _error_doc("Invalid parameters (boxes, thresholds, timeout) or a missing image field"),
     429: _error_doc("The service is at capacity; retry after the Retry-After header's seconds"),
     499: _error_doc("Not sent: the client closed the connection first (recorded in metrics)"),
-    500: _error_doc("Unexpected failure inside the service"),
+    500: _error_doc("Unexpected failure inside the service; the message and the X-Request-Id"
+                    " header give the id under which the server logged the details"),
     503: _error_doc("The model is still loading/warming up, or the service is shutting down"),
     504: _error_doc("The request's deadline (X-Request-Timeout or the default) passed"),
 }
@@ -111,10 +126,23 @@ def _validation_message(errors: list[dict]) -> str:
     return "; ".join(parts)
 
 
-# --- metrics middleware ----------------------------------------------------------------------
-class RequestMetricsMiddleware:
-    """Counts every HTTP request by route template and status, and times it (pure ASGI, so it
-    does not buffer bodies or interfere with disconnect detection)."""
+def request_id_of(scope: Scope) -> str:
+    """The id RequestContextMiddleware gave this request (a fresh one outside it)."""
+    return scope.get("state", {}).get("request_id") or new_request_id()
+
+
+def _client_request_id(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            return value.decode("latin-1")
+    return None
+
+
+# --- request context middleware --------------------------------------------------------------
+class RequestContextMiddleware:
+    """Per HTTP request: an id (``X-Request-Id`` on the response, ``REQUEST_ID`` for the engine
+    and the logs), and a count by route template and status with its duration. Pure ASGI, so it
+    does not buffer bodies or interfere with disconnect detection."""
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
         self.app = app
@@ -126,10 +154,15 @@ class RequestMetricsMiddleware:
             return
         started = time.perf_counter()
         status = {"code": CLIENT_CLOSED_REQUEST}
+        request_id = request_id_from(_client_request_id(scope))
+        scope.setdefault("state", {})["request_id"] = request_id
+        id_header = (REQUEST_ID_HEADER.lower().encode(), request_id.encode())
+        token = REQUEST_ID.set(request_id)
 
         async def send_with_status(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), id_header]}
             await send(message)
 
         try:
@@ -138,6 +171,7 @@ class RequestMetricsMiddleware:
             status["code"] = 500
             raise
         finally:
+            REQUEST_ID.reset(token)
             route = scope.get("route")
             endpoint = getattr(route, "path", "unmatched")
             self.metrics.requests.labels("http", endpoint, str(status["code"])).inc()
@@ -146,18 +180,55 @@ class RequestMetricsMiddleware:
 
 
 # --- request parsing -------------------------------------------------------------------------
-def _check_content_length(request: Request, limit: int) -> None:
+def _body_too_large(limit: int, length: int | None = None) -> InvalidRequest:
+    size = f"{length} bytes, " if length is not None else ""
+    return InvalidRequest(f"the request body is {size}over the limit of {limit} bytes",
+                          ErrorCode.PAYLOAD_TOO_LARGE)
+
+
+def _limited(request: Request, limit: int) -> Request:
+    """``request`` with its body capped at ``limit`` bytes.
+
+    A declared Content-Length over the limit is refused before anything is read; a chunked
+    upload declares none, so the bytes are also counted as they arrive and reading stops with
+    413 as soon as they pass the limit, before they pile up in memory or temporary files.
+    """
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise InvalidRequest(f"the request body is {length} bytes, over the limit of {limit}"
-                             " bytes", ErrorCode.PAYLOAD_TOO_LARGE)
+    if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
+        raise _body_too_large(limit, int(length))
+    receive = request.receive
+    received = 0
+
+    async def counting_receive() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise _body_too_large(limit)
+        return message
+
+    return Request(request.scope, counting_receive)
 
 
-async def _read_form(request: Request) -> FormData:
+async def _read_form(request: Request, max_files: int, too_many_files: EngineError) -> FormData:
+    """The multipart form, at most ``max_files`` files (more: ``too_many_files``)."""
     try:
-        return await request.form(max_files=1000, max_fields=100)
-    except Exception as exc:  # python-multipart / starlette raise several types
+        return await request.form(max_files=max_files, max_fields=MAX_FORM_FIELDS)
+    except EngineError:  # the body limit
+        raise
+    except StarletteHTTPException as exc:  # starlette's own checks, with a message for users
+        detail = str(exc.detail)
+        if detail.startswith("Too many files"):
+            raise too_many_files from None
+        raise InvalidRequest(f"the multipart body cannot be parsed: {detail}") from None
+    except ValueError as exc:  # python-multipart's parse errors
         raise InvalidRequest(f"the multipart body cannot be parsed: {exc}") from None
+    except OSError:  # spooling to disk failed: ours, not the client's (500)
+        raise
+    except Exception:  # e.g. no boundary in the content type
+        raise InvalidRequest("the multipart body cannot be parsed (is the boundary in the"
+                             " content type?)") from None
 
 
 def _merge_options(query: dict[str, Any], form: FormData | None,
@@ -178,14 +249,17 @@ def _merge_options(query: dict[str, Any], form: FormData | None,
 
 
 def _image_id(options: PoseOptions) -> int | str:
+    """A numeric image_id is a COCO integer id; anything else is echoed as a string."""
     if options.image_id is None:
         return 0
-    return int(options.image_id) if options.image_id.isdigit() else options.image_id
+    number = numeric_image_id(options.image_id)
+    return options.image_id if number is None else number
 
 
 def _to_request(data: bytes, options: PoseOptions, boxes: Any = None) -> ImageRequest:
+    """Boxes go to the engine as sent; it checks them once the image size is known."""
     return ImageRequest(
-        data=data, boxes=client_boxes(boxes) if boxes is not None else None, flip=options.flip,
+        data=data, boxes=boxes, flip=options.flip,
         min_keypoint_score=options.min_keypoint_score,
         min_instance_score=options.min_instance_score,
         max_persons=options.max_persons, render=options.render,
@@ -235,7 +309,7 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
         description="Multi-person 2D human pose estimation (OmniPose: HRNet + WASPv2), "
                     "dynamically batched. Keypoints follow the COCO results format.",
     )
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
 
     @app.exception_handler(EngineError)
     async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
@@ -243,7 +317,13 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
 
     @app.exception_handler(Exception)
     async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(500, str(ErrorCode.INTERNAL), f"{type(exc).__name__}: {exc}")
+        # Runs outside RequestContextMiddleware (Starlette's outermost layer): add the id here.
+        request_id = request_id_of(request.scope)
+        log.error("unexpected error on %s %s (request id %s)", request.method, request.url.path,
+                  request_id, exc_info=exc)
+        return error_response(500, str(ErrorCode.INTERNAL),
+                              f"internal error (request id {request_id})",
+                              {REQUEST_ID_HEADER: request_id})
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -289,11 +369,12 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
         request: Request,
         boxes: str | None = Query(None, description=PoseOptions.model_fields["boxes"].description),
         flip: bool | None = Query(None, description="Flip test; default: the service's setting"),
-        min_keypoint_score: float | None = Query(None, ge=0, le=1,
+        min_keypoint_score: float | None = Query(None, json_schema_extra=UNIT_INTERVAL_DOC,
                                                  description="Keypoints below it become 0, 0, 0"),
-        min_instance_score: float | None = Query(None, ge=0, le=1,
+        min_instance_score: float | None = Query(None, json_schema_extra=UNIT_INTERVAL_DOC,
                                                  description="Drop persons scoring below it"),
-        max_persons: int | None = Query(None, ge=1, description="Keep the top-scoring persons"),
+        max_persons: int | None = Query(None, json_schema_extra={"minimum": 1},
+                                        description="Keep the top-scoring persons"),
         render: bool | None = Query(None, description="Return image/jpeg with skeletons drawn"),
         image_id: str | None = Query(None, description="image_id of the returned annotations"),
         request_timeout: float | None = Header(
@@ -305,19 +386,20 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
         timeout = _timeout(request_timeout)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type == "multipart/form-data":
-            _check_content_length(request, settings.max_image_bytes + MULTIPART_OVERHEAD_BYTES)
-            form = await _read_form(request)
+            one_file = InvalidRequest("the multipart body must hold exactly one file, the 'image'"
+                                      " field; use /v1/pose/batch for several images")
+            form = await _read_form(
+                _limited(request, settings.max_image_bytes + MULTIPART_OVERHEAD_BYTES), 1,
+                one_file)
             uploads = form.getlist("image")
             if not uploads:
                 raise InvalidRequest("the multipart body has no 'image' file field")
             if len(uploads) > 1 or not isinstance(uploads[0], UploadFile):
-                raise InvalidRequest("the 'image' field must be exactly one file;"
-                                     " use /v1/pose/batch for several images")
+                raise one_file
             data = await uploads[0].read()
             options = _merge_options(query, form, {"image"})
         elif content_type.startswith("image/"):
-            _check_content_length(request, settings.max_image_bytes)
-            data = await request.body()
+            data = await _limited(request, settings.max_image_bytes).body()
             options = _merge_options(query, None, set())
         else:
             raise InvalidRequest(
@@ -349,9 +431,9 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
             None, description="JSON list with one entry per image: a box list [[x, y, w, h],"
                               " ...] or null to detect people in that image"),
         flip: bool | None = Query(None, description="Flip test; default: the service's setting"),
-        min_keypoint_score: float | None = Query(None, ge=0, le=1),
-        min_instance_score: float | None = Query(None, ge=0, le=1),
-        max_persons: int | None = Query(None, ge=1),
+        min_keypoint_score: float | None = Query(None, json_schema_extra=UNIT_INTERVAL_DOC),
+        min_instance_score: float | None = Query(None, json_schema_extra=UNIT_INTERVAL_DOC),
+        max_persons: int | None = Query(None, json_schema_extra={"minimum": 1}),
         image_id: str | None = Query(
             None, description="image_id of the first image; the others count up from it when"
                               " it is a number"),
@@ -368,14 +450,13 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
                 " multipart/form-data fields named 'images'", ErrorCode.UNSUPPORTED_MEDIA_TYPE,
             )
         limit = settings.max_images_per_batch
-        _check_content_length(request, limit * settings.max_image_bytes + MULTIPART_OVERHEAD_BYTES)
-        form = await _read_form(request)
+        too_many = InvalidRequest(f"more than {limit} images in one batch, over the limit of"
+                                  f" {limit}", ErrorCode.PAYLOAD_TOO_LARGE)
+        body_limit = limit * settings.max_image_bytes + MULTIPART_OVERHEAD_BYTES
+        form = await _read_form(_limited(request, body_limit), limit, too_many)
         uploads = form.getlist("images")
         if not uploads:
             raise InvalidRequest("the multipart body has no 'images' file fields")
-        if len(uploads) > limit:
-            raise InvalidRequest(f"{len(uploads)} images in one batch, over the limit of {limit}",
-                                 ErrorCode.PAYLOAD_TOO_LARGE)
         if not all(isinstance(u, UploadFile) for u in uploads):
             raise InvalidRequest("every 'images' field must be a file")
         options = _merge_options(query, form, {"images"})
@@ -383,8 +464,6 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
             raise InvalidRequest("render is only available on /v1/pose (one image)")
         per_image_boxes: list[Any] = [None] * len(uploads)
         if options.boxes is not None:
-            import json
-
             try:
                 per_image_boxes = json.loads(options.boxes)
             except ValueError as exc:

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# Integer image ids stay exact in JSON (and float64) up to 15 digits.
+NUMERIC_IMAGE_ID = re.compile(r"[0-9]{1,15}")
+
+
+def numeric_image_id(text: str) -> int | None:
+    """``text`` as a COCO integer image id when it is plain ASCII digits, else None.
+
+    ``str.isdigit`` is not the test: it accepts characters such as '²' that ``int`` refuses.
+    """
+    return int(text) if NUMERIC_IMAGE_ID.fullmatch(text) else None
 
 
 class ErrorDetail(BaseModel):
@@ -98,6 +110,7 @@ class ModelDescription(BaseModel):
     device: str
     precision: str
     flip_test: bool
+    flip_shift: bool = Field(..., description="Flipped heatmaps shifted one pixel (HRNet style)")
     detector: str
     max_batch_size: int
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -117,9 +130,16 @@ class PoseOptions(BaseModel):
                           " given (even []), person detection is skipped",
     )
     flip: bool | None = Field(None, description="Flip test; default: the service's setting")
+    # Ranges are documented here and enforced by the engine (ImageRequest.validate), the one
+    # place both transports share.
     min_keypoint_score: float = Field(
-        0.0, ge=0.0, le=1.0, description="Keypoints below it are reported as 0, 0, 0")
-    min_instance_score: float = Field(0.0, ge=0.0, le=1.0, description="Drop persons below it")
-    max_persons: int | None = Field(None, ge=1, description="Keep the top-scoring persons")
+        0.0, description="Keypoints below it are reported as 0, 0, 0 (0 to 1)",
+        json_schema_extra={"minimum": 0, "maximum": 1})
+    min_instance_score: float = Field(0.0, description="Drop persons below it (0 to 1)",
+                                      json_schema_extra={"minimum": 0, "maximum": 1})
+    max_persons: int | None = Field(None, description="Keep the top-scoring persons (at least 1)",
+                                    json_schema_extra={"minimum": 1})
     render: bool = Field(False, description="Return an image/jpeg overlay instead of JSON")
-    image_id: str | None = Field(None, description="Echoed as image_id in the annotations")
+    image_id: str | None = Field(
+        None, max_length=200, description="Echoed as image_id in the annotations; a number of"
+        " up to 15 ASCII digits becomes an integer id")

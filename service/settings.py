@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -36,6 +36,10 @@ class ServiceSettings(BaseSettings):
         "fp32", description="Pose model precision; fp16/bf16 only where the device supports it"
     )
     flip_test: bool = Field(True, description="Average with the mirrored crop")
+    flip_shift: bool = Field(
+        False, description="Flip test: shift the mirrored heatmaps one pixel right before"
+        " averaging, as HRNet does; the published OmniPose leaves it off",
+    )
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU")
 
     # --- person detection --------------------------------------------------------------------
@@ -67,8 +71,17 @@ class ServiceSettings(BaseSettings):
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Largest decoded image (width x height): decompression bombs"
     )
+    max_inflight_pixels: int = Field(
+        200_000_000, ge=1, description="Decoded image pixels admitted and not yet released (an"
+        " image is released once its crops are cut, or after rendering); beyond: 429 /"
+        " RESOURCE_EXHAUSTED. Bounds memory: about 3 bytes per pixel. A request alone in the"
+        " engine is never refused for it. Must be at least max_image_pixels",
+    )
     max_images_per_batch: int = Field(16, ge=1, description="Most images in one batch request")
-    max_persons: int = Field(100, ge=1, description="Most persons estimated per image")
+    max_persons: int = Field(
+        100, ge=1, description="Most persons estimated per image: detections beyond it are"
+        " dropped (lowest score first); more client boxes than this is a 422 / INVALID_ARGUMENT",
+    )
     default_deadline_s: float = Field(30.0, gt=0, description="Deadline when the client sets none")
     max_deadline_s: float = Field(120.0, gt=0, description="Cap on client-supplied deadlines")
     grpc_max_message_bytes: int = Field(
@@ -88,3 +101,13 @@ class ServiceSettings(BaseSettings):
         30.0, ge=0, description="Time to finish in-flight work on SIGTERM"
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
+
+    @model_validator(mode="after")
+    def _pixel_budget_holds_one_image(self) -> ServiceSettings:
+        """A budget smaller than the largest image allowed would serialise large images."""
+        if self.max_image_pixels > self.max_inflight_pixels:
+            raise ValueError(
+                f"max_inflight_pixels ({self.max_inflight_pixels}) must be at least"
+                f" max_image_pixels ({self.max_image_pixels})"
+            )
+        return self

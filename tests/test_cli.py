@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -14,10 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+import service.loading
 from model.checkpoint import save_checkpoint
 from model.configs import get_config
 from model.network import build_model
-from service.cli import main
+from service.cli import image_id_for, main
+from service.server import add_settings_arguments, settings_from_args
 from tests.samples import BUS_JPG, ZIDANE_JPG
 
 LIGHT = "coco-w18-128x96"
@@ -99,6 +102,8 @@ def mismatched_checkpoint(path: Path) -> Path:
         (lambda d: [str(BUS_JPG), "--config", "coco-w99-1x1"], "must be multiples of 32"),
         (lambda d: [str(BUS_JPG), "--config", "body-w18-256x192"], "unknown model config"),
         (lambda d: [str(BUS_JPG), "--boxes", str(d / "bad_boxes.json")], "positive width"),
+        (lambda d: [str(BUS_JPG), "--boxes", str(d / "three_boxes.json"), "--max-persons", "2"],
+         "3 boxes given, over the limit of 2"),
         (lambda d: [str(BUS_JPG), "--detector", "yolo", "--detector-weights",
                     str(d / "yolo.pt")], "YOLO weights file not found"),
         (lambda d: [str(BUS_JPG), "--device", "cuda:0"] if not torch.cuda.is_available()
@@ -109,6 +114,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys, make_args, fragment) 
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "text.jpg").write_text("this is not an image")
     (tmp_path / "bad_boxes.json").write_text("[[10, 10, -5, 20]]")
+    (tmp_path / "three_boxes.json").write_text(json.dumps([[50, 400, 200, 500]] * 3))
     args = make_args(tmp_path)
     code, _, err = run_cli(capsys, "predict", *args, "--out", str(tmp_path / "r.json"))
     assert code == 2
@@ -133,3 +139,35 @@ def test_console_script_exit_status_and_info(tmp_path) -> None:
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "68,141,357" in proc.stdout and "68,141,308" in proc.stdout
+
+
+def test_flip_shift_reaches_the_estimator_from_predict_and_serve(tmp_path, capsys,
+                                                                monkeypatch) -> None:
+    seen: list[bool] = []
+    original = service.loading.load_pose_model
+
+    def recording(*args, **kwargs):
+        loaded = original(*args, **kwargs)
+        seen.append(loaded.estimator.flip_shift)
+        return loaded
+
+    monkeypatch.setattr(service.loading, "load_pose_model", recording)
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps([[50, 400, 200, 500]]))
+    for flag in ("--flip-shift", "--no-flip-shift"):
+        code, _, err = run_cli(capsys, "predict", str(BUS_JPG), "--boxes", str(boxes),
+                               "--detector", "none", "--config", LIGHT, flag,
+                               "--out", str(tmp_path / "r.json"))
+        assert code == 0, err
+    assert seen == [True, False]
+
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    assert settings_from_args(parser.parse_args(["--flip-shift"])).flip_shift is True
+    assert settings_from_args(parser.parse_args([])).flip_shift is False
+
+
+def test_image_ids_come_only_from_plain_digit_file_names() -> None:
+    assert image_id_for(Path("000000397133.jpg"), 5) == 397133  # COCO's file names
+    assert image_id_for(Path("².jpg"), 5) == 5  # a digit to str.isdigit, not to int()
+    assert image_id_for(Path("holiday.jpg"), 6) == 6

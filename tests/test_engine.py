@@ -1,5 +1,6 @@
 """The batching engine in-process: batch forming, splitting, flip groups, cancellation, deadlines,
-admission control, and end-to-end correctness of batched results.
+admission control (requests and decoded pixels), failure isolation inside batches, shutdown,
+CPU quota detection, and end-to-end correctness of batched results.
 
 A "blob finder" stands in for the network where positions must be checked: its heatmaps are the
 crop's brightness sampled on the heatmap grid, so a bright blob in the image becomes every joint's
@@ -10,23 +11,31 @@ rode in. A random convolution stands in where exact numerics and flip test matte
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from model.configs import get_config
 from model.topdown import TopDownPoseEstimator
 from model.transforms import IMAGENET_MEAN, IMAGENET_STD
+from service.boxes import BoxError
 from service.detection import Detections, NoDetector, PersonDetector
 from service.engine import (
+    REQUEST_ID,
     DeadlineExceeded,
     DynamicBatcher,
+    EngineError,
     EngineOverloaded,
     EngineUnavailable,
     ErrorCode,
@@ -34,10 +43,14 @@ from service.engine import (
     InvalidRequest,
     PoseEngine,
     _Chunk,
+    available_cpus,
+    cgroup_cpu_limit,
     configure_threads,
+    read_cgroup_cpu_limit,
 )
 from service.loading import LoadedPoseModel
-from service.metrics import ServiceMetrics
+from service.metrics import STAGES, ServiceMetrics
+from service.persons import client_persons, crop_persons, detected_persons
 from service.settings import ServiceSettings
 
 CONFIG = get_config("coco-w18-128x96")
@@ -395,7 +408,7 @@ def test_batch_errors_name_the_image_and_limits_apply() -> None:
         await engine.start()
         good = ImageRequest(blob_png([(60, 80)]), boxes=np.array([[30.0, 40, 60, 80]]))
         with pytest.raises(InvalidRequest, match=r"images\[1\].*not a recognised image") as bad:
-            await engine.estimate_many([good, ImageRequest(b"not an image")])
+            await engine.estimate_many([good, ImageRequest(b"not an image", boxes=[])])
         assert bad.value.code == ErrorCode.INVALID_IMAGE
         with pytest.raises(InvalidRequest, match="over the limit of 2") as too_many:
             await engine.estimate_many([good] * 3)
@@ -416,3 +429,359 @@ def test_configure_threads_gives_torch_the_configured_cores() -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+# --- failures inside a batch fail only their own request -------------------------------------
+def in_context(request_id: str) -> contextvars.Context:
+    """A context in which the transports would have set this request id."""
+    context = contextvars.copy_context()
+    context.run(REQUEST_ID.set, request_id)
+    return context
+
+
+def assert_generic_internal(error: BaseException, request_id: str | None = None) -> None:
+    """An INTERNAL error that names a request id and nothing of the exception's own text."""
+    assert isinstance(error, EngineError), repr(error)
+    assert error.code == ErrorCode.INTERNAL
+    assert error.message.startswith("internal error (request id ")
+    if request_id is not None:
+        assert error.message == f"internal error (request id {request_id})"
+    assert "secret" not in error.message
+
+
+def test_batcher_fails_only_the_culprit_and_drops_the_rest_of_it(caplog) -> None:
+    """Jobs a (2 units), poison (3) and b (2) with batches of 4: the first batch [a, poison 0:2]
+    fails, is re-run chunk by chunk, only poison fails, and its third unit never runs."""
+    calls: list[list[tuple[str, int, int]]] = []
+
+    def run(chunks: Sequence[_Chunk]) -> list[list[int]]:
+        calls.append([(c.job.payload[0], c.start, c.stop) for c in chunks])
+        if any(c.job.payload[0] == "poison" for c in chunks):
+            raise ValueError("secret detail: /opt/weights/model.pt")
+        return [c.job.payload[1][c.start:c.stop] for c in chunks]
+
+    async def scenario() -> tuple[list, int]:
+        batcher = DynamicBatcher("test", run, lambda parts: [x for p in parts for x in p], 4, 0.3)
+        await batcher.start()
+        far = time.monotonic() + 30
+        tasks = [asyncio.create_task(batcher.submit((name, list(range(n))), n, far),
+                                     context=in_context(f"req-{name}"))
+                 for name, n in (("a", 2), ("poison", 3), ("b", 2))]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        depth = batcher.depth
+        batcher.stop()
+        return results, depth
+
+    with caplog.at_level(logging.ERROR, logger="service.engine"):
+        (a, poison, b), depth = asyncio.run(scenario())
+    assert calls == [[("a", 0, 2), ("poison", 0, 2)], [("a", 0, 2)], [("poison", 0, 2)],
+                     [("b", 0, 2)]]
+    assert a.future.result() == [0, 1] and b.future.result() == [0, 1]
+    assert_generic_internal(poison, "req-poison")
+    assert depth == 0
+    logged = [r for r in caplog.records if "req-poison" in r.getMessage()]
+    assert logged and "secret detail" in str(logged[0].exc_info[1])  # details: log only
+
+
+def test_a_detector_failure_on_one_image_fails_only_that_request() -> None:
+    calls: list[list[int]] = []
+
+    class PickyDetector(PersonDetector):
+        """Finds one person, but raises on any batch holding a 300-pixel-wide image."""
+
+        name = "picky"
+
+        def detect_batch(self, images_bgr):
+            calls.append([image.shape[1] for image in images_bgr])
+            if any(image.shape[1] == 300 for image in images_bgr):
+                raise RuntimeError("secret: detector crashed")
+            return [Detections(np.array([[40.0, 40.0, 60.0, 80.0]]), np.array([0.9]))
+                    for _ in images_bgr]
+
+    good, bad = blob_png([(70, 80)]), blob_png([(70, 80)], shape=(200, 300))
+
+    async def scenario() -> list:
+        # a batch closes only when full: all three images ride in the first detector call
+        engine = make_engine(blob_model(), PickyDetector(), detector_max_batch_size=3,
+                             detector_max_queue_delay_ms=5000)
+        await engine.start()
+        results = await asyncio.gather(*(engine.estimate(ImageRequest(data))
+                                          for data in (good, bad, good)), return_exceptions=True)
+        await engine.close()
+        return results
+
+    first, failed, third = asyncio.run(scenario())
+    assert sorted(calls[0]) == [300, 320, 320]  # one batch with all three images failed
+    assert sorted(calls[1:]) == [[300], [320], [320]]  # then each image was tried alone
+    assert len(first.persons) == len(third.persons) == 1
+    assert_generic_internal(failed)
+
+
+class PoisonedBlobFinder(BlobFinder):
+    """The blob finder, but any batch holding an almost white crop raises (a 'bad input')."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        brightness = (x * self.std + self.mean).mean(dim=(1, 2, 3))
+        if (brightness > 0.9).any():
+            raise RuntimeError("secret: illegal memory access at 0xdeadbeef")
+        return super().forward(x)
+
+
+def white_png(shape: tuple[int, int] = (240, 320)) -> bytes:
+    ok, buffer = cv2.imencode(".png", np.full((*shape, 3), 255, np.uint8))
+    assert ok
+    return buffer.tobytes()
+
+
+def test_a_pose_failure_on_one_request_fails_only_that_request() -> None:
+    estimator = TopDownPoseEstimator(PoisonedBlobFinder(CONFIG.num_joints), CONFIG,
+                                     device="cpu", flip_test=False)
+    model = LoadedPoseModel(estimator, CONFIG, CONFIG.keypoints, None, None, False)
+    two = blob_png([(60, 80), (230, 150)])
+    two_boxes = [[30.0, 40.0, 60.0, 80.0], [200.0, 110.0, 60.0, 80.0]]
+
+    async def scenario() -> tuple[list, tuple[float, float]]:
+        # 2 + 1 + 1 crops fill one batch of 4 exactly: they ride together, then get isolated
+        engine = make_engine(model, max_batch_size=4, max_queue_delay_ms=5000)
+        await engine.start()
+        results = await asyncio.gather(
+            engine.estimate(ImageRequest(two, boxes=two_boxes)),
+            engine.estimate(ImageRequest(white_png(), boxes=[[130.0, 80.0, 60.0, 80.0]])),
+            engine.estimate(ImageRequest(two, boxes=two_boxes[:1])),
+            return_exceptions=True)
+        await engine.close()
+        return results, pose_batches(engine)
+
+    (both, failed, one), (passes, crops) = asyncio.run(scenario())
+    assert len(both.persons) == 2 and len(one.persons) == 1
+    assert_generic_internal(failed)
+    assert passes == 4 and crops == 8  # the full batch, then each request's crops alone
+
+
+# --- memory: the decoded-pixel budget ----------------------------------------------------------
+class OneBoxDetector(PersonDetector):
+    name = "one-box"
+
+    def detect_batch(self, images_bgr):
+        return [Detections(np.array([[30.0, 40.0, 60.0, 80.0]]), np.array([0.9]))
+                for _ in images_bgr]
+
+
+def test_pixel_budget_refuses_a_second_image_while_the_first_holds_its_pixels() -> None:
+    image = blob_png([(60, 80)])
+    pixels = 320 * 240
+    boxes = [[30.0, 40.0, 60.0, 80.0]]
+
+    async def until(condition) -> None:
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        # slow batches: requests stay where they are for as long as the test looks at them
+        engine = make_engine(blob_model(), OneBoxDetector(), max_image_pixels=pixels,
+                             max_inflight_pixels=pixels + 1000, detector_max_batch_size=8,
+                             detector_max_queue_delay_ms=5000, max_batch_size=64,
+                             max_queue_delay_ms=5000)
+        await engine.start()
+        detecting = asyncio.create_task(engine.estimate(ImageRequest(image)))
+        await until(lambda: engine._detector_batcher.depth == 1)  # decoded, waiting to detect
+        assert engine.inflight_pixels == pixels
+        with pytest.raises(EngineOverloaded, match="pixels") as refused:
+            await engine.estimate(ImageRequest(image, boxes=boxes))
+        assert refused.value.code == ErrorCode.OVERLOADED and refused.value.retry_after_s >= 1
+        assert engine.inflight == 1  # the refused request left nothing behind
+        detecting.cancel()
+        await asyncio.gather(detecting, return_exceptions=True)
+        assert engine.inflight_pixels == 0
+
+        # crops cut: the decoded image is released, so such requests fit side by side
+        waiting = []
+        for count in (1, 2):
+            waiting.append(asyncio.create_task(engine.estimate(ImageRequest(image, boxes=boxes))))
+            await until(lambda count=count: engine._pose_batcher.depth == count)
+            assert engine.inflight_pixels == 0
+        # ... unless the image is still needed for rendering
+        rendering = asyncio.create_task(engine.estimate(ImageRequest(image, boxes=boxes,
+                                                                     render=True)))
+        await until(lambda: engine._pose_batcher.depth == 3)
+        assert engine.inflight_pixels == pixels
+        for task in (*waiting, rendering):
+            task.cancel()
+        await asyncio.gather(*waiting, rendering, return_exceptions=True)
+        assert engine.inflight_pixels == 0 and engine.inflight == 0
+        assert engine.metrics.registry.get_sample_value("omnipose_inflight_pixels") == 0
+        await engine.close()
+
+    asyncio.run(scenario())
+
+
+def test_pixel_budget_must_hold_the_largest_image() -> None:
+    with pytest.raises(ValidationError, match="max_inflight_pixels"):
+        ServiceSettings(max_image_pixels=1_000_000, max_inflight_pixels=999_999)
+    assert ServiceSettings().max_inflight_pixels >= ServiceSettings().max_image_pixels
+
+
+# --- boxes: who supplies them, and how many ----------------------------------------------------
+def test_without_a_detector_boxes_are_required_unless_the_whole_image_fallback_is_on() -> None:
+    data = blob_png([(60, 80)])
+
+    async def scenario() -> list:
+        results = []
+        for fallback in (False, True):
+            engine = make_engine(blob_model(), whole_image_if_no_person=fallback)
+            await engine.start()
+            try:
+                results.append(await engine.estimate(ImageRequest(data)))
+            except InvalidRequest as exc:
+                results.append(exc)
+            assert len((await engine.estimate(ImageRequest(data, boxes=[]))).persons) == 0
+            await engine.close()
+        return results
+
+    refused, whole = asyncio.run(scenario())
+    assert isinstance(refused, InvalidRequest) and refused.code == ErrorCode.INVALID_ARGUMENT
+    assert "no person detector" in refused.message and "boxes" in refused.message
+    assert [list(p.bbox) for p in whole.persons] == [[0, 0, 320, 240]]
+
+
+def test_client_boxes_over_max_persons_are_refused_detections_are_truncated() -> None:
+    scores = [0.1, 0.9, 0.5, 0.8, 0.2]
+
+    class FiveBoxDetector(PersonDetector):
+        name = "five"
+
+        def detect_batch(self, images_bgr):
+            boxes = np.array([[10.0 + 50 * i, 40.0, 40.0, 80.0] for i in range(5)])
+            return [Detections(boxes, np.array(scores)) for _ in images_bgr]
+
+    data = blob_png([(60, 80)])
+
+    async def scenario() -> tuple:
+        engine = make_engine(blob_model(), FiveBoxDetector(), max_persons=2)
+        await engine.start()
+        with pytest.raises(InvalidRequest, match="3 boxes given, over the limit of 2") as refused:
+            await engine.estimate(ImageRequest(data, boxes=[[10.0, 10, 20, 20]] * 3))
+        detected = await engine.estimate(ImageRequest(data))
+        await engine.close()
+        return refused.value, detected
+
+    refused, detected = asyncio.run(scenario())
+    assert refused.code == ErrorCode.INVALID_ARGUMENT
+    assert sorted(p.box_score for p in detected.persons) == pytest.approx([0.8, 0.9])
+
+
+def test_person_selection_shared_by_cli_and_engine(random_model: LoadedPoseModel) -> None:
+    boxes = np.array([[0.0, 0, 10, 10], [5, 5, 10, 10], [1, 1, 4, 4]])
+    detections = Detections(boxes, np.array([0.2, 0.9, 0.5]))
+    top = detected_persons(detections, (100, 80, 3), 2, whole_image_if_no_person=False)
+    assert top.scores.tolist() == [0.9, 0.5] and top.boxes.tolist() == boxes[[1, 2]].tolist()
+    assert len(detected_persons(Detections.empty(), (100, 80, 3), 5, False)) == 0
+    whole = detected_persons(Detections.empty(), (100, 80, 3), 5, True)
+    assert whole.boxes.tolist() == [[0, 0, 80, 100]]
+    kept = client_persons(boxes, None, 3)  # client boxes: order kept, score 1
+    assert kept.boxes.tolist() == boxes.tolist() and kept.scores.tolist() == [1, 1, 1]
+    with pytest.raises(BoxError, match="limit of 2"):
+        client_persons(boxes, None, 2)
+    with pytest.raises(BoxError, match="3 boxes but 2 box scores"):
+        client_persons(boxes, [0.5, 0.5], 3)
+    # the network sees RGB: a blue BGR image gives the crops of the same image read as RGB
+    image_bgr = np.zeros((100, 80, 3), np.uint8)
+    image_bgr[..., 0] = 255
+    crops = crop_persons(random_model.estimator, image_bgr, kept)
+    direct = random_model.estimator.prepare(image_bgr[..., ::-1].copy(), boxes)
+    assert torch.equal(crops.inputs, direct.inputs)
+
+
+# --- shutdown and start-up failures ------------------------------------------------------------
+def test_work_dropped_by_a_closing_engine_is_unavailable_not_cancelled() -> None:
+    """After the grace period the CPU pool drops queued work: those requests are answered
+    UNAVAILABLE (503), not reported as cancelled by the client (499)."""
+    request = ImageRequest(blob_png([(60, 80)]), boxes=[[30.0, 40.0, 60.0, 80.0]])
+
+    async def scenario() -> list:
+        engine = make_engine(blob_model(), cpu_workers=1)
+        await engine.start()
+        release = threading.Event()
+        engine._pool.submit(release.wait, 10)  # the only CPU worker is busy
+        single = asyncio.create_task(engine.estimate(request))
+        batch = asyncio.create_task(engine.estimate_many([request, request]))
+        while engine.inflight < 2:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # both are waiting for the CPU pool now
+        await engine.close()
+        release.set()
+        return await asyncio.gather(single, batch, return_exceptions=True)
+
+    for outcome in asyncio.run(scenario()):
+        assert isinstance(outcome, EngineUnavailable), repr(outcome)
+        assert "shutting down" in outcome.message
+
+
+def test_a_failed_start_says_why() -> None:
+    async def scenario() -> EngineUnavailable:
+        settings = ServiceSettings(config=CONFIG.name, device="cpu", warmup=False,
+                                   detector="yolo")  # no detector_weights: cannot start
+        engine = PoseEngine(settings, ServiceMetrics(), pose_model=blob_model())
+        with pytest.raises(Exception, match="weights"):
+            await engine.start()
+        with pytest.raises(EngineUnavailable) as refused:
+            await engine.estimate(ImageRequest(blob_png([(60, 80)]), boxes=[]))
+        await engine.close()
+        return refused.value
+
+    refused = asyncio.run(scenario())
+    assert refused.message.startswith("the engine failed to start: ")
+    assert "weights" in refused.message and "shutting down" not in refused.message
+
+
+def test_flip_shift_setting_reaches_the_estimator() -> None:
+    async def scenario() -> tuple[bool, dict]:
+        settings = ServiceSettings(config=CONFIG.name, device="cpu", warmup=False,
+                                   detector="none", flip_shift=True)
+        engine = PoseEngine(settings, ServiceMetrics())
+        await engine.start()
+        flip_shift, description = engine.pose_model.estimator.flip_shift, engine.describe()
+        await engine.close()
+        return flip_shift, description
+
+    flip_shift, description = asyncio.run(scenario())
+    assert flip_shift is True and description["flip_shift"] is True
+
+
+def test_every_stage_series_exists_from_the_start() -> None:
+    registry = ServiceMetrics().registry
+    for stage in STAGES:
+        assert registry.get_sample_value("omnipose_stage_duration_seconds_count",
+                                         {"stage": stage}) == 0.0
+
+
+# --- CPU quota (Kubernetes limits) -------------------------------------------------------------
+@pytest.mark.parametrize(("files", "expected"), [
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu.max": "150000 100000\n"}, 2),
+    ({"cpu.max": "50000 100000\n"}, 1),
+    ({"cpu.max": "400000 100000\n"}, 4),
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({"cpu,cpuacct/cpu.cfs_quota_us": "250000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
+     3),
+    ({}, None),
+])
+def test_cgroup_cpu_quota_caps_the_cpus(tmp_path: Path, files: dict[str, str],
+                                        expected: int | None) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert read_cgroup_cpu_limit(tmp_path) == expected
+    affinity = len(os.sched_getaffinity(0))
+    assert available_cpus(tmp_path) == (min(affinity, expected) if expected else affinity)
+
+
+def test_cgroup_cpu_limit_parses_only_sane_contents() -> None:
+    assert cgroup_cpu_limit(cpu_max="200000 50000") == 4
+    assert cgroup_cpu_limit(cpu_max="garbage") is None
+    assert cgroup_cpu_limit(cpu_max="") is None
+    assert cgroup_cpu_limit(cfs_quota_us="0", cfs_period_us="100000") is None
+    assert cgroup_cpu_limit(cfs_quota_us="100000", cfs_period_us="100000") == 1
+    assert cgroup_cpu_limit() is None

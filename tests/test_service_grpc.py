@@ -1,9 +1,12 @@
 """The gRPC API of a real server process with the generated stubs: every RPC, stream ordering
-and flow control, health and reflection, status codes for bad input and size limits, deadlines.
-Also checks that the checked-in generated modules match ``proto/omnipose.proto``."""
+and flow control, health and reflection, status codes for bad input and size limits, deadlines,
+request ids. Also checks that the checked-in generated modules match ``proto/omnipose.proto``."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +19,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from proto import omnipose_pb2 as pb
 from proto import omnipose_pb2_grpc
 from proto.generate import GENERATED, REPO_ROOT, generate
+from service.grpc_server import PoseEstimationService
+from service.metrics import ServiceMetrics
 from tests.conftest import (
     GRPC_MAX_MESSAGE_BYTES,
     MAX_IMAGE_BYTES,
@@ -253,6 +258,57 @@ def test_message_over_the_grpc_limit_is_resource_exhausted(stub, images) -> None
         stub.Estimate(estimate_request(png_header_claiming(50_000, 50_000)), timeout=30)
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert_still_serving(stub, images)
+
+
+def test_errors_carry_the_request_id_in_trailing_metadata(stub, images) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Estimate(estimate_request(b"junk", []), timeout=30)
+    assert re.fullmatch(r"[0-9a-f]{16}", dict(error.value.trailing_metadata())["x-request-id"])
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Estimate(estimate_request(b"junk", []), timeout=30,
+                      metadata=(("x-request-id", "trace-7"),))
+    assert dict(error.value.trailing_metadata())["x-request-id"] == "trace-7"
+
+
+class AbortedCall(Exception):
+    """What grpc.aio's context.abort raises, for the fake context below."""
+
+
+class RecordingContext:
+    """The few ServicerContext methods the service calls, recording what it answers."""
+
+    def __init__(self) -> None:
+        self.trailing_metadata: tuple = ()
+
+    def invocation_metadata(self) -> tuple:
+        return ()
+
+    def time_remaining(self) -> float:
+        return 10.0
+
+    def set_trailing_metadata(self, metadata: tuple) -> None:
+        self.trailing_metadata = metadata
+
+    async def abort(self, code: grpc.StatusCode, details: str, trailing_metadata: tuple = ()):
+        self.code, self.details, self.trailing_metadata = code, details, trailing_metadata
+        raise AbortedCall
+
+
+def test_unexpected_errors_answer_only_a_request_id(caplog) -> None:
+    class ExplodingEngine:
+        async def estimate(self, *args: object) -> None:
+            raise RuntimeError("secret: /srv/weights/model.pt is corrupt")
+
+    service = PoseEstimationService(ExplodingEngine(), ServiceMetrics(), 1)
+    context = RecordingContext()
+    with caplog.at_level(logging.ERROR, logger="service.engine"), \
+            pytest.raises(AbortedCall):
+        asyncio.run(service.Estimate(estimate_request(b"image", []), context))
+    request_id = dict(context.trailing_metadata)["x-request-id"]
+    assert context.code == grpc.StatusCode.INTERNAL
+    assert context.details == f"internal error (request id {request_id})"
+    logged = [r for r in caplog.records if request_id in r.getMessage()]
+    assert logged and "secret" in str(logged[0].exc_info[1])
 
 
 def test_metrics_count_grpc_calls_by_status(server: ServerProcess, stub, images) -> None:

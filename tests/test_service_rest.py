@@ -3,17 +3,22 @@
 Covers every endpoint, the documented response and error shapes, bad input of every kind (each
 answered with a 4xx that names the problem, and the next request still served), batching of
 concurrent requests (read back from /metrics), backpressure, deadlines, client disconnects and
-graceful shutdown.
+graceful shutdown, body limits that hold for chunked uploads, and request ids (in-process app for
+the one failure a real server cannot be made to have).
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import logging
+import re
 import struct
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -24,7 +29,11 @@ import pytest
 from PIL import Image
 
 from proto import omnipose_pb2, omnipose_pb2_grpc
+from service.engine import PoseEngine
+from service.metrics import ServiceMetrics
+from service.rest import create_app
 from service.schemas import BatchPoseResponse, ErrorResponse, ModelDescription, PoseResponse
+from service.settings import ServiceSettings
 from tests.conftest import (
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,
@@ -70,6 +79,7 @@ def test_health_readiness_and_model(http: httpx.Client) -> None:
     assert all(0 <= j < NUM_COCO_JOINTS for limb in model.keypoints.limbs for j in limb)
     assert model.detector == "hog" and model.trained is False
     assert model.name == "omnipose-coco-w18-128x96"
+    assert model.flip_shift is False  # the published OmniPose setting, by default
 
 
 def test_pose_with_client_boxes_multipart(http: httpx.Client, images) -> None:
@@ -164,9 +174,12 @@ def test_openapi_documents_every_endpoint_and_error(http: httpx.Client) -> None:
     body = single["requestBody"]["content"]
     assert body["multipart/form-data"]["schema"]["required"] == ["image"]
     assert "image/*" in body
-    params = {p["name"] for p in single["parameters"]}
+    params = {p["name"]: p for p in single["parameters"]}
     assert {"boxes", "flip", "min_keypoint_score", "min_instance_score", "max_persons", "render",
-            "X-Request-Timeout"} <= params
+            "X-Request-Timeout"} <= set(params)
+    # ranges are enforced by the engine, still documented here
+    assert params["min_keypoint_score"]["schema"]["maximum"] == 1
+    assert params["max_persons"]["schema"]["minimum"] == 1
     batch = paths["/v1/pose/batch"]["post"]["responses"]["200"]["content"]
     assert batch["application/json"]["schema"]["$ref"].endswith("/BatchPoseResponse")
     assert paths["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"][
@@ -244,10 +257,12 @@ def test_bad_requests_of_other_kinds(http: httpx.Client, images) -> None:
                  "X-Request-Timeout")
     assert_error(http.post("/v1/pose", files=files, headers={"X-Request-Timeout": "-1"}), 422,
                  "X-Request-Timeout")
+    two = [("image", (f"{i}.jpg", images.bus, "image/jpeg")) for i in range(2)]
+    assert_error(http.post("/v1/pose", files=two), 422, "exactly one file", "/v1/pose/batch")
     too_many = [("images", (f"{i}.jpg", images.bus, "image/jpeg"))
                 for i in range(MAX_IMAGES_PER_BATCH + 1)]
     assert_error(http.post("/v1/pose/batch", files=too_many), 413,
-                 str(MAX_IMAGES_PER_BATCH + 1), f"limit of {MAX_IMAGES_PER_BATCH}")
+                 f"more than {MAX_IMAGES_PER_BATCH}", f"limit of {MAX_IMAGES_PER_BATCH}")
     bad_second = [("images", ("a.jpg", images.bus, "image/jpeg")),
                   ("images", ("b.jpg", b"garbage", "image/jpeg"))]
     assert_error(http.post("/v1/pose/batch", files=bad_second), 400, "images[1]")
@@ -255,6 +270,93 @@ def test_bad_requests_of_other_kinds(http: httpx.Client, images) -> None:
                            params={"boxes": "[[[1, 1, 5, 5]], null]"}), 422, "one entry")
     assert_error(http.get("/v1/nothing-here"), 404)
     assert_still_serving(http, images)
+
+
+def chunked(prefix: bytes, total: int, piece: int = 256 * 1024) -> Iterator[bytes]:
+    """A request body of unknown length (httpx sends it chunked, with no Content-Length)."""
+    yield prefix
+    for _ in range(0, total, piece):
+        yield b"\0" * piece
+
+
+def multipart_head(field: str, boundary: str) -> bytes:
+    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\";"
+            f" filename=\"a.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n").encode()
+
+
+def test_chunked_uploads_are_cut_off_at_the_limit(http: httpx.Client, images) -> None:
+    """No Content-Length to check up front: the bytes are counted as they arrive, and the
+    answer is 413 about the request body (not the image decoder's verdict on a body that was
+    read whole). Small chunked bodies still work."""
+    boundary = "omnipose-test-boundary"
+    multipart = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    cases = [
+        ("/v1/pose", {"content-type": "image/jpeg"}, images.bus, 3 * MAX_IMAGE_BYTES),
+        ("/v1/pose", multipart, multipart_head("image", boundary) + images.bus,
+         4 * MAX_IMAGE_BYTES),
+        ("/v1/pose/batch", multipart, multipart_head("images", boundary) + images.bus,
+         (MAX_IMAGES_PER_BATCH + 3) * MAX_IMAGE_BYTES),
+    ]
+    for path, headers, prefix, size in cases:
+        response = http.post(path, content=chunked(prefix, size), headers=headers)
+        assert response.request.headers.get("transfer-encoding") == "chunked"
+        assert "content-length" not in response.request.headers
+        assert_error(response, 413, "request body", "over the limit")
+    pieces = (images.bus[i:i + 4096] for i in range(0, len(images.bus), 4096))
+    small = http.post("/v1/pose", content=pieces, headers={"content-type": "image/jpeg"},
+                      params={"boxes": json.dumps(images.bus_boxes)})
+    assert small.status_code == 200, small.text
+    assert len(small.json()["persons"]) == 2
+    assert_still_serving(http, images)
+
+
+def test_image_id_is_a_number_only_for_plain_ascii_digits(http: httpx.Client, images) -> None:
+    cases = {"²": "²", "٣": "٣", "42": 42, "007": 7, "1" * 20: "1" * 20, "cam-7": "cam-7"}
+    for image_id, expected in cases.items():
+        response = pose(http, images.bus, boxes=images.bus_boxes[:1], image_id=image_id)
+        assert response.status_code == 200, response.text
+        assert response.json()["persons"][0]["image_id"] == expected
+    assert_error(pose(http, images.bus, boxes=[], image_id="x" * 201), 422, "image_id")
+
+
+def test_every_response_carries_a_request_id(http: httpx.Client, images) -> None:
+    responses = [http.get("/healthz"), http.get("/metrics"), http.get("/nowhere"),
+                 pose(http, b"junk", boxes=[]), pose(http, images.bus, boxes=[])]
+    ids = [response.headers["x-request-id"] for response in responses]
+    assert all(re.fullmatch(r"[0-9a-f]{16}", request_id) for request_id in ids), ids
+    assert len(set(ids)) == len(ids)
+    echoed = http.get("/healthz", headers={"X-Request-Id": "trace-42.a"})
+    assert echoed.headers["x-request-id"] == "trace-42.a"  # the client's own, when tame
+    replaced = http.get("/healthz", headers={"X-Request-Id": "not tame {}" + "x" * 80})
+    assert re.fullmatch(r"[0-9a-f]{16}", replaced.headers["x-request-id"])
+
+
+def test_unexpected_errors_answer_only_a_request_id(caplog) -> None:
+    """The exception's text (paths, internals) goes to the log under the request id; the client
+    gets the id, in the message and in X-Request-Id."""
+    engine = PoseEngine(ServiceSettings(device="cpu", detector="none", warmup=False),
+                        ServiceMetrics())
+
+    async def explode(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("secret: /srv/weights/model.pt is corrupt")
+
+    engine.estimate = explode
+    app = create_app(engine)
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://omnipose") as client:
+            return await client.post("/v1/pose", content=b"image bytes",
+                                     headers={"content-type": "image/jpeg"})
+
+    with caplog.at_level(logging.ERROR, logger="service.rest"):
+        response = asyncio.run(call())
+    assert_error(response, 500, "internal error")
+    request_id = response.headers["x-request-id"]
+    assert response.json()["error"]["message"] == f"internal error (request id {request_id})"
+    assert "secret" not in response.text
+    logged = [r for r in caplog.records if request_id in r.getMessage()]
+    assert logged and "secret" in str(logged[0].exc_info[1])
 
 
 # --- batching, metrics -----------------------------------------------------------------------
@@ -330,8 +432,11 @@ def test_full_queue_gives_429_with_retry_after_and_resource_exhausted(slow_serve
         assert int(rejected.headers["retry-after"]) >= 1
         with grpc.insecure_channel(slow_server.grpc_target) as channel:
             stub = omnipose_pb2_grpc.PoseEstimationStub(channel)
+            boxes = omnipose_pb2.BoxList(boxes=[omnipose_pb2.Box(x=20, y=110, width=110,
+                                                                 height=330)])
             with pytest.raises(grpc.RpcError) as refused:
-                stub.Estimate(omnipose_pb2.EstimateRequest(image=images.bus), timeout=10)
+                stub.Estimate(omnipose_pb2.EstimateRequest(image=images.bus, boxes=boxes),
+                              timeout=10)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "capacity" in refused.value.details()
         assert first.result().status_code == 200  # the admitted request is still answered
