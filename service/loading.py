@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import model as model_package
-from model.checkpoint import load_model
-from model.configs import ModelConfig
+from model.checkpoint import load_model, read_checkpoint
+from model.configs import ModelConfig, get_config
 from model.skeleton import KeypointSpec
 from model.topdown import Precision, TopDownPoseEstimator
 
@@ -21,6 +21,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WEIGHTS = Path(model_package.__file__).resolve().parent / "weights" / "default.pt"
 UNTRAINED_CONFIG = "coco-w18-256x192"
+EMBEDDED_DEFAULT_NOTE = (
+    "Using the embedded default model: trained on synthetic figures only (see"
+    " model/weights/MODEL_CARD.md). For real photos pass --weights with the published COCO"
+    " checkpoint or one trained on COCO."
+)
 UNTRAINED_WARNING = (
     "NO WEIGHTS: the pose network is randomly initialised, so every keypoint is meaningless. "
     "Pass --weights FILE (a published OmniPose checkpoint or one made by `omnipose train`)."
@@ -42,6 +47,10 @@ class LoadedPoseModel:
     @property
     def name(self) -> str:
         return f"omnipose-{self.config.name}"
+
+    @property
+    def is_embedded_default(self) -> bool:
+        return self.weights_path == DEFAULT_WEIGHTS
 
     @property
     def version(self) -> str:
@@ -74,6 +83,21 @@ def resolve_weights(weights: str | Path | None) -> Path | None:
     return DEFAULT_WEIGHTS if DEFAULT_WEIGHTS.is_file() else None
 
 
+def _default_if_it_fits(default: Path, config_name: str) -> Path | None:
+    """The embedded default, unless ``config_name`` asks for another network (dataset or width).
+
+    Asking for a configuration without weights then means a randomly initialised network of that
+    configuration (for tests and throughput measurements), never a silent mismatch.
+    """
+    wanted = get_config(config_name)
+    shipped = read_checkpoint(default).config
+    if shipped is not None and (shipped.dataset, shipped.width) == (wanted.dataset, wanted.width):
+        return default
+    log.warning("the embedded default model is %s; no weights ship for %s",
+                shipped.name if shipped else "unknown", config_name)
+    return None
+
+
 def load_pose_model(
     weights: str | Path | None = None,
     config_name: str | None = None,
@@ -84,8 +108,12 @@ def load_pose_model(
 ) -> LoadedPoseModel:
     """Load weights (or the default) and wrap them in a TopDownPoseEstimator on ``device``."""
     path = resolve_weights(weights)
+    if weights is None and path is not None and config_name is not None:
+        path = _default_if_it_fits(path, config_name)
     if path is None:
         log.warning(UNTRAINED_WARNING)
+    elif weights is None:
+        log.warning(EMBEDDED_DEFAULT_NOTE)
     network, config, checkpoint = load_model(
         path, config_name or (UNTRAINED_CONFIG if path is None else None), device="cpu"
     )
