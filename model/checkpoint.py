@@ -345,6 +345,14 @@ def save_checkpoint(
         "keypoints": config.keypoints.to_dict(),
         "metadata": plain_metadata,
     }
+    atomic_torch_save(payload, path)
+
+
+def atomic_torch_save(payload: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``.
+
+    A crash at any point leaves either the old file or the new one, never a truncated file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -18,9 +18,7 @@ from __future__ import annotations
 import collections
 import datetime
 import json
-import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +35,7 @@ from tqdm import tqdm
 from model.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
+    atomic_torch_save,
     read_checkpoint,
     save_checkpoint,
 )
@@ -69,32 +68,6 @@ class TrainingError(Exception):
 
 
 # --- checkpoint helpers ---------------------------------------------------------------------------
-
-
-def atomic_torch_save(payload: dict[str, Any], path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    try:
-        directory_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(directory_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(directory_fd)
 
 
 def capture_rng_state() -> dict[str, Any]:
