@@ -42,6 +42,7 @@ from model.transforms import (
     get_affine_transforms,
     normalize_crops,
     transform_points,
+    warp_crops,
 )
 from training.config import DataSection
 
@@ -566,14 +567,12 @@ class KeypointTrainDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         crop_affine, heatmap_joints, visible = self.sample_geometry(index, image.shape[1], rng)
         height, width = self.model_config.input_size
-        crop = cv2.warpAffine(
-            image, crop_affine, (width, height), flags=cv2.INTER_LINEAR, borderValue=0
-        )
+        crops = warp_crops(image, crop_affine[None], (width, height))
         heatmaps, weights = encode_gaussian_heatmaps(
             heatmap_joints[None], visible[None], self.model_config.heatmap_size, self.data.sigma
         )
         return (
-            normalize_crops(crop[None])[0],
+            normalize_crops(crops)[0],
             torch.from_numpy(heatmaps[0]),
             torch.from_numpy(weights[0]),
             index,
