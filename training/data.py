@@ -612,6 +612,14 @@ def collate_list(batch: list[Any]) -> list[Any]:
     return batch
 
 
-def worker_init(_worker_id: int) -> None:
-    """One OpenCV thread per worker: the workers are the parallelism."""
-    cv2.setNumThreads(1)
+def fork_safe_opencv(num_workers: int) -> None:
+    """Turn OpenCV's thread pool off in this process before DataLoader workers fork from it.
+
+    The pool does not survive ``fork``: a worker forked from a process whose pool has run, and
+    that then reconfigures it (``cv2.setNumThreads``) or runs a parallel OpenCV call, can wait
+    forever for pool threads that exist only in the parent (seen here as a worker hung in
+    ``setNumThreads`` after in-process dataset synthesis). With the pool off, workers inherit a
+    sequential OpenCV, which is what they should run anyway: the workers are the parallelism.
+    """
+    if num_workers > 0:
+        cv2.setNumThreads(0)

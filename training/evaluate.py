@@ -36,8 +36,8 @@ from training.data import (
     ImageSource,
     PersonRecords,
     collate_list,
+    fork_safe_opencv,
     load_split,
-    worker_init,
 )
 from training.distributed import DistContext, broadcast_object, gather_objects
 
@@ -215,13 +215,13 @@ def estimate_records(
     )
     dataset = EvalImages(records, images, max_images)
     shard = Subset(dataset, range(context.rank, len(dataset), context.world_size))
+    fork_safe_opencv(num_workers)
     loader = DataLoader(
         shard,
         batch_size=IMAGES_PER_LOADER_BATCH,
         shuffle=False,
         num_workers=num_workers,
         collate_fn=collate_list,
-        worker_init_fn=worker_init,
     )
     outputs: list[tuple[int, list[PersonPose]]] = []
     samples: list[tuple[np.ndarray, list[PersonPose]]] = []
