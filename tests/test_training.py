@@ -95,6 +95,27 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(synth_small: Path, t
     assert "AP" in loaded.metadata["metrics"]
 
 
+def test_resume_may_extend_the_schedule(synth_small: Path, tmp_path: Path) -> None:
+    """A finished run continues with a longer schedule: the position (epoch, lr, Adam moments)
+    comes from the checkpoint, the milestones and weight decay from the resuming config."""
+    first = Trainer(
+        small_config(synth_small, tmp_path, "train.epochs=1", "train.lr_steps=[1]",
+                     "train.weight_decay=1e-4", "train.val_every=5"),
+        echo=False,
+    ).fit()  # fmt: skip
+    longer = small_config(synth_small, tmp_path, "train.epochs=3", "train.lr_steps=[2]",
+                          "train.weight_decay=0", "train.val_every=5")  # fmt: skip
+    trainer = Trainer(longer, resume=first.last_checkpoint, echo=False)
+    lr = longer.train.lr
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr * 0.1)  # decayed once
+    assert sorted(trainer.scheduler.milestones) == [2]
+    assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.0
+    assert trainer.optimizer.state  # Adam's moments came along
+    result = trainer.fit()
+    assert [e.epoch for e in result.epochs] == [2, 3]
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr * 0.01)  # new milestone
+
+
 def test_resume_refuses_weights_only_files(synth_small: Path, tmp_path: Path) -> None:
     run = Trainer(small_config(synth_small, tmp_path, "train.epochs=1"), echo=False).fit()
     with pytest.raises(TrainingError, match="no training state"):

@@ -7,9 +7,13 @@ optionally starting from a registered recipe with ``base: NAME``. Overrides are 
 ``section.field=value`` pairs (``train.epochs=3 data.root=/x``); values are parsed as the type of
 the field they replace, so a typo or a wrong type is a one-line :class:`ConfigError`.
 
-The published recipe (see the reference facts) sets the defaults: Adam, lr 1e-4, weight decay
-1e-4, 210 epochs with lr x0.1 at 140 and 180, scale factor 0.35, rotation factor 45 (applied with
-probability 0.6), flips, half-body with probability 0.3, Gaussian sigma 2 (3 for 96x72 heatmaps).
+The published recipe (see the reference facts) sets the defaults: Adam, lr 1e-4, 210 epochs with
+lr x0.1 at 140 and 180, scale factor 0.35, rotation factor 45 (applied with probability 0.6),
+flips, half-body with probability 0.3, Gaussian sigma 2 (3 for 96x72 heatmaps). Its config also
+lists weight decay 1e-4, but the published training (like HRNet's) passes that value only to SGD
+and builds Adam with the learning rate alone; the default here is therefore 0, which is what the
+published runs trained with. Coupled L2 decay on Adam is no harmless extra: heatmap-MSE gradients
+are small enough that 1e-4 x weight competes with them and slows learning several-fold.
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ class TrainSection:
     epochs: int = 210
     batch_size: int = 12  # per process (per GPU under DDP)
     lr: float = 1e-4
-    weight_decay: float = 1e-4
+    weight_decay: float = 0.0  # L2 on Adam; the published 1e-4 never reached its Adam (above)
     lr_steps: tuple[int, ...] = (140, 180)
     lr_factor: float = 0.1
     loss: str = "mse"  # "mse" or "ohkm" (online hard keypoint mining, top 8 joints)

@@ -42,7 +42,7 @@ from model.checkpoint import (
 from model.configs import ModelConfig
 from model.network import OmniPose, build_model
 from training.config import ExperimentConfig
-from training.data import KeypointTrainDataset, load_split, worker_init
+from training.data import KeypointTrainDataset, fork_safe_opencv, load_split
 from training.distributed import (
     DistContext,
     all_reduce_mean,
@@ -118,11 +118,19 @@ def _scheduler_state(scheduler: torch.optim.lr_scheduler.MultiStepLR) -> dict[st
     return state
 
 
-def _load_scheduler_state(scheduler: torch.optim.lr_scheduler.MultiStepLR, state: dict) -> None:
+def _load_scheduler_state(scheduler: torch.optim.lr_scheduler.MultiStepLR, state: dict) -> bool:
+    """Restore the scheduler's position; the configured milestones stay in force.
+
+    The milestones come from the resuming run's config, not the checkpoint, so a run can be
+    resumed with a longer schedule (``train.epochs=40 train.lr_steps=[30,36]``). With an
+    unchanged config this is the exact restore. Returns whether the milestones changed.
+    """
     state = dict(state)
-    milestones = {int(k): int(v) for k, v in state["milestones"].items()}
-    state["milestones"] = collections.Counter(milestones)
+    stored = collections.Counter({int(k): int(v) for k, v in state["milestones"].items()})
+    configured = collections.Counter(scheduler.milestones)
+    state["milestones"] = configured
     scheduler.load_state_dict(state)
+    return stored != configured
 
 
 def load_backbone_weights(model: OmniPose, path: str | Path) -> dict[str, int]:
@@ -337,7 +345,21 @@ class Trainer:
             )
         self.network.load_state_dict(payload["state_dict"], strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
-        _load_scheduler_state(self.scheduler, state["scheduler"])
+        # the config's hyper-parameters stay in force (the lr is the schedule's position)
+        stored_decay = self.optimizer.param_groups[0]["weight_decay"]
+        if stored_decay != self.config.train.weight_decay:
+            self._say(
+                f"resume: weight decay now {self.config.train.weight_decay} "
+                f"(the checkpoint's run had {stored_decay})"
+            )
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = self.config.train.weight_decay
+        if _load_scheduler_state(self.scheduler, state["scheduler"]):
+            before = sorted(int(k) for k in state["scheduler"]["milestones"])
+            self._say(
+                f"resume: lr steps now at epochs {list(self.config.train.lr_steps)} "
+                f"(the checkpoint's run had {before})"
+            )
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"])
@@ -369,6 +391,7 @@ class Trainer:
             seed=train.seed,
         )
         per_rank = len(sampler)
+        fork_safe_opencv(self.config.data.num_workers)
         loader = DataLoader(
             dataset,
             batch_size=train.batch_size,
@@ -377,7 +400,6 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
             # a last batch of one crop would break BatchNorm after global pooling
             drop_last=per_rank > train.batch_size,
-            worker_init_fn=worker_init,
         )
         return loader, sampler
 
