@@ -174,7 +174,8 @@ def test_visible_joints_are_drawn_on_their_person() -> None:
     rng = np.random.default_rng(5)
     checked = 0
     for _ in range(8):
-        camera, people, props, light = synth.sample_scene(rng, (128, 128), max_people=3)
+        options = synth.SceneOptions(max_people=3)
+        camera, people, props, light = synth.sample_scene(rng, (128, 128), options)
         background = synth.render_background(rng, 128, 128)
         render = synth.render_scene(camera, people, background, props, light)
         bare = np.clip(background + 0.5, 0, 255).astype(np.uint8)
@@ -241,3 +242,40 @@ def test_cli_subcommand_writes_a_dataset(tmp_path: Path) -> None:
         )
     with pytest.raises(SystemExit):
         parser.parse_args(["synth", "--out", str(tmp_path), "--size", "big"])
+
+
+def test_scene_options_narrow_what_is_drawn(tmp_path: Path) -> None:
+    """One standing person of a bounded size per image, recorded in the dataset's info."""
+    parser = argparse.ArgumentParser()
+    synth.add_synth_parser(parser.add_subparsers())
+    args = parser.parse_args(["synth", "--out", str(tmp_path), "--images", "6", "--seed", "2",
+                              "--size", "256x256", "--workers", "1", "--max-people", "1",
+                              "--pose-families", "stand", "--height-range", "0.4:0.5"])  # fmt: skip
+    assert args.func(args) == 0
+    data = json.loads((tmp_path / "annotations" / "person_keypoints_train.json").read_text())
+    assert data["info"]["scene"] == {
+        "max_people": 1, "pose_families": ["stand"], "height_range": [0.4, 0.5],
+    }  # fmt: skip
+    per_image = [sum(a["image_id"] == i["id"] for a in data["annotations"]) for i in data["images"]]
+    assert max(per_image) == 1 and sum(per_image) >= 4  # a figure may leave the frame entirely
+    whole = [a for a in data["annotations"]  # in the frame, nearly every joint labelled
+             if a["bbox"][1] > 0 and sum(a["bbox"][1::2]) < 255 and a["num_keypoints"] >= 15]
+    assert whole
+    for annotation in whole:  # standing, so the box is about the body's height
+        assert 0.3 * 256 < annotation["bbox"][3] < 0.6 * 256, annotation["bbox"]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [("--pose-families", "stand,fly", "unknown pose family fly"),
+     ("--height-range", "0.5", "expected LOW:HIGH"),
+     ("--height-range", "0.9:0.2", "0 < LOW <= HIGH")],
+)  # fmt: skip
+def test_scene_option_errors_name_the_problem(flag: str, value: str, message: str, capsys) -> None:
+    parser = argparse.ArgumentParser()
+    synth.add_synth_parser(parser.add_subparsers())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["synth", "--out", "x", flag, value])
+    assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="pose families"):
+        synth.SceneOptions(pose_families=("fly",))

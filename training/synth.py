@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import dataclasses
 import json
 import math
 import multiprocessing as mp
@@ -123,6 +124,37 @@ POSE_FAMILIES = (
     "stand", "walk", "run", "arms_up", "one_arm_up", "sit", "crouch", "kneel", "bend", "free",
 )  # fmt: skip
 POSE_FAMILY_WEIGHTS = np.array([0.2, 0.17, 0.1, 0.09, 0.09, 0.08, 0.07, 0.05, 0.07, 0.08])
+
+
+@dataclass(frozen=True)
+class SceneOptions:
+    """What a random scene may hold. The defaults are the full variety the default model trains
+    on; narrower sets (one person, a few pose families, no tiny or cropped-off figures) make
+    quick experiments and the learning test converge in minutes."""
+
+    max_people: int = 4
+    pose_families: tuple[str, ...] = POSE_FAMILIES
+    # person height as a fraction of the image height, drawn log-uniformly; above ~0.75 many
+    # figures run off the frame, as in photos
+    height_range: tuple[float, float] = (0.08, 1.3)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.pose_families) - set(POSE_FAMILIES))
+        if self.max_people < 1:
+            raise ValueError("max_people must be at least 1")
+        if not self.pose_families or unknown:
+            raise ValueError(f"pose families must be some of {', '.join(POSE_FAMILIES)}")
+        low, high = self.height_range
+        if not 0 < low <= high:
+            raise ValueError(f"height range must satisfy 0 < low <= high, got {low}, {high}")
+
+    def family_weights(self) -> np.ndarray | None:
+        """Sampling weights over ``pose_families`` (None: all families, published weights)."""
+        if self.pose_families == POSE_FAMILIES:
+            return None
+        indices = [POSE_FAMILIES.index(family) for family in self.pose_families]
+        weights = POSE_FAMILY_WEIGHTS[indices]
+        return weights / weights.sum()
 
 
 def _standing_angles(rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -916,9 +948,16 @@ def _sample_yaw(rng: np.random.Generator) -> float:
 
 
 def sample_person(
-    rng: np.random.Generator, camera: Camera, pelvis_uv: tuple[float, float], pixel_height: float
+    rng: np.random.Generator,
+    camera: Camera,
+    pelvis_uv: tuple[float, float],
+    pixel_height: float,
+    options: SceneOptions | None = None,
 ) -> Person:
     """A random person whose pelvis projects to ``pelvis_uv`` and who is ~``pixel_height`` tall."""
+    options = options or SceneOptions()
+    weights = options.family_weights()
+    family = None if weights is None else options.pose_families[rng.choice(len(weights), p=weights)]
     if rng.random() < 0.1:  # children: shorter, with a relatively bigger head
         height, head_scale = rng.uniform(1.0, 1.45), 1.2
     else:
@@ -926,7 +965,7 @@ def sample_person(
     depth = max(camera.focal * height / pixel_height, 1.0)
     position = camera.backproject(pelvis_uv[0], pelvis_uv[1], depth)
     return make_person(
-        sample_pose(rng),
+        sample_pose(rng, family),
         position,
         yaw=_sample_yaw(rng),
         lean=float(rng.normal(0.0, 5.0)),
@@ -952,9 +991,13 @@ def _sample_props(rng: np.random.Generator, camera: Camera) -> list[Primitive]:
 
 
 def sample_scene(
-    rng: np.random.Generator, image_size: tuple[int, int] = (256, 256), max_people: int = 4
+    rng: np.random.Generator,
+    image_size: tuple[int, int] = (256, 256),
+    options: SceneOptions | None = None,
 ) -> tuple[Camera, list[Person], list[Primitive], Light]:
     """A random camera, 1..``max_people`` people (often overlapping), maybe props, and a light."""
+    options = options or SceneOptions()
+    low, high = options.height_range
     height, width = image_size
     camera = Camera.create(
         width,
@@ -966,8 +1009,8 @@ def sample_scene(
     )
     people: list[Person] = []
     anchors: list[tuple[float, float, float]] = []  # pelvis u, v and pixel height so far
-    for _ in range(int(rng.integers(1, max_people + 1))):
-        pixel_height = height * math.exp(rng.uniform(math.log(0.08), math.log(1.3)))
+    for _ in range(int(rng.integers(1, options.max_people + 1))):
+        pixel_height = height * math.exp(rng.uniform(math.log(low), math.log(high)))
         if anchors and rng.random() < 0.4:  # deliberately overlap someone already placed
             u0, v0, h0 = anchors[int(rng.integers(len(anchors)))]
             u = u0 + rng.uniform(-0.25, 0.25) * h0
@@ -975,7 +1018,7 @@ def sample_scene(
         else:
             u = rng.uniform(-0.05, 1.05) * width
             v = rng.uniform(0.25, 0.8) * height
-        person = sample_person(rng, camera, (u, v), pixel_height)
+        person = sample_person(rng, camera, (u, v), pixel_height, options)
         pelvis = person.joints[[L_HIP, R_HIP]].mean(axis=0)
         others = [p.joints[[L_HIP, R_HIP]].mean(axis=0) for p in people]
         if any(np.linalg.norm(pelvis - other) < 0.6 for other in others):
@@ -1019,10 +1062,12 @@ def _annotations(render: SceneRender) -> list[dict]:
 
 
 def synthesize_image(
-    rng: np.random.Generator, image_size: tuple[int, int] = (256, 256), max_people: int = 4
+    rng: np.random.Generator,
+    image_size: tuple[int, int] = (256, 256),
+    options: SceneOptions | None = None,
 ) -> tuple[np.ndarray, list[dict]]:
     """One finished image (uint8 BGR) and its COCO annotations (without ids)."""
-    camera, people, props, light = sample_scene(rng, image_size, max_people)
+    camera, people, props, light = sample_scene(rng, image_size, options)
     background = render_background(rng, *image_size)
     render = render_scene(camera, people, background, props, light)
     return apply_global_lighting(rng, render.image), _annotations(render)
@@ -1042,9 +1087,9 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)  # the pool already uses every core; nested threads only contend
 
 
-def _generate_and_write(job: tuple[int, int, str, tuple[int, int], int]) -> list[dict]:
-    seed, index, image_dir, image_size, max_people = job
-    image, annotations = synthesize_image(image_rng(seed, index), image_size, max_people)
+def _generate_and_write(job: tuple[int, int, str, tuple[int, int], SceneOptions]) -> list[dict]:
+    seed, index, image_dir, image_size, options = job
+    image, annotations = synthesize_image(image_rng(seed, index), image_size, options)
     path = Path(image_dir) / f"{index + 1:012d}.jpg"
     if not cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]):
         raise OSError(f"could not write {path}")
@@ -1073,6 +1118,8 @@ def generate_dataset(
     max_people: int = 4,
     workers: int | None = None,
     *,
+    pose_families: Sequence[str] = POSE_FAMILIES,
+    height_range: tuple[float, float] = (0.08, 1.3),
     progress: bool = True,
 ) -> Path:
     """Write ``num_images`` rendered images and ``annotations/person_keypoints_{split}.json``.
@@ -1081,15 +1128,16 @@ def generate_dataset(
     ``workers`` (default ``min(4, cpu count)``). Workers are spawned processes, so a script that
     calls this with ``workers > 1`` needs the usual ``if __name__ == "__main__":`` guard.
     """
-    if num_images < 0 or seed < 0 or max_people < 1:
-        raise ValueError("num_images and seed must be >= 0 and max_people >= 1")
+    if num_images < 0 or seed < 0:
+        raise ValueError("num_images and seed must be >= 0")
+    options = SceneOptions(max_people, tuple(pose_families), tuple(height_range))
     out_dir = Path(out_dir)
     image_dir = out_dir / "images" / split
     annotation_path = out_dir / "annotations" / f"person_keypoints_{split}.json"
     image_dir.mkdir(parents=True, exist_ok=True)
     annotation_path.parent.mkdir(parents=True, exist_ok=True)
     height, width = image_size
-    jobs = [(seed, i, str(image_dir), (height, width), max_people) for i in range(num_images)]
+    jobs = [(seed, i, str(image_dir), (height, width), options) for i in range(num_images)]
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
 
     def results() -> Iterator[list[dict]]:
@@ -1117,6 +1165,7 @@ def generate_dataset(
             "seed": seed,
             "split": split,
             "version": "1.0",
+            "scene": dataclasses.asdict(options),
         },
         "licenses": [],
         "images": images,
@@ -1135,6 +1184,27 @@ def _image_size(text: str) -> tuple[int, int]:
     if height < 16 or width < 16:
         raise argparse.ArgumentTypeError("image size must be at least 16x16")
     return height, width
+
+
+def _pose_families(text: str) -> tuple[str, ...]:
+    families = tuple(f.strip() for f in text.split(",") if f.strip())
+    unknown = [f for f in families if f not in POSE_FAMILIES]
+    if not families or unknown:
+        choices = ",".join(POSE_FAMILIES)
+        named = ", ".join(unknown) or repr(text)
+        raise argparse.ArgumentTypeError(f"unknown pose family {named}; choose from {choices}")
+    return families
+
+
+def _height_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(":"))
+    except ValueError:
+        message = f"expected LOW:HIGH such as 0.3:0.7, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+    if not 0 < low <= high:
+        raise argparse.ArgumentTypeError(f"expected 0 < LOW <= HIGH, got {text!r}")
+    return low, high
 
 
 def _non_negative(text: str) -> int:
@@ -1159,6 +1229,20 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=_image_size, default=(256, 256), help="HxW (256x256)")
     parser.add_argument("--max-people", type=_positive, default=4, help="people per image, max")
     parser.add_argument(
+        "--pose-families",
+        type=_pose_families,
+        default=POSE_FAMILIES,
+        metavar="F1,F2",
+        help=f"comma-separated subset of: {','.join(POSE_FAMILIES)} (default: all)",
+    )
+    parser.add_argument(
+        "--height-range",
+        type=_height_range,
+        default=(0.08, 1.3),
+        metavar="LOW:HIGH",
+        help="person height / image height, log-uniform (default 0.08:1.3)",
+    )
+    parser.add_argument(
         "--workers", type=_positive, default=None, help="processes (default: min(4, cpus))"
     )
 
@@ -1172,6 +1256,8 @@ def _run_synth(args: argparse.Namespace) -> int:
         image_size=args.size,
         max_people=args.max_people,
         workers=args.workers,
+        pose_families=args.pose_families,
+        height_range=args.height_range,
     )
     print(path)
     return 0
