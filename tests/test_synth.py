@@ -245,16 +245,17 @@ def test_cli_subcommand_writes_a_dataset(tmp_path: Path) -> None:
 
 
 def test_scene_options_narrow_what_is_drawn(tmp_path: Path) -> None:
-    """One standing person of a bounded size per image, recorded in the dataset's info."""
+    """One standing, camera-facing person of a bounded size per image, as the info records."""
     parser = argparse.ArgumentParser()
     synth.add_synth_parser(parser.add_subparsers())
     args = parser.parse_args(["synth", "--out", str(tmp_path), "--images", "6", "--seed", "2",
                               "--size", "256x256", "--workers", "1", "--max-people", "1",
-                              "--pose-families", "stand", "--height-range", "0.4:0.5"])  # fmt: skip
+                              "--pose-families", "stand", "--height-range", "0.4:0.5",
+                              "--views", "front"])  # fmt: skip
     assert args.func(args) == 0
     data = json.loads((tmp_path / "annotations" / "person_keypoints_train.json").read_text())
     assert data["info"]["scene"] == {
-        "max_people": 1, "pose_families": ["stand"], "height_range": [0.4, 0.5],
+        "max_people": 1, "pose_families": ["stand"], "height_range": [0.4, 0.5], "views": ["front"],
     }  # fmt: skip
     per_image = [sum(a["image_id"] == i["id"] for a in data["annotations"]) for i in data["images"]]
     assert max(per_image) == 1 and sum(per_image) >= 4  # a figure may leave the frame entirely
@@ -263,13 +264,15 @@ def test_scene_options_narrow_what_is_drawn(tmp_path: Path) -> None:
     assert whole
     for annotation in whole:  # standing, so the box is about the body's height
         assert 0.3 * 256 < annotation["bbox"][3] < 0.6 * 256, annotation["bbox"]
+        assert _keypoints(annotation)[synth.NOSE, 2] == 2  # facing the camera
 
 
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [("--pose-families", "stand,fly", "unknown pose family fly"),
      ("--height-range", "0.5", "expected LOW:HIGH"),
-     ("--height-range", "0.9:0.2", "0 < LOW <= HIGH")],
+     ("--height-range", "0.9:0.2", "0 < LOW <= HIGH"),
+     ("--views", "front,top", "unknown view top")],
 )  # fmt: skip
 def test_scene_option_errors_name_the_problem(flag: str, value: str, message: str, capsys) -> None:
     parser = argparse.ArgumentParser()

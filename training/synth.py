@@ -124,6 +124,8 @@ POSE_FAMILIES = (
     "stand", "walk", "run", "arms_up", "one_arm_up", "sit", "crouch", "kneel", "bend", "free",
 )  # fmt: skip
 POSE_FAMILY_WEIGHTS = np.array([0.2, 0.17, 0.1, 0.09, 0.09, 0.08, 0.07, 0.05, 0.07, 0.08])
+VIEWS = ("front", "side", "back")  # yaw within 60 deg of facing the camera, 60-120, beyond 120
+VIEW_WEIGHTS = np.array([0.55, 0.25, 0.2])  # mostly frontal, as in photos
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,7 @@ class SceneOptions:
     # person height as a fraction of the image height, drawn log-uniformly; above ~0.75 many
     # figures run off the frame, as in photos
     height_range: tuple[float, float] = (0.08, 1.3)
+    views: tuple[str, ...] = VIEWS
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.pose_families) - set(POSE_FAMILIES))
@@ -144,6 +147,8 @@ class SceneOptions:
             raise ValueError("max_people must be at least 1")
         if not self.pose_families or unknown:
             raise ValueError(f"pose families must be some of {', '.join(POSE_FAMILIES)}")
+        if not self.views or set(self.views) - set(VIEWS):
+            raise ValueError(f"views must be some of {', '.join(VIEWS)}")
         low, high = self.height_range
         if not 0 < low <= high:
             raise ValueError(f"height range must satisfy 0 < low <= high, got {low}, {high}")
@@ -937,12 +942,16 @@ def apply_global_lighting(rng: np.random.Generator, image: np.ndarray) -> np.nda
 # ---------------------------------------------------------------------------------------------
 
 
-def _sample_yaw(rng: np.random.Generator) -> float:
+def _sample_yaw(rng: np.random.Generator, views: tuple[str, ...] = VIEWS) -> float:
     """Mostly frontal views, as in photos, but with plenty of side and back views."""
-    view = rng.random()
-    if view < 0.55:
+    if views == VIEWS:
+        view = VIEWS[int(np.searchsorted(np.cumsum(VIEW_WEIGHTS), rng.random(), side="right"))]
+    else:
+        weights = np.array([VIEW_WEIGHTS[VIEWS.index(v)] for v in views])
+        view = views[rng.choice(len(views), p=weights / weights.sum())]
+    if view == "front":
         return float(rng.uniform(-60.0, 60.0))
-    if view < 0.8:
+    if view == "side":
         return float(rng.choice([-1.0, 1.0]) * rng.uniform(60.0, 120.0))
     return float(rng.uniform(120.0, 240.0))
 
@@ -967,7 +976,7 @@ def sample_person(
     return make_person(
         sample_pose(rng, family),
         position,
-        yaw=_sample_yaw(rng),
+        yaw=_sample_yaw(rng, options.views),
         lean=float(rng.normal(0.0, 5.0)),
         roll=float(rng.normal(0.0, 4.0)),
         height=float(height),
@@ -1120,6 +1129,7 @@ def generate_dataset(
     *,
     pose_families: Sequence[str] = POSE_FAMILIES,
     height_range: tuple[float, float] = (0.08, 1.3),
+    views: Sequence[str] = VIEWS,
     progress: bool = True,
 ) -> Path:
     """Write ``num_images`` rendered images and ``annotations/person_keypoints_{split}.json``.
@@ -1130,7 +1140,7 @@ def generate_dataset(
     """
     if num_images < 0 or seed < 0:
         raise ValueError("num_images and seed must be >= 0")
-    options = SceneOptions(max_people, tuple(pose_families), tuple(height_range))
+    options = SceneOptions(max_people, tuple(pose_families), tuple(height_range), tuple(views))
     out_dir = Path(out_dir)
     image_dir = out_dir / "images" / split
     annotation_path = out_dir / "annotations" / f"person_keypoints_{split}.json"
@@ -1196,6 +1206,15 @@ def _pose_families(text: str) -> tuple[str, ...]:
     return families
 
 
+def _views(text: str) -> tuple[str, ...]:
+    views = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [v for v in views if v not in VIEWS]
+    if not views or unknown:
+        named = ", ".join(unknown) or repr(text)
+        raise argparse.ArgumentTypeError(f"unknown view {named}; choose from {','.join(VIEWS)}")
+    return views
+
+
 def _height_range(text: str) -> tuple[float, float]:
     try:
         low, high = (float(v) for v in text.split(":"))
@@ -1236,6 +1255,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated subset of: {','.join(POSE_FAMILIES)} (default: all)",
     )
     parser.add_argument(
+        "--views",
+        type=_views,
+        default=VIEWS,
+        metavar="V1,V2",
+        help="comma-separated subset of: front,side,back (default: all)",
+    )
+    parser.add_argument(
         "--height-range",
         type=_height_range,
         default=(0.08, 1.3),
@@ -1258,6 +1284,7 @@ def _run_synth(args: argparse.Namespace) -> int:
         workers=args.workers,
         pose_families=args.pose_families,
         height_range=args.height_range,
+        views=args.views,
     )
     print(path)
     return 0
