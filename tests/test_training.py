@@ -6,7 +6,6 @@ torch thread per process (two-core CI machine shared with the data-loading worke
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
@@ -276,50 +275,40 @@ def test_cli_user_errors_are_one_line(argv, message, synth_small: Path, capsys) 
 
 # --- learning -------------------------------------------------------------------------------------
 
-STEPS_PER_EPOCH = 20
-EPOCHS = 6  # 6 x 20 x 32 = 3,840 crops: about 80 s on two free cores
-MIN_AREA = 1024  # persons of at least 32 x 32 px (COCO "medium" and up)
-# Calibrated (two data/seed draws, CPU, 1 thread): held-out mean OKS 0.035 / 0.052 untrained,
-# 0.196 / 0.186 trained (AP 0.0 in all four); floors leave about 25 % margin.
-OKS_FLOOR = 0.14
-OKS_GAIN = 2.5
-
-
-def _held_out_set(root: Path) -> None:
-    """Held-out synthetic split whose small persons are marked unlabelled (COCO ignores them):
-    a 1-px figure cannot be located by any model and only adds noise to the figures."""
-    annotation_file = generate_dataset(root, 60, seed=12, split="heldout", workers=1,
-                                       progress=False)  # fmt: skip
-    data = json.loads(annotation_file.read_text())
-    for annotation in data["annotations"]:
-        if annotation["area"] < MIN_AREA:
-            annotation["num_keypoints"] = 0
-            annotation["keypoints"] = [0] * 51
-    annotation_file.write_text(json.dumps(data))
+# One standing, camera-facing person of 0.4-0.7 x the image height per image: the full synthetic
+# variety needs tens of thousands of crops before AP leaves zero (AP 0.007 after 51k crops of the
+# default set), which no test can afford; this set reaches a clear AP within two minutes.
+LEARNING_SCENE = {"max_people": 1, "pose_families": ("stand",), "views": ("front",),
+                  "height_range": (0.4, 0.7)}  # fmt: skip
+EPOCHS, LR_STEP, STEPS_PER_EPOCH, BATCH = 10, 8, 40, 16  # 6,400 crops; lr x0.1 for the last 2
+# Calibrated on three data/training-seed draws (CPU, 1 thread, ~130 s each): held-out AP 0.049,
+# 0.038, 0.051 and mean OKS 0.478, 0.456, 0.474 trained; AP 0.0 untrained. The AP floor is a
+# third of the lowest draw, the OKS floor three quarters of it.
+AP_FLOOR = 0.012
+OKS_FLOOR = 0.35
 
 
 @pytest.mark.slow
 def test_training_learns_held_out_poses(tmp_path: Path) -> None:
-    """The loop must learn: held-out OKS/AP of the trained network against the untrained one.
+    """The loop must learn: held-out COCO AP of the trained network against the untrained one.
 
-    Augmentation is reduced to random scale (flip, rotation and half-body make the first few
-    thousand samples collapse left/right joints onto the body axis), and the held-out set is
-    evaluated without flip test. AP needs far more training than a test can afford (it is still
-    ~0.003 after 19k crops), so the learning signal checked is the held-out mean OKS, the
-    quantity AP thresholds, through the same pycocotools evaluation.
+    Augmentation is reduced to random scale (flip, rotation and half-body slow the first few
+    thousand samples down), and the held-out set is evaluated without flip test. Small batches:
+    early on, the number of steps matters more than their size.
     """
-    generate_dataset(tmp_path, 600, seed=11, split="train", workers=1, progress=False)
-    _held_out_set(tmp_path)
+    generate_dataset(tmp_path, 600, seed=11, split="train", workers=1, progress=False,
+                     **LEARNING_SCENE)  # fmt: skip
+    generate_dataset(tmp_path, 60, seed=12, split="heldout", workers=1, progress=False,
+                     **LEARNING_SCENE)  # fmt: skip
     config = load_config(
         RECIPE,
         [
             f"data.root={tmp_path}", "data.val_split=heldout", f"output_dir={tmp_path / 'run'}",
-            "data.num_workers=1", "train.num_threads=1", "train.batch_size=32",
+            "data.num_workers=1", "train.num_threads=1", f"train.batch_size={BATCH}",
             f"train.epochs={EPOCHS}", f"train.max_steps_per_epoch={STEPS_PER_EPOCH}",
-            f"train.val_every={EPOCHS}", "train.lr=1e-3", f"train.lr_steps={EPOCHS}",
+            f"train.val_every={EPOCHS}", "train.lr=1e-3", f"train.lr_steps={LR_STEP}",
             "data.rotation_prob=0", "data.half_body_prob=0", "data.flip=false",
-            f"data.min_person_area={MIN_AREA}", "test.flip_test=false",
-            "train.progress=false", "train.tensorboard=false",
+            "test.flip_test=false", "train.progress=false", "train.tensorboard=false",
         ],
     )  # fmt: skip
     trainer = Trainer(config, echo=False)
@@ -328,8 +317,8 @@ def test_training_learns_held_out_poses(tmp_path: Path) -> None:
     result = trainer.fit()
     trained = evaluate_model(trainer.network, config, device=cpu, progress=False)
     print(f"held-out untrained {untrained.metrics}\nheld-out trained {trained.metrics}")
-    assert result.epochs[-1].loss < 0.85 * result.epochs[0].loss
-    assert trained.metrics["OKS"] >= OKS_GAIN * untrained.metrics["OKS"]
-    assert trained.metrics["OKS"] >= OKS_FLOOR
+    assert result.epochs[-1].loss < 0.6 * result.epochs[0].loss
+    assert trained.metrics["AP"] >= AP_FLOOR
     assert trained.metrics["AP"] >= 10 * untrained.metrics["AP"]
+    assert trained.metrics["OKS"] >= OKS_FLOOR
     assert trained.metrics["AP"] == pytest.approx(result.best_metric)  # same model, same path
