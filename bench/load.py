@@ -26,14 +26,11 @@ CPU use (a few % at these rates) counts against the service.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # same OpenMP behaviour as the server
-
 import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -49,6 +46,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+import service  # noqa: E402, F401  (the server's OpenMP wait policy, set before torch loads)
 from proto import omnipose_pb2, omnipose_pb2_grpc  # noqa: E402
 
 
@@ -94,38 +92,81 @@ def person_boxes(count: int, width: int, height: int) -> list[list[float]]:
 
 # --- raw model -------------------------------------------------------------------------------
 class RawModel:
-    """estimator.forward on full batches, in this process, with the service's thread setup and
-    flip-test setting: the throughput ceiling the service is compared with."""
+    """The model alone, in this process, run the way the server runs it: the same precision and
+    flip test, and the same instances x threads layouts (the server's fixed one, or every
+    candidate it measures at start-up). The best layout is what the service is compared with."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         import torch
 
         from service.loading import load_pose_model
-        from service.resources import configure_threads
+        from service.resources import (
+            available_cpus,
+            candidate_layouts,
+            configure_threads,
+            configured_layout,
+        )
         from service.settings import ServiceSettings
 
         settings = ServiceSettings(config=args.config, device=args.device,
+                                   precision=args.precision, model_instances=args.model_instances,
                                    torch_threads=args.torch_threads, flip_test=not args.no_flip)
         configure_threads(settings)
-        self.model = load_pose_model(args.weights, args.config, args.device,
+        self.model = load_pose_model(args.weights, args.config, args.device, args.precision,
                                      flip_test=not args.no_flip)
+        self.estimator = self.model.estimator
+        cpus = available_cpus()
+        fixed = configured_layout(settings, cpus, self.estimator.device.type)
+        self.layouts = [fixed] if fixed else candidate_layouts(cpus)
         height, width = self.model.config.input_size
         self.batch = torch.randn(args.max_batch_size, 3, height, width)
-        for _ in range(2):
-            self.model.estimator.forward(self.batch)
+        self.crops = torch.randn(args.persons, 3, height, width)
+        self.best = self.layouts[0]
+        self._pools: dict = {}
 
-    def measure(self, duration: float) -> tuple[float, float]:
-        """(crops per second, CPU milliseconds per crop) over ``duration`` seconds."""
+    def _forward(self, inputs) -> int:
         import torch
 
-        crops, started, cpu_started = 0, time.perf_counter(), time.process_time()
-        while time.perf_counter() - started < duration or crops == 0:
-            heatmaps = self.model.estimator.forward(self.batch)
-            if heatmaps.device.type == "cuda":
-                torch.cuda.synchronize()
-            crops += len(self.batch)
-        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-        return crops / elapsed, 1000 * cpu / crops
+        heatmaps = self.estimator.forward(inputs)
+        if heatmaps.device.type == "cuda":
+            torch.cuda.synchronize()
+        return len(inputs)
+
+    def throughput(self, seconds: float, layouts=None) -> dict:
+        """Crops per second on full batches, every instance busy, per layout."""
+        from service.resources import measure_layouts
+
+        return measure_layouts(lambda: self._forward(self.batch), layouts or self.layouts,
+                               seconds_per_layout=seconds)
+
+    def _pool(self, layout):
+        from concurrent.futures import ThreadPoolExecutor
+
+        import torch
+
+        if layout not in self._pools:
+            self._pools[layout] = ThreadPoolExecutor(
+                layout.instances, initializer=torch.set_num_threads, initargs=(layout.threads,))
+        return self._pools[layout]
+
+    def latency(self, repeats: int) -> dict:
+        """Median seconds to forward one image's crops (``--persons``), spread over the layout's
+        instances as the server spreads them, per layout."""
+        results = {}
+        for layout in self.layouts:
+            pool = self._pool(layout)
+            shares = [s for s in self.crops.tensor_split(min(layout.instances, len(self.crops)))
+                      if len(s)]
+            for share in shares * 2:  # warm-up: every thread's OpenMP team and allocator
+                pool.submit(self._forward, share).result()
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                for future in [pool.submit(self._forward, share) for share in shares]:
+                    future.result()
+                times.append(time.perf_counter() - started)
+            results[layout] = float(np.median(times))
+        return results
 
 
 # --- server ----------------------------------------------------------------------------------
@@ -146,7 +187,10 @@ def started_server(args: argparse.Namespace):
                "--max-queue-size", str(max(64, 2 * max(args.levels))),
                "--detector", "hog" if args.detect else "none",
                *(["--no-flip-test"] if args.no_flip else []),
+               "--precision", args.precision,
                *(["--torch-threads", str(args.torch_threads)] if args.torch_threads else []),
+               *(["--model-instances", str(args.model_instances)]
+                 if args.model_instances else []),
                *(["--weights", args.weights] if args.weights else []),
                *args.server_arg]
     env = {**os.environ, "YOLO_OFFLINE": "1"}
@@ -336,12 +380,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--max-batch-size", type=int, default=16)
     model.add_argument("--max-queue-delay-ms", type=float, default=5.0)
     model.add_argument("--torch-threads", type=int, default=None)
+    model.add_argument("--model-instances", type=int, default=None,
+                       help="default: the server measures; the raw model tries every layout")
+    model.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    model.add_argument("--latency-repeats", type=int, default=7,
+                       help="raw forwards of one image's crops, per layout")
+    load.add_argument("--busy-level", type=int, default=16,
+                      help="rerun this level with a CPU-bound process beside the server"
+                      " (oversubscription); 0: skip")
     model.add_argument("--no-flip", action="store_true", help="flip test off (server and raw)")
     model.add_argument("--skip-raw", action="store_true", help="do not measure the raw model")
     model.add_argument("--raw-duration", type=float, default=5.0,
                        help="seconds per raw-model measurement (one before, one after each level)")
     parser.add_argument("--json-out", type=Path, help="also write the results as JSON")
     return parser.parse_args(argv)
+
+
+def layout_table(rates: dict, unit: str) -> str:
+    return ", ".join(f"{layout}: {value:.4g} {unit}" for layout, value in rates.items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     image = encoded.tobytes()
     boxes = None if args.detect else person_boxes(args.persons, image_bgr.shape[1],
                                                    image_bgr.shape[0])
+    raw_latency: dict = {}
     with contextlib.ExitStack() as stack:
         http_url, grpc_target, server_pid = args.http_url, args.grpc_target, None
         if args.start_server:
@@ -360,14 +417,29 @@ def main(argv: list[str] | None = None) -> int:
         raws: list[float] = []
         raw_cpu: list[float] = []
 
-        def measure_raw() -> None:
-            if raw_model is not None:
-                speed, cpu_ms = raw_model.measure(args.raw_duration)
-                raws.append(speed)
-                raw_cpu.append(cpu_ms)
-                print(f"  raw model: {speed:.2f} crops/s, {cpu_ms:.2f} CPU ms/crop", flush=True)
+        def measure_raw(all_layouts: bool = False) -> None:
+            """Best raw crops/s: every layout at first, then the best one between levels."""
+            if raw_model is None:
+                return
+            cpu_started = time.process_time()
+            rates = raw_model.throughput(args.raw_duration,
+                                         None if all_layouts else [raw_model.best])
+            if all_layouts:
+                raw_model.best = max(rates, key=rates.__getitem__)
+                print(f"  raw throughput: {layout_table(rates, 'crops/s')}", flush=True)
+            speed = rates[raw_model.best]
+            cpu_ms = (float("nan") if all_layouts else  # CPU of this layout's run only
+                      1000 * (time.process_time() - cpu_started) / (speed * args.raw_duration))
+            raws.append(speed)
+            raw_cpu.append(cpu_ms)
+            print(f"  raw model ({raw_model.best}): {speed:.2f} crops/s", flush=True)
 
-        measure_raw()
+        if raw_model is not None:
+            raw_latency = raw_model.latency(args.latency_repeats)
+            print(f"  raw latency of {args.persons} crops: "
+                  f"{layout_table({k: v * 1000 for k, v in raw_latency.items()}, 'ms')}",
+                  flush=True)
+        measure_raw(all_layouts=True)
         results = []
         for transport in args.transports:
             for level in args.levels:
@@ -382,12 +454,65 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(result)
                 print(f"  {transport} x{level}: {result.persons_per_s:.2f} persons/s,"
                       f" p50 {result.p50_ms:.0f} ms, errors {result.errors}", flush=True)
+        busy_result = None
+        if args.busy_level:
+            transport = args.transports[0]
+            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            try:
+                time.sleep(1)
+                busy_result = asyncio.run(run_level(transport, args.busy_level, args, image,
+                                                    boxes, http_url, grpc_target, server_pid))
+            finally:
+                hog.kill()
+                hog.wait()
+            print(f"  {transport} x{args.busy_level} beside a CPU-bound process:"
+                  f" {busy_result.persons_per_s:.2f} persons/s, p50 {busy_result.p50_ms:.0f} ms,"
+                  f" errors {busy_result.errors}, lost {busy_result.lost}", flush=True)
     print()
-    print_table(results, raws, raw_cpu)
+    print_table(results + ([busy_result] if busy_result else []), raws, raw_cpu)
+    summary = summarise(args, results, busy_result, raws, raw_latency)
+    print()
+    for line in summary:
+        print(line)
     if args.json_out:
-        args.json_out.write_text(json.dumps({"raw_crops_per_s": raws, "raw_cpu_ms": raw_cpu,
-                                             "levels": [asdict(r) for r in results]}, indent=2))
-    return 1 if any(r.errors or r.lost for r in results) else 0
+        args.json_out.write_text(json.dumps({
+            "raw_crops_per_s": raws, "raw_cpu_ms": raw_cpu,
+            "raw_latency_s": {str(k): v for k, v in raw_latency.items()},
+            "levels": [asdict(r) for r in results],
+            "busy": asdict(busy_result) if busy_result else None, "summary": summary,
+        }, indent=2))
+    everything = results + ([busy_result] if busy_result else [])
+    return 1 if any(r.errors or r.lost for r in everything) else 0
+
+
+def summarise(args: argparse.Namespace, results: list[LevelResult],
+              busy: LevelResult | None, raws: list[float], raw_latency: dict) -> list[str]:
+    """The issue-10 ratios: latency at 1 client, throughput vs raw, oversubscription."""
+    lines = [f"summary ({args.config}, precision {args.precision}, {args.persons} boxes/image,"
+             f" flip {'off' if args.no_flip else 'on'}):"]
+    if raw_latency:
+        best_latency = min(raw_latency.values())
+        for r in results:
+            if r.concurrency == 1:
+                lines.append(f"  {r.transport} 1 client: p50 {r.p50_ms:.1f} ms = "
+                             f"{r.p50_ms / (best_latency * 1000):.2f}x the best raw forward of"
+                             f" {args.persons} crops ({best_latency * 1000:.1f} ms)")
+    for r in results:
+        if r.ratio_to_raw is not None:
+            lines.append(f"  {r.transport} {r.concurrency} clients: {r.crops_per_s:.2f} crops/s"
+                         f" = {r.ratio_to_raw:.2f}x the best raw configuration")
+    if busy is not None:
+        idle = next((r for r in results if r.transport == busy.transport
+                     and r.concurrency == busy.concurrency), None)
+        if idle is not None and idle.crops_per_s and busy.crops_per_s is not None:
+            lines.append(f"  {busy.transport} {busy.concurrency} clients beside a CPU-bound"
+                         f" process: {busy.crops_per_s:.2f} crops/s ="
+                         f" {busy.crops_per_s / idle.crops_per_s:.2f}x the figure without it")
+    answered = sum(r.requests - r.errors - r.lost for r in results)
+    lost = sum(r.lost for r in results) + (busy.lost if busy else 0)
+    errors = sum(r.errors for r in results) + (busy.errors if busy else 0)
+    lines.append(f"  requests answered {answered}, errors {errors}, lost {lost}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ stage that must run on the model worker) and ``decode`` (heatmaps -> image keypo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
@@ -17,7 +17,16 @@ from torch import nn
 
 from model.codec import decode_heatmaps, flip_heatmaps_back
 from model.configs import ModelConfig
+from model.device_crops import crop_on_device, normalize_on_device
 from model.nms import oks_nms
+from model.precision import (
+    Precision,
+    PrecisionSetting,
+    cast_inputs,
+    cast_network,
+    check_precision,
+    resolve_precision,
+)
 from model.skeleton import KeypointSpec
 from model.transforms import (
     BOX_PADDING,
@@ -28,9 +37,6 @@ from model.transforms import (
     transform_points,
     warp_crops,
 )
-
-Precision = Literal["fp32", "fp16", "bf16"]
-_AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Published test-time conventions (see the reference facts).
 KEYPOINT_SCORE_THRESHOLD = 0.2  # keypoints below it are left out of the instance score
@@ -88,14 +94,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-def check_precision(device: torch.device, precision: Precision) -> None:
-    """fp16 needs CUDA; bf16 needs CUDA with bf16 support or a CPU (autocast on CPU is bf16)."""
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a CUDA device; use fp32 or bf16 on CPU")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"precision bf16 is not supported on {device}")
-
-
 def instance_scores(keypoints: np.ndarray, box_scores: np.ndarray,
                     threshold: float = KEYPOINT_SCORE_THRESHOLD) -> np.ndarray:
     """Box score times the mean confidence of the keypoints above ``threshold`` (0 if none)."""
@@ -115,24 +113,37 @@ class TopDownPoseEstimator:
         config: ModelConfig,
         keypoints: KeypointSpec | None = None,
         device: str | torch.device = "cpu",
-        precision: Precision = "fp32",
+        precision: PrecisionSetting = "fp32",
         flip_test: bool = True,
         flip_shift: bool = False,
     ) -> None:
         self.config = config
         self.keypoints = keypoints or config.keypoints
         self.device = resolve_device(device)
-        check_precision(self.device, precision)
-        self.precision = precision
+        self.precision: Precision = resolve_precision(self.device, precision)
+        check_precision(self.device, self.precision)
         self.flip_test = flip_test
         self.flip_shift = flip_shift
-        self.model = model.to(self.device).eval()
+        self.model = cast_network(model.to(self.device).eval(), self.precision)
         self._flip_index = self.keypoints.flip_index()
 
     # --- stage 1: crops -------------------------------------------------------------------
     def prepare(self, image_rgb: np.ndarray, boxes_xywh: np.ndarray,
                 box_scores: np.ndarray | None = None) -> CropBatch:
-        """Crop every box (padded to the model's aspect ratio) and normalise; CPU only."""
+        """Crop every box (padded to the model's aspect ratio) and normalise; on the CPU."""
+        return self._crop(boxes_xywh, box_scores, lambda affines, size: normalize_crops(
+            warp_crops(image_rgb, affines, size)))
+
+    def prepare_on_device(self, image: torch.Tensor, boxes_xywh: np.ndarray,
+                          box_scores: np.ndarray | None = None) -> CropBatch:
+        """:meth:`prepare` for a ``[1, 3, H, W]`` uint8 RGB image tensor already on a device
+        (:func:`model.device_crops.image_to_device`): the crops are sampled there, with the
+        same affine matrices, and stay there."""
+        return self._crop(boxes_xywh, box_scores, lambda affines, size: normalize_on_device(
+            crop_on_device(image, affines, size)))
+
+    def _crop(self, boxes_xywh: np.ndarray, box_scores: np.ndarray | None,
+              cut: Callable[[np.ndarray, tuple[int, int]], torch.Tensor]) -> CropBatch:
         boxes = np.asarray(boxes_xywh, dtype=np.float64).reshape(-1, 4)
         scores = (np.ones(len(boxes)) if box_scores is None
                   else np.asarray(box_scores, dtype=np.float64).reshape(-1))
@@ -144,8 +155,7 @@ class TopDownPoseEstimator:
             return CropBatch(torch.zeros(0, 3, height, width), empty, empty, boxes, scores)
         centers, scales = box_to_center_scale(boxes, self.config.aspect_ratio, padding=BOX_PADDING)
         affines = get_affine_transforms(centers, scales, np.zeros(len(boxes)), (width, height))
-        crops = warp_crops(image_rgb, affines, (width, height))
-        return CropBatch(normalize_crops(crops), centers, scales, boxes, scores)
+        return CropBatch(cut(affines, (width, height)), centers, scales, boxes, scores)
 
     # --- stage 2: network -----------------------------------------------------------------
     @torch.inference_mode()
@@ -162,12 +172,7 @@ class TopDownPoseEstimator:
         x = inputs.to(self.device, non_blocking=True)
         if flip:
             x = torch.cat([x, torch.flip(x, dims=[3])], dim=0)
-        if self.precision == "fp32":
-            heatmaps = self.model(x)
-        else:
-            with torch.autocast(self.device.type, dtype=_AUTOCAST_DTYPES[self.precision]):
-                heatmaps = self.model(x)
-        heatmaps = heatmaps.float()
+        heatmaps = self.model(cast_inputs(x, self.precision)).float()
         if flip:
             flipped = flip_heatmaps_back(heatmaps[n:], self._flip_index, shift=self.flip_shift)
             heatmaps = (heatmaps[:n] + flipped) * 0.5

@@ -1,9 +1,13 @@
-"""Dynamic batching: a dedicated model thread forms batches across requests.
+"""Dynamic batching over model instances: dedicated model threads form batches across requests.
 
-Jobs (one image's crops, or one image for the detector) wait in one queue; the worker takes up to
-``max_batch_size`` units in arrival order, splitting a large job over several batches. Expired
-jobs are dropped before they reach the model, cancelled ones leave the queue, and a failed batch
-fails only the job whose input made it fail.
+Jobs (one image's crops, or one image for the detector) wait in ONE queue; each model instance
+(Triton's instance groups: ``instances`` threads, each running its own forward passes with its own
+OpenMP team) takes up to ``max_batch_size`` units in arrival order, splitting a large job over
+several batches. When several instances are idle, a batch takes only its share of the waiting
+units, so one request's crops are spread over the idle instances (low latency for one client);
+under load every instance takes full batches (throughput for many). Expired jobs are dropped
+before they reach the model, cancelled ones leave the queue, and a failed batch fails only the
+job whose input made it fail.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -42,10 +47,12 @@ class _Job:
     future: asyncio.Future
     request_id: str | None = None  # for the log, if this job's input makes the model fail
     enqueued_at: float = field(default_factory=time.monotonic)
-    taken: int = 0  # units handed to the worker so far
-    parts: list = field(default_factory=list)
+    taken: int = 0  # units handed to an instance so far
+    finished: int = 0  # units whose outputs are in
+    parts: dict[int, Any] = field(default_factory=dict)  # output by start unit (any order)
     first_batch_at: float | None = None
-    compute_s: float = 0.0  # model time of the batches this job rode in
+    compute_started: float | None = None  # perf_counter when its first batch started
+    compute_s: float = 0.0  # from its first batch's start to its last batch's end
     done: bool = False
 
 
@@ -67,10 +74,11 @@ def _resolve(future: asyncio.Future, value: Any = None, error: BaseException | N
 
 
 class DynamicBatcher:
-    """A dedicated thread that forms batches across requests and runs them one at a time.
+    """Model threads (``instances``) that form batches across requests from one shared queue.
 
-    A batch closes when it holds ``max_batch_size`` units or when the oldest waiting job has
-    waited ``max_delay_s``: under load batches fill at once, at low load latency is bounded.
+    Each instance runs one batch at a time. A batch closes when it holds ``max_batch_size`` units
+    or when the oldest waiting job has waited ``max_delay_s``: under load batches fill at once, at
+    low load latency is bounded.
     If a batch fails, its chunks are run again one at a time, so only the job whose input fails
     is failed (and the rest of it, if it was split, is taken out of the queue).
     """
@@ -83,7 +91,8 @@ class DynamicBatcher:
         max_batch_size: int,
         max_delay_s: float,
         on_depth: Callable[[int], None] = lambda depth: None,
-        on_start: Callable[[], None] | None = None,
+        on_start: Callable[[int], None] | None = None,
+        instances: int = 1,
     ) -> None:
         self.name = name
         self._run_batch = run_batch
@@ -95,30 +104,41 @@ class DynamicBatcher:
         self._queue: deque[_Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self.instances = instances
+        self._idle_instances = 0  # instances waiting for work (they share the queue's units)
+        self._threads: list[threading.Thread] = []
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
-        """Start the thread; ``on_start`` (warm-up) runs on it first, errors are raised here."""
+        """Start the instance threads; ``on_start(index)`` (thread set-up, warm-up) runs on each
+        first, and its errors are raised here."""
         loop = asyncio.get_running_loop()
-        started: asyncio.Future = loop.create_future()
+        started = [loop.create_future() for _ in range(self.instances)]
 
-        def main() -> None:
+        def main(index: int) -> None:
             try:
                 if self._on_start is not None:
-                    self._on_start()
+                    self._on_start(index)
             except BaseException as exc:
-                loop.call_soon_threadsafe(_resolve, started, None, exc)
+                loop.call_soon_threadsafe(_resolve, started[index], None, exc)
                 return
-            loop.call_soon_threadsafe(_resolve, started, None)
+            loop.call_soon_threadsafe(_resolve, started[index], None)
             self._loop()
 
-        self._thread = threading.Thread(target=main, name=f"omnipose-{self.name}", daemon=True)
-        self._thread.start()
-        await started
+        for index in range(self.instances):
+            thread = threading.Thread(
+                target=main, args=(index,), name=f"omnipose-{self.name}-{index}", daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
+        try:
+            await asyncio.gather(*started)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Fail whatever still waits, then stop the thread after its current batch."""
+        """Fail whatever still waits, then stop the threads after their current batches."""
         with self._cond:
             self._stopping = True
             leftovers = list(self._queue)
@@ -128,8 +148,10 @@ class DynamicBatcher:
             job.loop.call_soon_threadsafe(
                 _resolve, job.future, None, EngineUnavailable(SHUTTING_DOWN)
             )
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     @property
     def depth(self) -> int:
@@ -167,28 +189,35 @@ class DynamicBatcher:
     def _pending_units(self) -> int:
         return sum(job.size - job.taken for job in self._queue)
 
-    # -- worker thread ------------------------------------------------------------------------
+    # -- instance threads ---------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                while (
-                    not self._stopping
-                    and self._queue
-                    and self._pending_units() < self.max_batch_size
-                ):
-                    # the head may change while waiting (cancelled), so recompute its close time
-                    remaining = self._queue[0].enqueued_at + self.max_delay_s - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
-                if self._stopping:
-                    return
-                chunks, expired = self._take()
+                self._idle_instances += 1
+                try:
+                    while not self._queue and not self._stopping:
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                    while (
+                        not self._stopping
+                        and self._queue
+                        and self._pending_units() < self.max_batch_size
+                    ):
+                        # the head may change while waiting (cancelled): recompute its close time
+                        head = self._queue[0]
+                        remaining = head.enqueued_at + self.max_delay_s - time.monotonic()
+                        if remaining <= 0 or head.taken:  # a split job's rest goes at once
+                            break
+                        self._cond.wait(remaining)
+                    if self._stopping:
+                        return
+                    chunks, expired = self._take(self._share())
+                finally:
+                    self._idle_instances -= 1
                 self._on_depth(self._pending_units())
+                if self._queue:  # units left: wake an idle instance for them
+                    self._cond.notify()
             for job in expired:
                 job.loop.call_soon_threadsafe(
                     _resolve,
@@ -199,12 +228,19 @@ class DynamicBatcher:
             if chunks:
                 self._execute(chunks)
 
-    def _take(self) -> tuple[list[_Chunk], list[_Job]]:
-        """Up to max_batch_size units in arrival order; expired jobs are dropped, not run."""
+    def _share(self) -> int:
+        """Units this instance takes: a full batch, or with other instances idle only its share,
+        so that one request's crops run on all of them at once."""
+        pending = self._pending_units()
+        if self._idle_instances <= 1 or pending >= self.max_batch_size * self._idle_instances:
+            return self.max_batch_size
+        return max(1, min(self.max_batch_size, math.ceil(pending / self._idle_instances)))
+
+    def _take(self, room: int) -> tuple[list[_Chunk], list[_Job]]:
+        """Up to ``room`` units in arrival order; expired jobs are dropped, not run."""
         now = time.monotonic()
         chunks: list[_Chunk] = []
         expired: list[_Job] = []
-        room = self.max_batch_size
         while self._queue and room > 0:
             job = self._queue[0]
             if job.deadline <= now:
@@ -255,19 +291,24 @@ class DynamicBatcher:
                 ),
             )
             return
-        elapsed = time.perf_counter() - started
+        finished = time.perf_counter()
         for chunk, output in zip(chunks, outputs, strict=True):
             job = chunk.job
-            if job.done:  # cancelled or failed meanwhile
-                continue
-            job.compute_s += elapsed
-            job.parts.append(output)
-            if chunk.stop == job.size:
-                job.done = True
-                try:
-                    value = self._combine(job.parts)
-                except Exception:
-                    error = internal_error(f"combining {self.name} results failed", job.request_id)
-                    job.loop.call_soon_threadsafe(_resolve, job.future, None, error)
+            with self._cond:  # other instances may be finishing other parts of this job
+                if job.done:  # cancelled or failed meanwhile
                     continue
-                job.loop.call_soon_threadsafe(_resolve, job.future, value)
+                if job.compute_started is None or started < job.compute_started:
+                    job.compute_started = started
+                job.compute_s = finished - job.compute_started
+                job.parts[chunk.start] = output
+                job.finished += chunk.stop - chunk.start
+                if job.finished < job.size:
+                    continue
+                job.done = True
+            try:
+                value = self._combine([job.parts[start] for start in sorted(job.parts)])
+            except Exception:
+                error = internal_error(f"combining {self.name} results failed", job.request_id)
+                job.loop.call_soon_threadsafe(_resolve, job.future, None, error)
+                continue
+            job.loop.call_soon_threadsafe(_resolve, job.future, value)

@@ -56,6 +56,13 @@ from service.loading import LoadedPoseModel, load_pose_model
 from service.metrics import ServiceMetrics
 from service.persons import client_persons, crop_persons, detected_persons
 from service.requests import ImageRequest, ImageResult, client_boxes
+from service.resources import (
+    InstanceLayout,
+    available_cpus,
+    candidate_layouts,
+    configured_layout,
+    measure_layouts,
+)
 from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -63,6 +70,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 WARMUP_IMAGE_SHAPE = (480, 640, 3)
+LAYOUT_PROBE_BATCH = 4  # crops per forward when measuring instance layouts at start-up
 NO_DETECTOR = (
     "this deployment has no person detector: send the person boxes with the request"
     " (boxes), or run the service with whole_image_if_no_person"
@@ -88,6 +96,7 @@ class PoseEngine:
         self.admission = Admission(settings, self.metrics)
         self._pool = ThreadPoolExecutor(settings.cpu_workers, thread_name_prefix="omnipose-cpu")
         self._pose_batcher: DynamicBatcher | None = None
+        self.layout: InstanceLayout | None = None  # pose model instances x threads, at start()
         self._detector_batcher: DynamicBatcher | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -131,6 +140,7 @@ class PoseEngine:
                         settings.detector_min_score,
                     ),
                 )
+            self.layout = await loop.run_in_executor(None, self._choose_layout)
             self._publish_model_info()
             queue_depth = self.metrics.queue_depth
             self._pose_batcher = DynamicBatcher(
@@ -140,7 +150,8 @@ class PoseEngine:
                 settings.max_batch_size,
                 settings.max_queue_delay_ms / 1000,
                 on_depth=queue_depth.labels(queue="pose").set,
-                on_start=self._warm_pose if settings.warmup else None,
+                on_start=self._start_pose_instance,
+                instances=self.layout.instances,
             )
             self._detector_batcher = DynamicBatcher(
                 "detector",
@@ -149,7 +160,7 @@ class PoseEngine:
                 settings.detector_max_batch_size,
                 settings.detector_max_queue_delay_ms / 1000,
                 on_depth=queue_depth.labels(queue="detector").set,
-                on_start=self._warm_detector if settings.warmup else None,
+                on_start=(lambda index: self._warm_detector()) if settings.warmup else None,
             )
             await asyncio.gather(self._pose_batcher.start(), self._detector_batcher.start())
         except asyncio.CancelledError:
@@ -161,9 +172,10 @@ class PoseEngine:
             raise
         self.state = "ready"
         log.info(
-            "engine ready: %s on %s, detector %s",
+            "engine ready: %s on %s (%s), detector %s",
             self.pose_model.name,
             self.pose_model.estimator.device,
+            self.layout,
             self.detector.name,
         )
 
@@ -204,6 +216,8 @@ class PoseEngine:
                 "trained": str(model.trained).lower(),
                 "device": str(model.estimator.device),
                 "precision": model.estimator.precision,
+                "instances": str(self.layout.instances if self.layout else ""),
+                "torch_threads": str(self.layout.threads if self.layout else ""),
                 "detector": self.detector.name,
             }
         )
@@ -217,7 +231,46 @@ class PoseEngine:
         description["max_batch_size"] = self.settings.max_batch_size
         return description
 
-    # -- warm-up (on the model threads, before ready) -----------------------------------------
+    # -- model instances and warm-up (on the model threads, before ready) ----------------------
+    def _choose_layout(self) -> InstanceLayout:
+        """Instances x threads from the settings, else measured on this machine (CPU only).
+
+        Without warm-up (tests, quick starts) nothing is measured: one single-threaded instance
+        per usable CPU, which measured fastest on the machines we have tried.
+        """
+        estimator = self.pose_model.estimator
+        cpus = available_cpus()
+        layout = configured_layout(self.settings, cpus, estimator.device.type)
+        if layout is not None:
+            return layout
+        candidates = candidate_layouts(cpus)
+        if not self.settings.warmup or len(candidates) == 1:
+            return candidates[0]
+        height, width = estimator.config.input_size
+        batch = min(self.settings.max_batch_size, LAYOUT_PROBE_BATCH)
+        probe = torch.zeros(batch, 3, height, width)
+
+        def forward() -> int:
+            estimator.forward(probe, flip_test=False)
+            return batch
+
+        measured = measure_layouts(forward, candidates)
+        best = max(measured, key=measured.__getitem__)
+        log.info(
+            "pose model layout measured on %d CPU(s): %s -> %s",
+            cpus,
+            ", ".join(f"{layout}: {rate:.1f} crops/s" for layout, rate in measured.items()),
+            best,
+        )
+        return best
+
+    def _start_pose_instance(self, index: int) -> None:
+        """On each pose instance's thread: its own torch thread count, then its warm-up."""
+        if self.pose_model.estimator.device.type == "cpu":
+            torch.set_num_threads(self.layout.threads)
+        if self.settings.warmup:
+            self._warm_pose()
+
     def _warm_pose(self) -> None:
         """One forward at max batch and one at batch 1, so first requests pay no start-up cost."""
         estimator = self.pose_model.estimator

@@ -14,8 +14,9 @@ from pathlib import Path
 import model as model_package
 from model.checkpoint import load_model, read_checkpoint
 from model.configs import ModelConfig, get_config
+from model.precision import PrecisionSetting
 from model.skeleton import KeypointSpec
-from model.topdown import Precision, TopDownPoseEstimator
+from model.topdown import TopDownPoseEstimator
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def load_pose_model(
     weights: str | Path | None = None,
     config_name: str | None = None,
     device: str = "auto",
-    precision: Precision = "fp32",
+    precision: PrecisionSetting = "fp32",
     flip_test: bool = True,
     flip_shift: bool = False,
 ) -> LoadedPoseModel:

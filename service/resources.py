@@ -1,10 +1,15 @@
-"""How many CPUs this process may really use (affinity and cgroup quota) and the thread set-up
-that follows from it."""
+"""How many CPUs this process may really use (affinity and cgroup quota), how the pose model
+spreads over them (instances x threads, measured on the machine it starts on), and the thread
+set-up that follows."""
 
 from __future__ import annotations
 
 import math
 import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -82,3 +87,88 @@ def configure_threads(settings: ServiceSettings) -> int:
     torch.set_num_threads(threads)
     cv2.setNumThreads(1)
     return threads
+
+
+@dataclass(frozen=True)
+class InstanceLayout:
+    """How the pose model uses the CPUs: ``instances`` model threads, each running its forward
+    passes with ``threads`` torch intra-op (OpenMP) threads (Triton's instance groups)."""
+
+    instances: int
+    threads: int
+
+    def __str__(self) -> str:
+        return f"{self.instances} instance(s) x {self.threads} thread(s)"
+
+
+def candidate_layouts(cpus: int) -> list[InstanceLayout]:
+    """Layouts that use exactly ``cpus`` cores: one instance per core first, one big last."""
+    return [
+        InstanceLayout(cpus // threads, threads)
+        for threads in range(1, cpus + 1)
+        if cpus % threads == 0
+    ]
+
+
+def configured_layout(
+    settings: ServiceSettings, cpus: int, device_type: str
+) -> InstanceLayout | None:
+    """The layout the settings fix, or None when it is to be measured (CPU, neither given).
+
+    On an accelerator one instance drives the device (its batches are what make it fast); the
+    CPU threads then only feed it.
+    """
+    instances, threads = settings.model_instances, settings.torch_threads
+    if device_type != "cpu":
+        return InstanceLayout(instances or 1, threads or cpus)
+    if instances and threads:
+        return InstanceLayout(instances, threads)
+    if instances:
+        return InstanceLayout(instances, max(1, cpus // instances))
+    if threads:
+        return InstanceLayout(max(1, cpus // threads), threads)
+    return None
+
+
+def measure_layouts(
+    forward: Callable[[], int],
+    layouts: Sequence[InstanceLayout],
+    seconds_per_layout: float = 1.5,
+    min_rounds: int = 2,
+) -> dict[InstanceLayout, float]:
+    """Units per second of each layout: ``forward()`` (returns the units it ran) on every
+    instance thread at once, after one warm-up call each, for about ``seconds_per_layout``."""
+    return {
+        layout: _throughput(forward, layout, seconds_per_layout, min_rounds) for layout in layouts
+    }
+
+
+def _throughput(
+    forward: Callable[[], int], layout: InstanceLayout, seconds: float, min_rounds: int
+) -> float:
+    barrier = threading.Barrier(layout.instances + 1)
+    done = [0] * layout.instances
+    stop_at = [0.0]
+
+    def work(index: int) -> None:
+        torch.set_num_threads(layout.threads)
+        forward()  # warm-up: this thread's OpenMP team, allocator, one-time kernels
+        barrier.wait()
+        barrier.wait()  # the clock has started
+        rounds = 0
+        while rounds < min_rounds or time.perf_counter() < stop_at[0]:
+            done[index] += forward()
+            rounds += 1
+
+    threads = [
+        threading.Thread(target=work, args=(i,), daemon=True) for i in range(layout.instances)
+    ]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    stop_at[0] = started + seconds
+    barrier.wait()
+    for thread in threads:
+        thread.join()
+    return sum(done) / (time.perf_counter() - started)

@@ -8,23 +8,17 @@ process exits 0.
 
 ``python -m service.server --help`` lists the flags; the ``omnipose serve`` subcommand has the
 same ones (``add_serve_parser``). Every flag is a :class:`ServiceSettings` field, which can also
-be set as ``OMNIPOSE_<FIELD>`` in the environment; flags win.
+be set as ``OMNIPOSE_<FIELD>`` in the environment; flags win. The OpenMP wait policy is set by
+the ``service`` package itself, which Python imports before this module.
 """
 
 from __future__ import annotations
-
-import os
-
-# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. With spinning, a
-# forward pass on a machine with as many threads as cores slows down by 10-40x as soon as any
-# other thread (our HTTP/gRPC loop, image decoding, another process) needs a core, because every
-# barrier waits for a descheduled spinner. Measured on the 2-core dev machine: 0.4 s -> 16 s.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys

@@ -32,15 +32,25 @@ class ServiceSettings(BaseSettings):
         None, description="Model config name, e.g. coco-w48-384x288; default: the checkpoint's own"
     )
     device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (cuda when available)")
-    precision: Literal["fp32", "fp16", "bf16"] = Field(
-        "fp32", description="Pose model precision; fp16/bf16 only where the device supports it"
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="Pose model precision: auto = fp16 on CUDA, bf16 weights (channels"
+        " last) on a CPU with native bf16 (AVX512-BF16/AMX), else fp32; fp16/bf16 only where the"
+        " device supports them"
     )
     flip_test: bool = Field(True, description="Average with the mirrored crop")
     flip_shift: bool = Field(
         False, description="Flip test: shift the mirrored heatmaps one pixel right before"
         " averaging, as HRNet does; the published OmniPose leaves it off",
     )
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU")
+    model_instances: int | None = Field(
+        None, ge=1, description="Pose model instances, each with its own batch loop over one"
+        " shared queue (Triton's instance groups); none: on CPU the instances x torch_threads"
+        " layout measured fastest at start-up on the usable (cgroup-limited) CPUs, on a GPU 1",
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads per pose model instance; none: the usable"
+        " CPUs divided by model_instances (or measured, see model_instances)",
+    )
 
     # --- person detection --------------------------------------------------------------------
     detector: Literal["yolo", "hog", "none"] = Field(

@@ -47,9 +47,13 @@ from service.metrics import STAGES, ServiceMetrics
 from service.persons import client_persons, crop_persons, detected_persons
 from service.requests import ImageRequest
 from service.resources import (
+    InstanceLayout,
     available_cpus,
+    candidate_layouts,
     cgroup_cpu_limit,
     configure_threads,
+    configured_layout,
+    measure_layouts,
     read_cgroup_cpu_limit,
 )
 from service.settings import ServiceSettings
@@ -140,6 +144,62 @@ def test_batcher_coalesces_jobs_and_splits_large_ones() -> None:
     assert sum(batches) == 26
     assert max(batches) <= 8
     assert len(batches) < 6  # fewer forward passes than jobs: they were coalesced
+
+
+def test_batcher_spreads_one_request_over_idle_instances_and_keeps_its_order() -> None:
+    """Two idle instances share a lone 4-crop request (2 + 2, at the same time); the part that
+    finishes last is still put back in its place."""
+    calls: list[tuple[str, int, int, float, float]] = []
+
+    def slow_first_half(chunks: Sequence[_Chunk]) -> list[torch.Tensor]:
+        started = time.monotonic()
+        time.sleep(0.4 if chunks[0].start == 0 else 0.1)  # the first half finishes last
+        calls.append((threading.current_thread().name, chunks[0].start, chunks[-1].stop,
+                      started, time.monotonic()))
+        return [c.job.payload[c.start:c.stop] for c in chunks]
+
+    async def scenario() -> torch.Tensor:
+        batcher = DynamicBatcher("test", slow_first_half, lambda parts: torch.cat(parts), 8, 0.05,
+                                 instances=2)
+        await batcher.start()
+        job = await batcher.submit(torch.arange(4), 4, time.monotonic() + 30)
+        batcher.stop()
+        return job.future.result()
+
+    result = asyncio.run(scenario())
+    assert torch.equal(result, torch.arange(4))
+    assert sorted((start, stop) for _, start, stop, _, _ in calls) == [(0, 2), (2, 4)]
+    assert len({name for name, *_ in calls}) == 2  # two instance threads
+    (_, _, _, start_a, end_a), (_, _, _, start_b, end_b) = calls
+    assert start_a < end_b and start_b < end_a  # they ran at the same time
+
+
+def test_batcher_instances_take_full_batches_under_load() -> None:
+    """With more work waiting than the idle instances can share, every batch is full."""
+    sizes: list[int] = []
+    release = threading.Event()
+
+    def run(chunks: Sequence[_Chunk]) -> list[list[int]]:
+        release.wait(10)
+        sizes.append(sum(c.stop - c.start for c in chunks))
+        return [list(range(c.start, c.stop)) for c in chunks]
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher("test", run, lambda parts: [x for p in parts for x in p], 4, 0.0,
+                                 instances=2)
+        await batcher.start()
+        far = time.monotonic() + 30
+        first = [asyncio.create_task(batcher.submit(i, 1, far)) for i in range(2)]
+        await asyncio.sleep(0.1)  # both instances now hold one unit each and are blocked
+        rest = [asyncio.create_task(batcher.submit(i, 2, far)) for i in range(8)]
+        await asyncio.sleep(0.05)
+        release.set()
+        results = await asyncio.gather(*first, *rest)
+        batcher.stop()
+        assert [job.future.result() for job in results[2:]] == [[0, 1]] * 8
+
+    asyncio.run(scenario())
+    assert sorted(sizes) == [1, 1, 4, 4, 4, 4]
 
 
 def test_batcher_cancelled_job_leaves_the_queue_and_never_runs() -> None:
@@ -256,17 +316,18 @@ def test_flip_groups_run_as_separate_passes(random_model: LoadedPoseModel) -> No
     assert torch.equal(outputs[2], flipped[2:])
 
 
-def test_engine_result_equals_the_estimator_run_directly(random_model: LoadedPoseModel,
-                                                         images) -> None:
-    """One request alone in its batch gives what prepare/forward/decode give by hand, for the
-    service's flip setting and for a per-request override."""
+@pytest.mark.parametrize("instances", [1, 2])
+def test_engine_result_equals_the_estimator_run_directly(random_model: LoadedPoseModel, images,
+                                                         instances: int) -> None:
+    """One request alone gives what prepare/forward/decode give by hand, for the service's flip
+    setting and for a per-request override, with its crops on one instance or spread over two."""
     boxes = np.array(images.bus_boxes)
     image_rgb = cv2.cvtColor(cv2.imdecode(np.frombuffer(images.bus, np.uint8), cv2.IMREAD_COLOR),
                              cv2.COLOR_BGR2RGB)
     estimator = random_model.estimator
 
     async def scenario() -> list:
-        engine = make_engine(random_model, max_queue_delay_ms=0)
+        engine = make_engine(random_model, max_queue_delay_ms=0, model_instances=instances)
         await engine.start()
         results = [await engine.estimate(ImageRequest(images.bus, boxes=boxes, flip=flip))
                    for flip in (None, False)]
@@ -423,6 +484,36 @@ def test_batch_errors_name_the_image_and_limits_apply() -> None:
     asyncio.run(scenario())
 
 
+def test_instance_layouts_from_settings_or_for_measurement() -> None:
+    def layout(**settings: object) -> InstanceLayout | None:
+        return configured_layout(ServiceSettings(**settings), 8, "cpu")
+
+    assert candidate_layouts(8) == [InstanceLayout(8, 1), InstanceLayout(4, 2),
+                                    InstanceLayout(2, 4), InstanceLayout(1, 8)]
+    assert candidate_layouts(1) == [InstanceLayout(1, 1)]
+    assert layout() is None  # measured at start-up
+    assert layout(model_instances=2) == InstanceLayout(2, 4)
+    assert layout(torch_threads=4) == InstanceLayout(2, 4)
+    assert layout(model_instances=3, torch_threads=1) == InstanceLayout(3, 1)
+    assert configured_layout(ServiceSettings(), 8, "cuda") == InstanceLayout(1, 8)
+
+
+def test_measured_layouts_run_each_instance_on_its_own_thread() -> None:
+    seen: dict[str, int] = {}
+
+    def forward() -> int:
+        seen[threading.current_thread().name] = torch.get_num_threads()
+        time.sleep(0.01)
+        return 3
+
+    rates = measure_layouts(forward, [InstanceLayout(2, 1), InstanceLayout(1, 2)],
+                            seconds_per_layout=0.1)
+    assert set(rates) == {InstanceLayout(2, 1), InstanceLayout(1, 2)}
+    # sleeping "forwards" overlap perfectly: two instances deliver about twice the crops
+    assert rates[InstanceLayout(2, 1)] > 1.5 * rates[InstanceLayout(1, 2)] > 0
+    assert sorted(seen.values()) == [1, 1, 2]  # each thread ran with its layout's thread count
+
+
 def test_configure_threads_gives_torch_the_configured_cores() -> None:
     before = torch.get_num_threads()
     try:
@@ -543,7 +634,8 @@ def test_a_pose_failure_on_one_request_fails_only_that_request() -> None:
 
     async def scenario() -> tuple[list, tuple[float, float]]:
         # 2 + 1 + 1 crops fill one batch of 4 exactly: they ride together, then get isolated
-        engine = make_engine(model, max_batch_size=4, max_queue_delay_ms=5000)
+        engine = make_engine(model, max_batch_size=4, max_queue_delay_ms=5000,
+                             model_instances=1)  # one instance: the batch composition is exact
         await engine.start()
         results = await asyncio.gather(
             engine.estimate(ImageRequest(two, boxes=two_boxes)),
