@@ -21,10 +21,10 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor, nn
@@ -353,12 +353,21 @@ def atomic_torch_save(payload: dict[str, Any], path: Path) -> None:
 
     A crash at any point leaves either the old file or the new one, never a truncated file.
     """
+    _atomic_write(Path(path), lambda stream: torch.save(payload, stream))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """``data`` to ``path`` as atomically as :func:`atomic_torch_save` (e.g. an ONNX graph)."""
+    _atomic_write(Path(path), lambda stream: stream.write(data))
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; a model file is meant to be shared
         with os.fdopen(fd, "wb") as stream:
-            torch.save(payload, stream)
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temp_name, path)

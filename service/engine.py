@@ -128,6 +128,7 @@ class PoseEngine:
                         settings.precision,
                         settings.flip_test,
                         settings.flip_shift,
+                        settings.backend,
                     ),
                 )
             if self.detector is None:
@@ -229,6 +230,9 @@ class PoseEngine:
         description = self.pose_model.describe()
         description["detector"] = self.detector.name
         description["max_batch_size"] = self.settings.max_batch_size
+        if self.layout is not None:
+            description["model_instances"] = self.layout.instances
+            description["torch_threads"] = self.layout.threads
         return description
 
     # -- model instances and warm-up (on the model threads, before ready) ----------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import model as model_package
 from model.checkpoint import load_model, read_checkpoint
@@ -19,6 +20,8 @@ from model.skeleton import KeypointSpec
 from model.topdown import TopDownPoseEstimator
 
 log = logging.getLogger(__name__)
+
+Backend = Literal["torch", "onnxruntime"]
 
 DEFAULT_WEIGHTS = Path(model_package.__file__).resolve().parent / "weights" / "default.pt"
 UNTRAINED_CONFIG = "coco-w18-256x192"
@@ -44,6 +47,7 @@ class LoadedPoseModel:
     weights_sha256: str | None
     trained: bool
     metadata: dict = field(default_factory=dict)
+    backend: str = "torch"
 
     @property
     def name(self) -> str:
@@ -71,6 +75,7 @@ class LoadedPoseModel:
             "trained": self.trained,
             "device": str(self.estimator.device),
             "precision": self.estimator.precision,
+            "backend": self.backend,
             "flip_test": self.estimator.flip_test,
             "flip_shift": self.estimator.flip_shift,
             "metadata": self.metadata,
@@ -106,8 +111,13 @@ def load_pose_model(
     precision: PrecisionSetting = "fp32",
     flip_test: bool = True,
     flip_shift: bool = False,
+    backend: Backend = "torch",
 ) -> LoadedPoseModel:
-    """Load weights (or the default) and wrap them in a TopDownPoseEstimator on ``device``."""
+    """Load weights (or the default) and wrap them in a TopDownPoseEstimator on ``device``.
+
+    ``backend="onnxruntime"`` exports the loaded network to ONNX in memory and runs that graph in
+    ONNX Runtime (fp32: ``auto`` precision means fp32 there; fp16/bf16 are refused).
+    """
     path = resolve_weights(weights)
     if weights is None and path is not None and config_name is not None:
         path = _default_if_it_fits(path, config_name)
@@ -119,6 +129,15 @@ def load_pose_model(
         path, config_name or (UNTRAINED_CONFIG if path is None else None), device="cpu"
     )
     keypoints = (checkpoint.keypoints if checkpoint and checkpoint.keypoints else config.keypoints)
+    if backend == "onnxruntime":
+        if precision not in ("auto", "fp32"):
+            raise ValueError(f"the onnxruntime backend runs fp32, not {precision}")
+        precision = "fp32"
+        from model.onnx_runtime import OnnxRuntimeNetwork
+        from model.topdown import resolve_device
+
+        network = OnnxRuntimeNetwork.from_network(network, config.input_size,
+                                                  resolve_device(device))
     estimator = TopDownPoseEstimator(
         network, config, keypoints, device=device, precision=precision, flip_test=flip_test,
         flip_shift=flip_shift,
@@ -131,4 +150,5 @@ def load_pose_model(
         weights_sha256=checkpoint.sha256 if checkpoint else None,
         trained=path is not None,
         metadata=dict(checkpoint.metadata) if checkpoint else {},
+        backend=backend,
     )

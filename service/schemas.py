@@ -109,6 +109,9 @@ class ModelDescription(BaseModel):
     trained: bool = Field(..., description="False: random weights, keypoints are meaningless")
     device: str
     precision: str
+    backend: str = Field("torch", description="Pose network runtime: torch or onnxruntime")
+    model_instances: int | None = Field(None, description="Pose model instances (one queue)")
+    torch_threads: int | None = Field(None, description="Threads per pose model instance")
     flip_test: bool
     flip_shift: bool = Field(..., description="Flipped heatmaps shifted one pixel (HRNet style)")
     detector: str

@@ -37,6 +37,10 @@ class ServiceSettings(BaseSettings):
         " last) on a CPU with native bf16 (AVX512-BF16/AMX), else fp32; fp16/bf16 only where the"
         " device supports them"
     )
+    backend: Literal["torch", "onnxruntime"] = Field(
+        "torch", description="Pose network runtime: torch (eager PyTorch), or onnxruntime (the"
+        " network exported to ONNX at start-up, fp32; needs the onnx extra)"
+    )
     flip_test: bool = Field(True, description="Average with the mirrored crop")
     flip_shift: bool = Field(
         False, description="Flip test: shift the mirrored heatmaps one pixel right before"

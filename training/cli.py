@@ -239,10 +239,14 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from training.export import export_model
+    from training.export import export_model, export_onnx_model
 
+    difference = None
     try:
-        metadata = export_model(args.weights, args.out, args.config)
+        if args.format == "onnx":
+            metadata, difference = export_onnx_model(args.weights, args.out, args.config)
+        else:
+            metadata = export_model(args.weights, args.out, args.config)
     except _user_errors() as error:
         return _fail("export", error)
     except OSError as error:
@@ -252,6 +256,9 @@ def run_export(args: argparse.Namespace) -> int:
     print(
         f"exported {metadata['model_config']} to {args.out}" + (f" ({summary})" if summary else "")
     )
+    if difference is not None:
+        print(f"ONNX Runtime vs PyTorch, batch 1 and 3: largest heatmap difference"
+              f" {difference:.2e}")
     return 0
 
 
@@ -271,6 +278,13 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         help="last.pt / model_best.pt, or a published checkpoint",
     )
     parser.add_argument("--out", required=True, metavar="FILE", help="serving checkpoint to write")
+    parser.add_argument(
+        "--format",
+        choices=("checkpoint", "onnx"),
+        default="checkpoint",
+        help="checkpoint (default: what the service loads) or onnx (dynamic batch, checked"
+        " against PyTorch in ONNX Runtime, for ONNX Runtime / TensorRT / Triton)",
+    )
     parser.add_argument(
         "--config",
         metavar="NAME",

@@ -75,3 +75,31 @@ def export_model(
     )
     save_checkpoint(out, model, config, metadata)
     return metadata
+
+
+def export_onnx_model(
+    weights: str | Path, out: str | Path, config_name: str | None = None
+) -> tuple[dict[str, Any], float]:
+    """Write ``out`` as an ONNX graph (dynamic batch, the serving metadata embedded) from
+    ``weights``; returns the metadata and the largest heatmap difference between ONNX Runtime and
+    PyTorch on random crops at batch 1 and 3 (the check that the graph is the network)."""
+    from model.checkpoint import atomic_write_bytes
+    from model.onnx_runtime import export_onnx, max_difference
+
+    model, config, loaded = load_model(weights, config_name, "cpu")
+    assert loaded is not None  # a path was given
+    metadata = build_export_metadata(
+        loaded.metadata,
+        config.name,
+        config.keypoints,
+        config.input_size,
+        config.heatmap_size,
+        Path(weights),
+        loaded.sha256,
+        loaded.config is not None,
+    )
+    graph = export_onnx(model, config.input_size, metadata)
+    difference = max_difference(model, graph, config.input_size)
+    atomic_write_bytes(out, graph)
+    return metadata, difference
+

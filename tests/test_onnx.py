@@ -1,0 +1,78 @@
+"""ONNX export (``omnipose export --format onnx``) and the onnxruntime backend of the service."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.configs import get_config
+from model.network import build_model
+from model.onnx_runtime import (
+    OnnxRuntimeNetwork,
+    export_onnx,
+    max_difference,
+    read_onnx_metadata,
+)
+from omnipose_cli.main import main
+from service import loading
+from service.engine import PoseEngine
+from service.metrics import ServiceMetrics
+from service.requests import ImageRequest
+from service.settings import ServiceSettings
+
+
+def test_export_has_a_dynamic_batch_and_equals_pytorch() -> None:
+    config = get_config("coco-w8-96x64")
+    torch.manual_seed(0)
+    network = build_model(config).eval()
+    graph = export_onnx(network, config.input_size, {"model_config": config.name})
+    assert read_onnx_metadata(graph) == {"model_config": config.name}
+    runtime = OnnxRuntimeNetwork(graph)
+    for batch in (1, 4, 7):  # exported with 2: other sizes prove the batch is dynamic
+        crops = torch.randn(batch, 3, *config.input_size)
+        with torch.inference_mode():
+            expected = network(crops)
+        got = runtime(crops)
+        assert got.shape == expected.shape == (batch, config.num_joints, *config.heatmap_size)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert max_difference(network, graph, config.input_size) < 1e-4
+
+
+def test_cli_exports_the_default_model_to_onnx(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "default.onnx"
+    assert main(["export", "--weights", str(loading.DEFAULT_WEIGHTS), "--format", "onnx",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "largest heatmap difference" in printed
+    difference = float(printed.rsplit("difference", 1)[1])
+    assert difference < 1e-4
+    metadata = read_onnx_metadata(out)
+    assert metadata["model_config"] == "coco-w8-96x64" and len(metadata["joints"]) == 17
+
+
+def test_onnxruntime_backend_serves_what_torch_serves(images) -> None:
+    boxes = np.array(images.bus_boxes)
+
+    async def run(backend: str) -> list:
+        settings = ServiceSettings(device="cpu", detector="none", warmup=False, precision="fp32",
+                                   backend=backend, model_instances=2, torch_threads=1)
+        engine = PoseEngine(settings, ServiceMetrics())
+        await engine.start()
+        assert engine.describe()["backend"] == backend
+        result = await engine.estimate(ImageRequest(images.bus, boxes=boxes))
+        await engine.close()
+        return result.persons
+
+    torch_persons, onnx_persons = asyncio.run(run("torch")), asyncio.run(run("onnxruntime"))
+    assert len(torch_persons) == len(onnx_persons) == 2
+    for a, b in zip(torch_persons, onnx_persons, strict=True):
+        np.testing.assert_allclose(a.keypoints, b.keypoints, atol=1e-3)
+
+
+def test_onnxruntime_backend_refuses_reduced_precision() -> None:
+    with pytest.raises(ValueError, match="onnxruntime backend runs fp32"):
+        loading.load_pose_model(device="cpu", precision="bf16", backend="onnxruntime")
