@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.complexity import count_macs, count_parameters
-from model.configs import get_config
+from model.configs import CONFIGS, UnknownConfigError, get_config
 from model.network import (
     HEAD_OUTPUT_KEYS,
     GaussianBlur2d,
@@ -130,6 +130,21 @@ def test_build_model_follows_config() -> None:
     assert released.wasp.conv1.in_channels == 5 * 18 and released.wasp.conv2.in_channels == 18
     assert released.decoder.conv1.out_channels == 18 // 8
     assert released.decoder.last_conv[0].in_channels == 18 + 18 // 8
+
+
+def test_config_names_carry_the_head() -> None:
+    assert get_config("coco-w48-384x288").head == "waspv2"  # the published code's head
+    released = get_config("coco-w48-384x288-waspv1")
+    assert (released.head, released.name, released.to_dict()["head"]) == (
+        "waspv1", "coco-w48-384x288-waspv1", "waspv1"
+    )  # fmt: skip
+    assert get_config("mpii-w8-64x64-waspv1").head == "waspv1"  # any width, parsed
+    assert sorted(name for name in CONFIGS if CONFIGS[name].head == "waspv1") == [
+        "coco-w48-128x96-waspv1", "coco-w48-256x192-waspv1", "coco-w48-384x288-waspv1",
+        "mpii-w48-256x256-waspv1",
+    ]  # fmt: skip
+    with pytest.raises(UnknownConfigError, match=r"DATASET-wWIDTH-HxW\[-waspv1\]"):
+        get_config("coco-w48-384x288-waspv3")
 
 
 @pytest.mark.parametrize(("head", "width"), [("waspv1", 8), ("waspv1", 18), ("waspv2", 8)])
