@@ -10,35 +10,59 @@ Project checkpoints are plain dicts (so ``weights_only`` can read them)::
     {"format": "omnipose-serve/1", "state_dict": {...}, "config": ModelConfig.to_dict(),
      "keypoints": KeypointSpec.to_dict(), "metadata": {...free JSON...}}
 
-Published checkpoints (a bare state_dict, or one under ``state_dict``/``model``, keys possibly
-prefixed ``module.``) load too; their configuration is inferred from tensor shapes.
+Published and HRNet-style training files load too: a bare state_dict (``model_best.pth``,
+``final_state.pth``), one under ``state_dict``/``model``, or the training script's
+``checkpoint.pth`` (``best_state_dict`` is preferred over ``state_dict``, whose keys carry
+DataParallel's ``module.`` prefix; ``perf`` is a numpy scalar, ``optimizer`` an Adam state).
+Their configuration is inferred from tensor shapes, and the head (WASPv1 or WASPv2) from the keys.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from model.configs import INPUT_SIZES, ModelConfig, get_config
-from model.network import OmniPose, build_model
+from model.configs import DEFAULT_HEAD, HEAD_LABELS, INPUT_SIZES, ModelConfig, get_config
+from model.network import HEAD_OUTPUT_KEYS, OmniPose, build_model
 from model.skeleton import KEYPOINT_SPECS, KeypointSpec
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "omnipose-serve/1"
 DEFAULT_CONFIG_NAME = "coco-w18-256x192"
-_STATE_DICT_CONTAINER_KEYS = ("state_dict", "model")
+# Searched in this order: a training checkpoint's best epoch beats its last one.
+_STATE_DICT_CONTAINER_KEYS = ("best_state_dict", "state_dict", "model")
 _PREFIXES_TO_STRIP = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
-_JOINTS_KEY = "waspv2.last_conv.6.weight"
 _WIDTH_KEY = "transition1.0.0.weight"
+# numpy scalar types whose dtype classes may be rebuilt (plain numbers only: no objects, strings,
+# structured or datetime types).
+_NUMPY_NUMERIC_TYPES = (
+    np.bool_,
+    np.int8,
+    np.int16,
+    np.int32,
+    np.int64,
+    np.uint8,
+    np.uint16,
+    np.uint32,
+    np.uint64,
+    np.float16,
+    np.float32,
+    np.float64,
+)
 _MAX_LISTED = 5
 _HASH_CHUNK = 1 << 20
 
@@ -57,6 +81,15 @@ class LoadedCheckpoint:
     metadata: dict[str, Any]
     sha256: str
     path: Path | None = field(default=None, compare=False)
+    entry: str | None = None  # the wrapper key the weights came from; None for a bare state_dict
+
+
+class Architecture(NamedTuple):
+    """What the tensors of a state_dict say about the network that made them."""
+
+    num_joints: int
+    width: int
+    head: str
 
 
 def file_sha256(path: str | Path) -> str:
@@ -66,6 +99,25 @@ def file_sha256(path: str | Path) -> str:
         while chunk := stream.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def numpy_scalar_globals() -> list[Any]:
+    """The allow-list ``weights_only`` loading needs for numpy scalars (HRNet-style ``perf``).
+
+    numpy pickles a scalar as ``multiarray.scalar(dtype, raw bytes)``, under ``numpy.core``
+    (numpy 1.x files) or ``numpy._core`` (numpy 2.x files); the dtype is rebuilt by
+    ``numpy.dtype`` and its state set on its class (``numpy.dtypes.Float64DType``, ...). Only
+    plain numeric dtype classes are listed, so arrays, object, string and structured values stay
+    refused. Both names map to the installed numpy's function.
+    """
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    dtype_classes = dict.fromkeys(type(np.dtype(kind)) for kind in _NUMPY_NUMERIC_TYPES)
+    return [
+        (multiarray.scalar, "numpy.core.multiarray.scalar"),
+        (multiarray.scalar, "numpy._core.multiarray.scalar"),
+        np.dtype,
+        *dtype_classes,
+    ]
 
 
 def _describe_load_failure(error: Exception) -> str:
@@ -108,40 +160,46 @@ def _strip_prefixes(state_dict: Mapping[str, Any], path: Path | str) -> dict[str
     return cleaned
 
 
-def _extract_state_dict(payload: Any, path: Path) -> Mapping[str, Any]:
+def _extract_state_dict(payload: Any, path: Path) -> tuple[Mapping[str, Any], str | None]:
+    """The weights in ``payload`` and the wrapper key they sit under (None: bare state_dict)."""
     if not isinstance(payload, Mapping):
         raise CheckpointError(
             f"checkpoint {path}: holds a {type(payload).__name__}, expected a state_dict or a dict"
         )
     for container in _STATE_DICT_CONTAINER_KEYS:
         if isinstance(payload.get(container), Mapping):
-            return payload[container]
+            return payload[container], container
     if payload and all(isinstance(value, Tensor) for value in payload.values()):
-        return payload
+        return payload, None
     keys = ", ".join(map(repr, list(payload)[:_MAX_LISTED]))
+    entries = ", ".join(map(repr, _STATE_DICT_CONTAINER_KEYS))
     raise CheckpointError(
-        f"checkpoint {path}: no state_dict found (expected tensors, or a 'state_dict' or 'model' "
-        f"entry; top-level keys: {keys or 'none'})"
+        f"checkpoint {path}: no state_dict found (expected tensors, or a {entries} entry; "
+        f"top-level keys: {keys or 'none'})"
     )
 
 
 def _config_from_dict(data: Any, path: Path) -> ModelConfig:
     try:
         height, width = data["input_size"]
-        return ModelConfig(str(data["dataset"]), int(data["width"]), int(height), int(width))
+        head = str(data.get("head", DEFAULT_HEAD))  # files from before WASPv1 have no head
+        return ModelConfig(str(data["dataset"]), int(data["width"]), int(height), int(width), head)
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"checkpoint {path}: malformed 'config' entry ({error!r})") from None
 
 
 def _plain_metadata(payload: Mapping[str, Any]) -> dict[str, Any]:
-    """Project files carry ``metadata``; for others keep top-level scalars (epoch, perf, ...)."""
+    """Project files carry ``metadata``; for others keep top-level scalars (epoch, perf, ...).
+
+    numpy scalars become Python numbers so the metadata stays plain JSON.
+    """
     metadata = payload.get("metadata")
     if isinstance(metadata, Mapping):
         return dict(metadata)
     return {
-        key: value
+        key: value.item() if isinstance(value, np.generic) else value
         for key, value in payload.items()
-        if isinstance(key, str) and isinstance(value, str | int | float | bool)
+        if isinstance(key, str) and isinstance(value, str | int | float | bool | np.generic)
     }
 
 
@@ -156,7 +214,8 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
         if path.stat().st_size == 0:
             raise CheckpointError(f"checkpoint {path}: file is empty")
         sha256 = file_sha256(path)
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(numpy_scalar_globals()):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
     except OSError as error:
@@ -164,7 +223,7 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
     except Exception as error:  # torch.load raises many types for corrupt or unsafe files
         raise CheckpointError(f"checkpoint {path} {_describe_load_failure(error)}") from None
 
-    raw_state_dict = _extract_state_dict(payload, path)
+    raw_state_dict, entry = _extract_state_dict(payload, path)
     state_dict = _strip_prefixes(raw_state_dict, path)
     config = keypoints = None
     metadata: dict[str, Any] = {}
@@ -185,25 +244,38 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
                     f"checkpoint {path}: malformed 'keypoints' entry ({error!r})"
                 ) from None
         metadata = _plain_metadata(payload)
-    return LoadedCheckpoint(state_dict, config, keypoints, metadata, sha256, path)
+    return LoadedCheckpoint(state_dict, config, keypoints, metadata, sha256, path, entry)
 
 
-def infer_architecture(state_dict: Mapping[str, Tensor]) -> tuple[int, int]:
-    """``(num_joints, width)`` of an OmniPose state_dict, from the head and first transition."""
+def infer_architecture(state_dict: Mapping[str, Tensor]) -> Architecture:
+    """Joints, width and head of an OmniPose state_dict, from its head and first transition.
+
+    The head is named by which head's final conv the keys hold (``waspv2.*`` for WASPv2,
+    ``wasp.*``/``decoder.*`` for WASPv1); that conv's shape is ``(joints, width, 1, 1)``.
+    """
     state_dict = {_strip_key(key): value for key, value in state_dict.items()}
-    missing = [key for key in (_JOINTS_KEY, _WIDTH_KEY) if key not in state_dict]
-    if missing:
+    heads = [head for head, key in HEAD_OUTPUT_KEYS.items() if key in state_dict]
+    if len(heads) > 1:
+        raise CheckpointError(
+            "not an OmniPose state_dict: it holds both heads "
+            f"({', '.join(HEAD_OUTPUT_KEYS[head] for head in heads)})"
+        )
+    if not heads or _WIDTH_KEY not in state_dict:
+        missing = [] if heads else [" or ".join(HEAD_OUTPUT_KEYS.values())]
+        missing += [] if _WIDTH_KEY in state_dict else [_WIDTH_KEY]
         raise CheckpointError(
             f"not an OmniPose state_dict: missing {', '.join(missing)} "
             f"({len(state_dict)} keys, e.g. {', '.join(list(state_dict)[:3]) or 'none'})"
         )
-    head, transition = state_dict[_JOINTS_KEY], state_dict[_WIDTH_KEY]
-    if head.dim() != 4 or transition.dim() != 4 or head.shape[1] != transition.shape[0]:
+    head = heads[0]
+    output_key = HEAD_OUTPUT_KEYS[head]
+    output, transition = state_dict[output_key], state_dict[_WIDTH_KEY]
+    if output.dim() != 4 or transition.dim() != 4 or output.shape[1] != transition.shape[0]:
         raise CheckpointError(
-            f"not an OmniPose state_dict: {_JOINTS_KEY} {tuple(head.shape)} does not fit "
+            f"not an OmniPose state_dict: {output_key} {tuple(output.shape)} does not fit "
             f"{_WIDTH_KEY} {tuple(transition.shape)}"
         )
-    return int(head.shape[0]), int(transition.shape[0])
+    return Architecture(int(output.shape[0]), int(transition.shape[0]), head)
 
 
 def _dataset_for_joints(num_joints: int, path: Path) -> str:
@@ -224,37 +296,59 @@ def _named_config(name: str) -> ModelConfig:
 
 
 def _resolve_config(
-    checkpoint: LoadedCheckpoint, num_joints: int, width: int, config_name: str | None
+    checkpoint: LoadedCheckpoint, architecture: Architecture, config_name: str | None
 ) -> ModelConfig:
-    """Checkpoint's own config (input size overridable) > named config > inferred from shapes."""
+    """Checkpoint's own config (input size overridable) > named config > inferred from shapes.
+
+    The head always follows the weights: a file with WASPv1 keys builds WASPv1 even when the
+    config name asks for the default WASPv2 (the authors' released files are WASPv1), and the
+    switch is logged.
+    """
+    num_joints, width, head = architecture
+    path = checkpoint.path
     requested = _named_config(config_name) if config_name else None
     stored = checkpoint.config
     if stored is not None:
+        if stored.head != head:
+            raise CheckpointError(
+                f"checkpoint {path}: its config {stored.name} names the {stored.head_label} head "
+                f"but its weights are {HEAD_LABELS[head]}"
+            )
         if requested is None:
             config = stored
         elif (requested.dataset, requested.width) == (stored.dataset, stored.width):
             config = requested
         else:
             raise CheckpointError(
-                f"checkpoint {checkpoint.path} is {stored.dataset} width {stored.width} "
+                f"checkpoint {path} is {stored.dataset} width {stored.width} "
                 f"({stored.name}) but config {requested.name} expects {requested.dataset} "
                 f"width {requested.width}"
             )
     elif requested is not None:
         config = requested
     else:
-        dataset = _dataset_for_joints(num_joints, checkpoint.path or Path("?"))
-        config = ModelConfig(dataset, width, *INPUT_SIZES[dataset][0])
+        dataset = _dataset_for_joints(num_joints, path or Path("?"))
+        config = ModelConfig(dataset, width, *INPUT_SIZES[dataset][0], head)
     if (config.num_joints, config.width) != (num_joints, width):
         raise CheckpointError(
-            f"checkpoint {checkpoint.path} has {num_joints} joints / width {width} but config "
+            f"checkpoint {path} has {num_joints} joints / width {width} but config "
             f"{config.name} expects {config.num_joints} joints / width {config.width}"
         )
     if checkpoint.keypoints is not None and checkpoint.keypoints.num_joints != num_joints:
         raise CheckpointError(
-            f"checkpoint {checkpoint.path} has {num_joints} heatmaps but its keypoint spec "
+            f"checkpoint {path} has {num_joints} heatmaps but its keypoint spec "
             f"names {checkpoint.keypoints.num_joints} joints"
         )
+    if config.head != head:
+        switched = dataclasses.replace(config, head=head)
+        log.info(
+            "checkpoint %s holds %s weights: using config %s instead of %s",
+            path,
+            switched.head_label,
+            switched.name,
+            config.name,
+        )
+        config = switched
     return config
 
 
@@ -296,8 +390,10 @@ def load_model(
         return build_model(config).to(device).eval(), config, None
 
     checkpoint = read_checkpoint(path)
-    num_joints, width = infer_architecture(checkpoint.state_dict)
-    config = _resolve_config(checkpoint, num_joints, width, config_name)
+    if checkpoint.entry not in (None, "state_dict"):
+        log.info("checkpoint %s: using the weights under %r", path, checkpoint.entry)
+    architecture = infer_architecture(checkpoint.state_dict)
+    config = _resolve_config(checkpoint, architecture, config_name)
     model = build_model(config)
     _check_compatible(model, checkpoint.state_dict, Path(path))
     try:
@@ -326,13 +422,15 @@ def save_checkpoint(
     """Write a project checkpoint atomically: readers see the old file or the complete new one."""
     path = Path(path)
     network = _unwrap(model)
-    if isinstance(network, OmniPose) and (network.num_joints, network.width) != (
+    if isinstance(network, OmniPose) and (network.num_joints, network.width, network.head) != (
         config.num_joints,
         config.width,
+        config.head,
     ):
         raise ValueError(
-            f"model has {network.num_joints} joints / width {network.width} but config "
-            f"{config.name} expects {config.num_joints} / {config.width}"
+            f"model has {network.num_joints} joints / width {network.width} / head "
+            f"{network.head} but config {config.name} expects {config.num_joints} / "
+            f"{config.width} / {config.head}"
         )
     try:  # round-trip through JSON: guarantees plain types that weights_only can read back
         plain_metadata = json.loads(json.dumps(metadata or {}, allow_nan=True))

@@ -1,4 +1,4 @@
-"""OmniPose: an HRNet backbone with Gaussian-smoothed upsampling fusions and a WASPv2 head.
+"""OmniPose: an HRNet backbone with Gaussian-smoothed upsampling fusions and a WASP head.
 
 Written from the published description (arXiv 2103.10180 and /work/shared/reference facts), not
 from the authors' code. Module names and registration order are chosen so that ``state_dict()``
@@ -12,7 +12,9 @@ Layout for width ``W`` (input ``H x W_in``, heatmaps at a quarter of the input):
 - stages 2/3/4: 1/4/3 ``HighResolutionModule``s with 2/3/4 branches of W, 2W, 4W, 8W channels,
   4 BasicBlocks per branch, SUM fusion. Lower-to-higher resolution fusion is 1x1 conv + BN, one
   transposed conv + BN + ReLU per factor 2, then a fixed depthwise Gaussian blur.
-- WASPv2 head on the highest-resolution branch (W channels in, ``num_joints`` heatmaps out).
+- a head on the highest-resolution branch (W channels in, ``num_joints`` heatmaps out), either
+  WASPv2 (keys ``waspv2.*``: the published code) or WASPv1 (keys ``wasp.*`` then ``decoder.*``:
+  the checkpoints the authors actually released). The head width is tied to W (48 published).
 """
 
 from __future__ import annotations
@@ -21,14 +23,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.configs import ModelConfig
+from model.configs import DEFAULT_HEAD, HEADS, ModelConfig
 
 STEM_CHANNELS = 64
 BLOCKS_PER_BRANCH = 4
 MODULES_PER_STAGE = {2: 1, 3: 4, 4: 3}  # stage index -> number of HighResolutionModules
 GAUSSIAN_SIGMA = 3.0
 GAUSSIAN_KERNEL_SIZE = 3
-WASP_DILATIONS = (1, 6, 12, 18)
+WASP_KERNELS = (1, 3, 3, 3)  # the four waterfall units of both heads
+WASPV2_DILATIONS = (1, 6, 12, 18)
+WASPV1_DILATIONS = (6, 12, 18, 24)  # the first unit is 1x1: its dilation has no effect
+WASPV1_DROPOUT = 0.5  # after the WASPv1 pooling module and the decoder's first conv
+WASPV1_DECODER_DROPOUT = 0.1  # after the decoder's second conv
+# The final 1x1 conv of each head: its key names the head, its shape (joints, W, 1, 1).
+HEAD_OUTPUT_KEYS = {"waspv2": "waspv2.last_conv.6.weight", "waspv1": "decoder.last_conv.8.weight"}
 CONV_INIT_STD = 0.001  # HRNet's init: tiny convs, BN carries the scale
 
 
@@ -221,12 +229,11 @@ class SeparableConv2d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int):
         super().__init__()
-        padding = 0 if kernel_size == 1 else dilation
         self.spatialConv = nn.Conv2d(
             in_channels,
             in_channels,
             kernel_size,
-            padding=padding,
+            padding=_atrous_padding(kernel_size, dilation),
             dilation=dilation,
             groups=in_channels,
             bias=False,
@@ -238,17 +245,77 @@ class SeparableConv2d(nn.Module):
         return self.pointConv(self.relu(self.spatialConv(x)))
 
 
-class AtrousUnit(nn.Module):
-    """One waterfall stage: separable atrous conv + BN + ReLU."""
+def _atrous_padding(kernel_size: int, dilation: int) -> int:
+    """'Same' padding of a dilated conv: 0 for 1x1 (where dilation changes nothing), else d."""
+    return 0 if kernel_size == 1 else dilation
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int):
+
+class AtrousUnit(nn.Module):
+    """One waterfall stage: atrous conv (separable for WASPv2, plain for WASPv1) + BN + ReLU."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        dilation: int,
+        separable: bool = True,
+    ):
         super().__init__()
-        self.atrous_conv = SeparableConv2d(in_channels, out_channels, kernel_size, dilation)
+        self.atrous_conv: nn.Module
+        if separable:
+            self.atrous_conv = SeparableConv2d(in_channels, out_channels, kernel_size, dilation)
+        else:
+            self.atrous_conv = nn.Conv2d(
+                in_channels,
+                out_channels,
+                kernel_size,
+                padding=_atrous_padding(kernel_size, dilation),
+                dilation=dilation,
+                bias=False,
+            )
         self.bn = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.relu(self.bn(self.atrous_conv(x)))
+
+
+def waterfall_units(
+    in_channels: int, width: int, dilations: tuple[int, ...], separable: bool
+) -> list[AtrousUnit]:
+    """The four cascaded atrous units (kernel 1 then 3, 3, 3): each feeds the next."""
+    channels_in = (in_channels, width, width, width)
+    return [
+        AtrousUnit(c, width, k, d, separable)
+        for c, k, d in zip(channels_in, WASP_KERNELS, dilations, strict=True)
+    ]
+
+
+def image_pooling(in_channels: int, width: int) -> nn.Sequential:
+    """Global context branch: average pool, 1x1 conv, BN, ReLU (index layout of the keys)."""
+    return nn.Sequential(
+        nn.AdaptiveAvgPool2d(1),
+        conv1x1(in_channels, width),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+    )
+
+
+def broadcast_pooled(pooled: Tensor, like: Tensor) -> Tensor:
+    """Resize the 1x1 pooled map to ``like``'s size.
+
+    The authors resize bilinearly (align_corners); from a single pixel every interpolation is a
+    copy, so a broadcast gives identical values without the interpolation kernel.
+    """
+    return pooled.expand(-1, -1, *like.shape[-2:])
+
+
+def resize_like(x: Tensor, like: Tensor) -> Tensor:
+    """Bilinear (align_corners) resize of ``x`` to ``like``'s size; a no-op when they agree."""
+    if x.shape[-2:] == like.shape[-2:]:
+        return x
+    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=True)
 
 
 class WASPv2(nn.Module):
@@ -267,18 +334,10 @@ class WASPv2(nn.Module):
     ) -> None:
         super().__init__()
         low_width = max(width // 8, 1)
-        kernels = (1, 3, 3, 3)
-        channels_in = (in_channels, width, width, width)
-        self.aspp1, self.aspp2, self.aspp3, self.aspp4 = (
-            AtrousUnit(c, width, k, d)
-            for c, k, d in zip(channels_in, kernels, WASP_DILATIONS, strict=True)
+        self.aspp1, self.aspp2, self.aspp3, self.aspp4 = waterfall_units(
+            in_channels, width, WASPV2_DILATIONS, separable=True
         )
-        self.global_avg_pool = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1),
-            conv1x1(in_channels, width),
-            nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
-        )
+        self.global_avg_pool = image_pooling(in_channels, width)
         self.conv1 = conv1x1(5 * width, width)
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = conv1x1(low_level_channels, low_width)
@@ -299,27 +358,90 @@ class WASPv2(nn.Module):
         x2 = self.aspp2(x1)
         x3 = self.aspp3(x2)
         x4 = self.aspp4(x3)
-        pooled = self.global_avg_pool(x)
-        # Pooled map is 1x1: resizing it is a broadcast whatever the interpolation mode.
-        x5 = pooled.expand(-1, -1, *x4.shape[-2:])
+        x5 = broadcast_pooled(self.global_avg_pool(x), x4)
         x = self.relu(self.bn1(self.conv1(torch.cat((x1, x2, x3, x4, x5), dim=1))))
         low = self.relu(self.bn2(self.conv2(low_level)))
-        if low.shape[-2:] != x.shape[-2:]:
-            x = F.interpolate(x, size=low.shape[-2:], mode="bilinear", align_corners=True)
-        return self.last_conv(torch.cat((x, low), dim=1))
+        return self.last_conv(torch.cat((resize_like(x, low), low), dim=1))
+
+
+class WASPv1(nn.Module):
+    """The released checkpoints' waterfall module (keys ``wasp.*``): features, not heatmaps.
+
+    Plain (not separable) atrous units in cascade, dilations 6/12/18/24. Each of the four
+    cascade outputs passes twice through ONE shared 1x1 conv (``conv2``, no BN in between) before
+    the concatenation with the image-pooling branch; then 1x1 conv + BN + ReLU and dropout.
+    :class:`WASPv1Decoder` turns the result into heatmaps.
+    """
+
+    def __init__(self, in_channels: int, width: int) -> None:
+        super().__init__()
+        self.aspp1, self.aspp2, self.aspp3, self.aspp4 = waterfall_units(
+            in_channels, width, WASPV1_DILATIONS, separable=False
+        )
+        self.global_avg_pool = image_pooling(in_channels, width)
+        self.conv1 = conv1x1(5 * width, width)
+        self.conv2 = conv1x1(width, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.dropout = nn.Dropout(WASPV1_DROPOUT)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1 = self.aspp1(x)
+        x2 = self.aspp2(x1)
+        x3 = self.aspp3(x2)
+        x4 = self.aspp4(x3)
+        mixed = [self.conv2(self.conv2(branch)) for branch in (x1, x2, x3, x4)]
+        pooled = broadcast_pooled(self.global_avg_pool(x), x4)
+        out = self.relu(self.bn1(self.conv1(torch.cat((*mixed, pooled), dim=1))))
+        return self.dropout(out)
+
+
+class WASPv1Decoder(nn.Module):
+    """Heatmaps from the WASPv1 features and the stem's ``layer1`` feature (keys ``decoder.*``).
+
+    Sequential indices of ``last_conv`` (0 conv, 1 BN, 2 ReLU, 3 dropout, 4 conv, 5 BN, 6 ReLU,
+    7 dropout, 8 conv) are the checkpoint's.
+    """
+
+    def __init__(self, low_level_channels: int, width: int, num_joints: int) -> None:
+        super().__init__()
+        low_width = max(width // 8, 1)
+        self.conv1 = conv1x1(low_level_channels, low_width)
+        self.bn1 = nn.BatchNorm2d(low_width)
+        self.relu = nn.ReLU(inplace=True)
+        self.last_conv = nn.Sequential(
+            conv3x3(width + low_width, width),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Dropout(WASPV1_DROPOUT),
+            conv3x3(width, width),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Dropout(WASPV1_DECODER_DROPOUT),
+            nn.Conv2d(width, num_joints, 1),
+        )
+
+    def forward(self, x: Tensor, low_level: Tensor) -> Tensor:
+        low = self.relu(self.bn1(self.conv1(low_level)))
+        return self.last_conv(torch.cat((resize_like(x, low), low), dim=1))
 
 
 class OmniPose(nn.Module):
     """OmniPose network: image crop ``[B, 3, H, W]`` -> heatmaps ``[B, J, H/4, W/4]``.
 
     H and W must be multiples of 32 (four resolution halvings after the stride-4 stem must stay
-    integral so that the transposed-conv upsampling lands on the same grid).
+    integral so that the transposed-conv upsampling lands on the same grid). ``head`` is
+    ``"waspv2"`` (the published code) or ``"waspv1"`` (the released checkpoints); the backbone
+    is the same for both.
     """
 
-    def __init__(self, num_joints: int, width: int = 48) -> None:
+    def __init__(self, num_joints: int, width: int = 48, head: str = DEFAULT_HEAD) -> None:
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
         self.num_joints = num_joints
         self.width = width
+        self.head = head
         branch_channels = tuple(width * 2**i for i in range(4))
         stem_out = STEM_CHANNELS * Bottleneck.expansion
 
@@ -342,7 +464,12 @@ class OmniPose(nn.Module):
         # Only the highest-resolution output of the last module feeds the head.
         self.stage4[-1].skip_unused_outputs(keep=1)
 
-        self.waspv2 = WASPv2(branch_channels[0], stem_out, width, num_joints)
+        # Registered last, in this order, so state_dict keys end with the head's as published.
+        if head == "waspv1":
+            self.wasp = WASPv1(branch_channels[0], width)
+            self.decoder = WASPv1Decoder(stem_out, width, num_joints)
+        else:
+            self.waspv2 = WASPv2(branch_channels[0], stem_out, width, num_joints)
         self.init_weights()
 
     @staticmethod
@@ -413,9 +540,11 @@ class OmniPose(nn.Module):
         features = self.stage2(self._apply_transition(self.transition1, [low_level]))
         features = self.stage3(self._apply_transition(self.transition2, features))
         features = self.stage4(self._apply_transition(self.transition3, features))
+        if self.head == "waspv1":
+            return self.decoder(self.wasp(features[0]), low_level)
         return self.waspv2(features[0], low_level)
 
 
 def build_model(config: ModelConfig) -> OmniPose:
     """Randomly initialised network for a named configuration (the input size does not matter)."""
-    return OmniPose(num_joints=config.num_joints, width=config.width)
+    return OmniPose(num_joints=config.num_joints, width=config.width, head=config.head)

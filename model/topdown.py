@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from model.buckets import BucketedForward, bucket_sizes
 from model.codec import decode_heatmaps, flip_heatmaps_back
 from model.configs import ModelConfig
 from model.device_crops import crop_on_device, normalize_on_device
@@ -126,6 +127,18 @@ class TopDownPoseEstimator:
         self.flip_shift = flip_shift
         self.model = cast_network(model.to(self.device).eval(), self.precision)
         self._flip_index = self.keypoints.flip_index()
+        self._bucketed: BucketedForward | None = None
+
+    def use_buckets(self, largest: int, use_cuda_graphs: bool | None = None) -> list[int]:
+        """Run the network in fixed batch-size buckets up to ``largest`` (CUDA graphs on CUDA),
+        all captured and warmed now; returns the bucket sizes. See model.buckets."""
+        height, width = self.config.input_size
+        example = cast_inputs(torch.zeros(1, 3, height, width, device=self.device),
+                              self.precision)
+        self._bucketed = BucketedForward(self.model, example, bucket_sizes(largest),
+                                         use_cuda_graphs)
+        self._bucketed.warm_up()
+        return self._bucketed.buckets
 
     # --- stage 1: crops -------------------------------------------------------------------
     def prepare(self, image_rgb: np.ndarray, boxes_xywh: np.ndarray,
@@ -169,10 +182,13 @@ class TopDownPoseEstimator:
         if n == 0:
             h, w = self.config.heatmap_size
             return torch.zeros(0, self.keypoints.num_joints, h, w, device=self.device)
+        if self.device.type == "cuda" and inputs.device.type == "cpu":
+            inputs = inputs.pin_memory()  # page-locked: the copy below is asynchronous
         x = inputs.to(self.device, non_blocking=True)
         if flip:
             x = torch.cat([x, torch.flip(x, dims=[3])], dim=0)
-        heatmaps = self.model(cast_inputs(x, self.precision)).float()
+        run = self._bucketed or self.model
+        heatmaps = run(cast_inputs(x, self.precision)).float()
         if flip:
             flipped = flip_heatmaps_back(heatmaps[n:], self._flip_index, shift=self.flip_shift)
             heatmaps = (heatmaps[:n] + flipped) * 0.5

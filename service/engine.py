@@ -142,6 +142,8 @@ class PoseEngine:
                     ),
                 )
             self.layout = await loop.run_in_executor(None, self._choose_layout)
+            if settings.warmup and self.pose_model.estimator.device.type == "cuda":
+                await loop.run_in_executor(None, self._capture_buckets)
             self._publish_model_info()
             queue_depth = self.metrics.queue_depth
             self._pose_batcher = DynamicBatcher(
@@ -267,6 +269,14 @@ class PoseEngine:
             best,
         )
         return best
+
+    def _capture_buckets(self) -> None:
+        """On a GPU: every batch-size bucket a batch can need (flip doubles it) captured as a
+        CUDA graph before ready, so no request pays for capture or cuDNN autotuning."""
+        largest = self.settings.max_batch_size * (2 if self.settings.flip_test else 1)
+        largest = max(largest, 2)  # a flipped single crop
+        buckets = self.pose_model.estimator.use_buckets(largest)
+        log.info("pose model: CUDA graphs captured for batch sizes %s", buckets)
 
     def _start_pose_instance(self, index: int) -> None:
         """On each pose instance's thread: its own torch thread count, then its warm-up."""

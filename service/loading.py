@@ -90,14 +90,15 @@ def resolve_weights(weights: str | Path | None) -> Path | None:
 
 
 def _default_if_it_fits(default: Path, config_name: str) -> Path | None:
-    """The embedded default, unless ``config_name`` asks for another network (dataset or width).
+    """The embedded default, unless ``config_name`` asks for another network (dataset, width, head).
 
     Asking for a configuration without weights then means a randomly initialised network of that
     configuration (for tests and throughput measurements), never a silent mismatch.
     """
     wanted = get_config(config_name)
     shipped = read_checkpoint(default).config
-    if shipped is not None and (shipped.dataset, shipped.width) == (wanted.dataset, wanted.width):
+    network = (wanted.dataset, wanted.width, wanted.head)
+    if shipped is not None and (shipped.dataset, shipped.width, shipped.head) == network:
         return default
     log.warning("the embedded default model is %s; no weights ship for %s",
                 shipped.name if shipped else "unknown", config_name)

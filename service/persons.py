@@ -16,6 +16,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from model.device_crops import image_to_device
 from model.topdown import CropBatch, TopDownPoseEstimator
 from service.boxes import BoxError
 from service.detection import Detections
@@ -46,6 +47,10 @@ def client_persons(boxes: np.ndarray, scores: np.ndarray | None, max_persons: in
 
 def crop_persons(estimator: TopDownPoseEstimator, image_bgr: np.ndarray,
                  persons: Detections) -> CropBatch:
-    """Network inputs for ``persons``: BGR -> RGB, then the estimator's crops."""
+    """Network inputs for ``persons``: BGR -> RGB, then the estimator's crops. On a GPU the image
+    is uploaded once (pinned, asynchronous) and the crops are cut there (model.device_crops)."""
     image_rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
+    if estimator.device.type == "cuda":
+        image = image_to_device(image_rgb, estimator.device, pin_memory=True)
+        return estimator.prepare_on_device(image, persons.boxes, persons.scores)
     return estimator.prepare(image_rgb, persons.boxes, persons.scores)

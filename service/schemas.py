@@ -85,6 +85,7 @@ class ModelConfigInfo(BaseModel):
     name: str
     dataset: str
     width: int
+    head: str = Field("waspv2", description="waspv2 (published code) or waspv1 (released weights)")
     input_size: list[int]
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,6 +47,12 @@ def randomised(model: OmniPose, seed: int) -> OmniPose:
 def coco_w8() -> OmniPose:
     """A narrow but structurally complete network: checkpoints of a few MB keep tests fast."""
     return randomised(OmniPose(num_joints=17, width=8), seed=0)
+
+
+@pytest.fixture(scope="module")
+def released_w8() -> OmniPose:
+    """The released head (WASPv1) on a narrow backbone."""
+    return randomised(OmniPose(num_joints=17, width=8, head="waspv1"), seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -256,12 +265,191 @@ def test_extra_keys_alone_are_refused(tmp_path: Path, coco_w8: OmniPose) -> None
     assert "missing" not in str(error.value)
 
 
-@pytest.mark.parametrize(("num_joints", "width"), [(17, 18), (17, 32), (16, 18)])
-def test_infer_architecture(num_joints: int, width: int) -> None:
-    state = OmniPose(num_joints=num_joints, width=width).state_dict()
-    assert infer_architecture(state) == (num_joints, width)
+@pytest.mark.parametrize(
+    ("num_joints", "width", "head"),
+    [(17, 18, "waspv2"), (17, 32, "waspv2"), (16, 18, "waspv2"), (17, 8, "waspv1"),
+     (16, 18, "waspv1")],
+)  # fmt: skip
+def test_infer_architecture(num_joints: int, width: int, head: str) -> None:
+    state = OmniPose(num_joints=num_joints, width=width, head=head).state_dict()
+    assert infer_architecture(state) == (num_joints, width, head)
     prefixed = {f"module.{key}": value for key, value in state.items()}
-    assert infer_architecture(prefixed) == (num_joints, width)
+    assert infer_architecture(prefixed) == (num_joints, width, head)
+
+
+@pytest.mark.parametrize(("dataset", "joints"), [("coco", 17), ("mpii", 16)])
+@pytest.mark.parametrize("head", ["waspv1", "waspv2"])
+def test_head_and_dataset_are_recognised_from_the_keys(
+    tmp_path: Path, dataset: str, joints: int, head: str
+) -> None:
+    path = tmp_path / "model_best.pth"
+    torch.save(OmniPose(num_joints=joints, width=8, head=head).state_dict(), path)
+    model, config, _ = load_model(path)
+    assert (config.dataset, config.width, config.head, model.head) == (dataset, 8, head, head)
+    assert config.name.endswith("-waspv1") == (head == "waspv1")
+
+
+def test_released_weights_switch_a_waspv2_config_to_waspv1(
+    tmp_path: Path, released_w8: OmniPose, crop: torch.Tensor, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The authors' files are WASPv1: naming the input size alone must be enough to load them."""
+    path = tmp_path / "final_state.pth"
+    torch.save(released_w8.state_dict(), path)
+    with caplog.at_level(logging.INFO, logger="model.checkpoint"):
+        model, config, _ = load_model(path, "coco-w8-256x192")
+    assert config.name == "coco-w8-256x192-waspv1" and config.head == "waspv1"
+    assert "WASPv1" in caplog.text and "coco-w8-256x192-waspv1 instead of coco-w8-256x192" in (
+        caplog.text
+    )
+    assert torch.equal(heatmaps(model, crop), heatmaps(released_w8, crop))
+    # ... and the other way round: WASPv2 weights under a -waspv1 name build WASPv2.
+    other = tmp_path / "v2.pth"
+    torch.save(OmniPose(num_joints=17, width=8).state_dict(), other)
+    assert load_model(other, "coco-w8-256x192-waspv1")[1].name == "coco-w8-256x192"
+
+
+def test_waspv1_project_checkpoint_round_trip(
+    tmp_path: Path, released_w8: OmniPose, crop: torch.Tensor
+) -> None:
+    path = tmp_path / "released.pt"
+    config = get_config("coco-w8-128x96-waspv1")
+    save_checkpoint(path, released_w8, config)
+    assert torch.load(path, weights_only=True)["config"]["head"] == "waspv1"
+    model, loaded_config, _ = load_model(path)
+    assert loaded_config == config
+    assert torch.equal(heatmaps(model, crop), heatmaps(released_w8, crop))
+    with pytest.raises(ValueError, match="head"):
+        save_checkpoint(path, released_w8, get_config("coco-w8-128x96"))
+
+
+def test_stored_head_that_contradicts_the_weights_is_refused(
+    tmp_path: Path, coco_w8: OmniPose
+) -> None:
+    path = tmp_path / "lying.pt"
+    save_checkpoint(path, coco_w8, get_config("coco-w8-128x96"))
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["head"] = "waspv1"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError) as error:
+        load_model(path)
+    assert_one_line_error(error, path, "WASPv1 head", "weights are WASPv2")
+
+
+def test_state_dict_with_both_heads_is_refused(
+    tmp_path: Path, coco_w8: OmniPose, released_w8: OmniPose
+) -> None:
+    path = tmp_path / "both.pth"
+    torch.save({**coco_w8.state_dict(), **released_w8.state_dict()}, path)
+    with pytest.raises(CheckpointError) as error:
+        load_model(path)
+    assert "\n" not in str(error.value) and "both heads" in str(error.value)
+
+
+def adam_state_after_one_step(model: OmniPose) -> dict:
+    """A real optimizer state, as the training script stores it."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss = model.train()(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5)))
+    loss.square().mean().backward()
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return optimizer.state_dict()
+
+
+def training_script_checkpoint(best: OmniPose, last: OmniPose, with_best: bool = True) -> dict:
+    """``checkpoint.pth`` as the published (HRNet-style) training script writes it."""
+    payload = {
+        "epoch": 141,
+        "model": "omnipose",
+        "state_dict": {f"module.{key}": value for key, value in last.state_dict().items()},
+        "perf": np.float64(0.7512),  # the validation AP, a numpy scalar
+        "optimizer": adam_state_after_one_step(
+            OmniPose(num_joints=last.num_joints, width=last.width, head=last.head)
+        ),
+    }
+    if with_best:
+        payload["best_state_dict"] = best.state_dict()
+    return payload
+
+
+def test_training_script_checkpoint_loads_its_best_weights(
+    tmp_path: Path, released_w8: OmniPose, crop: torch.Tensor
+) -> None:
+    last = randomised(OmniPose(num_joints=17, width=8, head="waspv1"), seed=9)
+    path = tmp_path / "checkpoint.pth"
+    torch.save(training_script_checkpoint(best=released_w8, last=last), path)
+
+    model, config, checkpoint = load_model(path, "coco-w8-128x96")
+    assert config.name == "coco-w8-128x96-waspv1"
+    assert checkpoint is not None and checkpoint.entry == "best_state_dict"
+    assert checkpoint.metadata == {"epoch": 141, "model": "omnipose", "perf": 0.7512}
+    assert type(checkpoint.metadata["perf"]) is float  # plain JSON, not numpy
+    assert torch.equal(heatmaps(model, crop), heatmaps(released_w8, crop))
+
+    # Without best_state_dict the (module.-prefixed) last weights are used.
+    torch.save(training_script_checkpoint(best=released_w8, last=last, with_best=False), path)
+    model, _, checkpoint = load_model(path)
+    assert checkpoint is not None and checkpoint.entry == "state_dict"
+    assert torch.equal(heatmaps(model, crop), heatmaps(last, crop))
+
+
+def test_numpy_allow_list_is_scoped_to_checkpoint_reading(
+    tmp_path: Path, released_w8: OmniPose
+) -> None:
+    path = tmp_path / "checkpoint.pth"
+    torch.save(training_script_checkpoint(released_w8, released_w8), path)
+    before = set(torch.serialization.get_safe_globals())
+    read_checkpoint(path)
+    # a set: adding and removing the scoped entries may reorder torch's own collection
+    assert set(torch.serialization.get_safe_globals()) == before
+    with pytest.raises(Exception, match=r"multiarray\.scalar"):  # plain torch.load still refuses
+        torch.load(path, weights_only=True)
+
+
+def rename_pickled_global(path: Path, old: bytes, new: bytes) -> None:
+    """Rewrite a torch zip checkpoint's pickle, e.g. to the name numpy 1.x writes."""
+    with zipfile.ZipFile(path) as source:
+        entries = [(info, source.read(info)) for info in source.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as target:
+        for info, data in entries:
+            if info.filename.endswith("/data.pkl"):
+                assert old in data
+                data = data.replace(old, new)
+            target.writestr(info, data)
+
+
+def test_numpy_1_scalar_name_is_accepted(tmp_path: Path, released_w8: OmniPose) -> None:
+    path = tmp_path / "numpy1.pth"
+    torch.save({"state_dict": released_w8.state_dict(), "perf": np.float64(0.5)}, path)
+    rename_pickled_global(path, b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert read_checkpoint(path).metadata == {"perf": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (np.zeros(3), "multiarray._reconstruct"),  # arrays are not on the list
+        (np.str_("best"), "StrDType"),  # nor non-numeric scalars
+        (np.datetime64("2021-03-18"), "DateTime64DType"),
+    ],
+)
+def test_numpy_values_beyond_numeric_scalars_are_refused(
+    tmp_path: Path, coco_w8: OmniPose, extra: object, fragment: str
+) -> None:
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"state_dict": coco_w8.state_dict(), "perf": extra}, path)
+    with pytest.raises(CheckpointError) as error:
+        load_model(path)
+    assert_one_line_error(error, path, fragment, "weights_only")
+
+
+@pytest.mark.parametrize("value", [np.float32(0.25), np.int64(7), np.bool_(True)])
+def test_numeric_numpy_scalars_become_plain_metadata(
+    tmp_path: Path, coco_w8: OmniPose, value: np.generic
+) -> None:
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"state_dict": coco_w8.state_dict(), "value": value}, path)
+    stored = read_checkpoint(path).metadata["value"]
+    assert stored == value.item() and type(stored) is type(value.item())
 
 
 def test_infer_architecture_rejects_other_networks(tmp_path: Path) -> None:

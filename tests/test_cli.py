@@ -18,7 +18,7 @@ import torch
 import service.loading
 from model.checkpoint import save_checkpoint
 from model.configs import get_config
-from model.network import build_model
+from model.network import OmniPose, build_model
 from omnipose_cli.main import main
 from omnipose_cli.predict import image_id_for
 from service.server import add_settings_arguments, settings_from_args
@@ -172,3 +172,74 @@ def test_image_ids_come_only_from_plain_digit_file_names() -> None:
     assert image_id_for(Path("000000397133.jpg"), 5) == 397133  # COCO's file names
     assert image_id_for(Path("².jpg"), 5) == 5  # a digit to str.isdigit, not to int()
     assert image_id_for(Path("holiday.jpg"), 6) == 6
+
+
+def released_head_training_checkpoint(path: Path) -> OmniPose:
+    """A light WASPv1 network saved as the published training script's ``checkpoint.pth``."""
+    generator = torch.Generator().manual_seed(11)
+    network = OmniPose(num_joints=17, width=8, head="waspv1")
+    with torch.no_grad():  # distinct values everywhere, BN statistics too: clear heatmap peaks
+        for name, tensor in network.state_dict().items():
+            if tensor.is_floating_point():
+                noise = torch.rand(tensor.shape, generator=generator)
+                tensor.copy_(noise + 0.5 if "running_var" in name else (noise - 0.5) * 0.2)
+    optimizer = torch.optim.Adam(OmniPose(17, 8, "waspv1").parameters(), lr=1e-3)
+    for group in optimizer.param_groups:  # one real step so the state holds moments
+        for parameter in group["params"]:
+            parameter.grad = torch.ones_like(parameter)
+    optimizer.step()
+    torch.save({
+        "epoch": 140,
+        "model": "omnipose",
+        "state_dict": {f"module.{key}": value for key, value in network.state_dict().items()},
+        "best_state_dict": network.state_dict(),
+        "perf": np.float64(0.7512),
+        "optimizer": optimizer.state_dict(),
+    }, path)  # fmt: skip
+    return network.eval()
+
+
+def test_predict_loads_the_authors_training_checkpoint_layout(tmp_path) -> None:
+    """``omnipose predict`` as a user runs it on a WASPv1 ``checkpoint.pth``, no head named."""
+    weights = tmp_path / "checkpoint.pth"
+    released_head_training_checkpoint(weights)
+    boxes = [[50, 400, 200, 500], [220, 400, 120, 480]]
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+    out = tmp_path / "results.json"
+    env = {**os.environ, "YOLO_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "predict", str(BUS_JPG), "--weights", str(weights),
+         "--config", "coco-w8-128x96", "--detector", "none", "--boxes",
+         str(tmp_path / "boxes.json"), "--device", "cpu", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=300, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "WASPv1" in proc.stderr and "coco-w8-128x96-waspv1" in proc.stderr
+    results = json.loads(out.read_text())
+    assert sorted(r["bbox"] for r in results) == sorted(boxes)
+
+    # The same weights in process give the same keypoints: the file was loaded as it is.
+    loaded = service.loading.load_pose_model(weights, "coco-w8-128x96", device="cpu")
+    assert loaded.config.name == "coco-w8-128x96-waspv1"
+    assert loaded.describe()["config"]["head"] == "waspv1"
+    image_rgb = cv2.cvtColor(cv2.imread(str(BUS_JPG)), cv2.COLOR_BGR2RGB)
+    expected = {
+        tuple(pose.bbox.tolist()): pose.keypoints
+        for pose in loaded.estimator.estimate(image_rgb, np.array(boxes, dtype=float))
+    }
+    for annotation in results:
+        keypoints = np.array(annotation["keypoints"]).reshape(17, 3)
+        np.testing.assert_allclose(keypoints, expected[tuple(annotation["bbox"])], atol=1e-3)
+
+
+def test_info_shows_the_head(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "info", "coco-w48-384x288-waspv1", "coco-w8-96x64"],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    header, released, light = proc.stdout.strip().splitlines()
+    assert header.split()[:2] == ["config", "head"]
+    assert released.split()[:2] == ["coco-w48-384x288-waspv1", "WASPv1"]
+    assert "68,197,613" in released
+    assert light.split()[:2] == ["coco-w8-96x64", "WASPv2"]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from model.checkpoint import save_checkpoint
 from model.configs import get_config
-from model.network import build_model
+from model.network import OmniPose, build_model
 from service import loading
+from service.schemas import ModelDescription
 
 
 @pytest.fixture
@@ -42,3 +44,21 @@ def test_without_a_shipped_default_the_network_is_untrained(tmp_path, monkeypatc
     monkeypatch.setattr(loading, "DEFAULT_WEIGHTS", tmp_path / "absent.pt")
     loaded = loading.load_pose_model(device="cpu")
     assert not loaded.trained and loaded.version == "untrained"
+
+
+def test_a_head_the_default_does_not_have_gets_an_untrained_network(shipped_default) -> None:
+    loaded = loading.load_pose_model(config_name="coco-w8-96x64-waspv1", device="cpu")
+    assert not loaded.trained and loaded.config.head == "waspv1"
+    assert loaded.estimator.model.head == "waspv1"
+
+
+def test_released_head_is_reported_in_the_model_description(tmp_path) -> None:
+    path = tmp_path / "model_best.pth"
+    torch.save(OmniPose(num_joints=17, width=8, head="waspv1").state_dict(), path)
+    loaded = loading.load_pose_model(path, "coco-w8-96x64", device="cpu")
+    # what /v1/models reports (the engine adds the detector and batch size)
+    description = ModelDescription.model_validate(
+        {**loaded.describe(), "detector": "none", "max_batch_size": 1}
+    )
+    assert description.name == "omnipose-coco-w8-96x64-waspv1"
+    assert description.config.head == "waspv1"

@@ -25,8 +25,9 @@ from service.requests import ImageRequest
 from service.settings import ServiceSettings
 
 
-def test_export_has_a_dynamic_batch_and_equals_pytorch() -> None:
-    config = get_config("coco-w8-96x64")
+@pytest.mark.parametrize("name", ["coco-w8-96x64", "coco-w8-96x64-waspv1"])  # both heads
+def test_export_has_a_dynamic_batch_and_equals_pytorch(name: str) -> None:
+    config = get_config(name)
     torch.manual_seed(0)
     network = build_model(config).eval()
     graph = export_onnx(network, config.input_size, {"model_config": config.name})

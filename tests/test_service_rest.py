@@ -74,6 +74,7 @@ def test_health_readiness_and_model(http: httpx.Client) -> None:
     assert http.get("/readyz").json() == {"status": "ready"}
     model = ModelDescription.model_validate(http.get("/v1/models").json())
     assert model.config.name == "coco-w18-128x96"
+    assert http.get("/v1/models").json()["config"]["head"] == "waspv2"
     assert model.input_size == [128, 96] and model.heatmap_size == [32, 24]
     assert len(model.keypoints.joint_names) == NUM_COCO_JOINTS
     assert all(0 <= j < NUM_COCO_JOINTS for limb in model.keypoints.limbs for j in limb)
