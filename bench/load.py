@@ -413,6 +413,11 @@ def main(argv: list[str] | None = None) -> int:
         http_url, grpc_target, server_pid = args.http_url, args.grpc_target, None
         if args.start_server:
             http_url, grpc_target, server_pid = stack.enter_context(started_server(args))
+        with contextlib.suppress(httpx.HTTPError, KeyError, ValueError):
+            served = httpx.get(f"{http_url}/v1/models", timeout=10).json()
+            print(f"  server: {served['precision']}, {served.get('backend', 'torch')},"
+                  f" {served.get('model_instances')} instance(s) x"
+                  f" {served.get('torch_threads')} thread(s)", flush=True)
         raw_model = None if args.skip_raw else RawModel(args)
         raws: list[float] = []
         raw_cpu: list[float] = []
