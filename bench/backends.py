@@ -41,14 +41,16 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     config = get_config(args.config)
     network = build_model(config).eval()
-    backends = {"torch fp32": TopDownPoseEstimator(copy.deepcopy(network), config,
-                                                   flip_test=False)}
+    backends = {"torch fp32": TopDownPoseEstimator(copy.deepcopy(network), config, flip_test=False)}
     if cpu_has_native_bf16():
-        backends["torch bf16"] = TopDownPoseEstimator(copy.deepcopy(network), config,
-                                                      precision="bf16", flip_test=False)
+        backends["torch bf16"] = TopDownPoseEstimator(
+            copy.deepcopy(network), config, precision="bf16", flip_test=False
+        )
     backends["onnxruntime fp32"] = TopDownPoseEstimator(
-        OnnxRuntimeNetwork.from_network(copy.deepcopy(network), config.input_size), config,
-        flip_test=False)
+        OnnxRuntimeNetwork.from_network(copy.deepcopy(network), config.input_size),
+        config,
+        flip_test=False,
+    )
     crops = torch.randn(args.batch, 3, *config.input_size)
     for estimator in backends.values():
         estimator.forward(crops)
@@ -64,8 +66,10 @@ def main() -> int:
     base = statistics.median(rates["torch fp32"])
     for name, values in rates.items():
         median = statistics.median(values)
-        print(f"  {name:<17} {median:7.2f} crops/s (min {min(values):.2f}, max {max(values):.2f})"
-              f"  {median / base:.2f}x torch fp32")
+        print(
+            f"  {name:<17} {median:7.2f} crops/s (min {min(values):.2f}, max {max(values):.2f})"
+            f"  {median / base:.2f}x torch fp32"
+        )
     return 0
 
 

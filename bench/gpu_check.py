@@ -34,19 +34,35 @@ def check_device_crops(device) -> bool:
 
     image = cv2.cvtColor(cv2.imread(str(BUS_JPG)), cv2.COLOR_BGR2RGB)
     height, width = image.shape[:2]
-    boxes = np.array([[50, 400, 200, 500], [220, 380, 120, 470], [-60, 300, 180, 420],
-                      [width - 100, height - 200, 200, 300], [0, 0, width, height]], float)
+    boxes = np.array(
+        [
+            [50, 400, 200, 500],
+            [220, 380, 120, 470],
+            [-60, 300, 180, 420],
+            [width - 100, height - 200, 200, 300],
+            [0, 0, width, height],
+        ],
+        float,
+    )
     worst = 1.0
     for output_size in ((96, 128), (192, 256), (288, 384)):
-        centers, scales = box_to_center_scale(boxes, output_size[0] / output_size[1],
-                                              padding=BOX_PADDING)
+        centers, scales = box_to_center_scale(
+            boxes, output_size[0] / output_size[1], padding=BOX_PADDING
+        )
         affines = get_affine_transforms(centers, scales, np.zeros(len(boxes)), output_size)
         expected = warp_crops(image, affines, output_size).astype(np.float64)
-        got = crop_on_device(image_to_device(image, device, pin_memory=True), affines,
-                             output_size).permute(0, 2, 3, 1).double().cpu().numpy()
+        got = (
+            crop_on_device(image_to_device(image, device, pin_memory=True), affines, output_size)
+            .permute(0, 2, 3, 1)
+            .double()
+            .cpu()
+            .numpy()
+        )
         worst = min(worst, float((np.abs(got - expected) <= 1.0).mean()))
-    print(f"device crops vs cv2 on {device}: {worst:.5f} of pixels within 1 grey level"
-          f" (need >= 0.999)")
+    print(
+        f"device crops vs cv2 on {device}: {worst:.5f} of pixels within 1 grey level"
+        f" (need >= 0.999)"
+    )
     return worst >= 0.999
 
 
@@ -66,8 +82,9 @@ def check_graphs_and_fp16(device) -> bool:
     for precision in ("fp32", "fp16"):
         import copy
 
-        estimator = TopDownPoseEstimator(copy.deepcopy(network), config, device=device,
-                                         precision=precision, flip_test=False)
+        estimator = TopDownPoseEstimator(
+            copy.deepcopy(network), config, device=device, precision=precision, flip_test=False
+        )
         eager = estimator.forward(crops).cpu()
         estimator.use_buckets(16)
         graphed = estimator.forward(crops).cpu()
@@ -76,9 +93,11 @@ def check_graphs_and_fp16(device) -> bool:
         ok &= difference < 1e-3
         results[precision] = decode_heatmaps(eager)[0]
     shift = np.linalg.norm(results["fp16"] - results["fp32"], axis=-1)
-    print(f"fp16 vs fp32 median keypoint shift (random crops, default model):"
-          f" {np.median(shift):.4f} heatmap px (need <= 0.1; the AP guard: pytest"
-          f" tests/test_precision.py with CUDA)")
+    print(
+        f"fp16 vs fp32 median keypoint shift (random crops, default model):"
+        f" {np.median(shift):.4f} heatmap px (need <= 0.1; the AP guard: pytest"
+        f" tests/test_precision.py with CUDA)"
+    )
     return ok and float(np.median(shift)) <= 0.1
 
 
@@ -93,14 +112,19 @@ def raw_throughput(config_name: str, device, batch_sizes: list[int], seconds: fl
 
     config = get_config(config_name)
     network = build_model(config).eval()
-    print(f"\nraw {config_name} crops/s on {torch.cuda.get_device_name(device)}"
-          f" (flip off, host->device copy included)")
-    print(f"{'batch':>6} {'fp32 eager':>11} {'fp32 graphs':>12} {'fp16 eager':>11}"
-          f" {'fp16 graphs':>12}")
+    print(
+        f"\nraw {config_name} crops/s on {torch.cuda.get_device_name(device)}"
+        f" (flip off, host->device copy included)"
+    )
+    print(
+        f"{'batch':>6} {'fp32 eager':>11} {'fp32 graphs':>12} {'fp16 eager':>11}"
+        f" {'fp16 graphs':>12}"
+    )
     rows = {b: [] for b in batch_sizes}
     for precision in ("fp32", "fp16"):
-        estimator = TopDownPoseEstimator(copy.deepcopy(network), config, device=device,
-                                         precision=precision, flip_test=False)
+        estimator = TopDownPoseEstimator(
+            copy.deepcopy(network), config, device=device, precision=precision, flip_test=False
+        )
         for graphs in (False, True):
             if graphs:
                 estimator.use_buckets(max(batch_sizes))

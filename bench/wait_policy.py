@@ -52,13 +52,25 @@ BUSY = "while True: pass"
 
 
 def run_policy(env_extra: dict[str, str], args: argparse.Namespace) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
+    }
     env.update(env_extra)
-    command = [sys.executable, "-c", CHILD, args.config, str(args.crops), str(args.threads),
-               str(args.repeats), str(args.max_seconds)]
-    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True,
-                         timeout=args.max_seconds + 120)
+    command = [
+        sys.executable,
+        "-c",
+        CHILD,
+        args.config,
+        str(args.crops),
+        str(args.threads),
+        str(args.repeats),
+        str(args.max_seconds),
+    ]
+    out = subprocess.run(
+        command, env=env, capture_output=True, text=True, check=True, timeout=args.max_seconds + 120
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -68,8 +80,12 @@ def main() -> None:
     parser.add_argument("--crops", type=int, default=3)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--max-seconds", type=float, default=60.0,
-                        help="stop a policy's repeats after this long (collapsed policies)")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=60.0,
+        help="stop a policy's repeats after this long (collapsed policies)",
+    )
     args = parser.parse_args()
     results = {}
     for busy in (False, True):
@@ -79,9 +95,12 @@ def main() -> None:
             for name, env in POLICIES.items():
                 r = run_policy(env, args)
                 results[(name, busy)] = r
-                print(f"{name:<26} {'busy core' if busy else 'idle':<9} median"
-                      f" {r['median_s'] * 1000:8.1f} ms  (min {r['min_s'] * 1000:.1f},"
-                      f" max {r['max_s'] * 1000:.1f}, n={r['n']})", flush=True)
+                print(
+                    f"{name:<26} {'busy core' if busy else 'idle':<9} median"
+                    f" {r['median_s'] * 1000:8.1f} ms  (min {r['min_s'] * 1000:.1f},"
+                    f" max {r['max_s'] * 1000:.1f}, n={r['n']})",
+                    flush=True,
+                )
         finally:
             if hog is not None:
                 hog.kill()

@@ -27,23 +27,31 @@ def bucket_sizes(largest: int) -> list[int]:
 class BucketedForward:
     """``network(x)`` for any batch, run as a padded fixed-size bucket (a CUDA graph on CUDA)."""
 
-    def __init__(self, network: Callable[[torch.Tensor], torch.Tensor],
-                 example: torch.Tensor, buckets: Sequence[int],
-                 use_cuda_graphs: bool | None = None) -> None:
+    def __init__(
+        self,
+        network: Callable[[torch.Tensor], torch.Tensor],
+        example: torch.Tensor,
+        buckets: Sequence[int],
+        use_cuda_graphs: bool | None = None,
+    ) -> None:
         """``example``: one input ``[1, C, H, W]`` in the network's dtype, layout and device."""
         self.network = network
         self.example = example
         self.buckets = sorted(set(buckets))
-        self.use_cuda_graphs = (example.device.type == "cuda" if use_cuda_graphs is None
-                                else use_cuda_graphs)
+        self.use_cuda_graphs = (
+            example.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
+        )
         self._inputs: dict[int, torch.Tensor] = {}
         self._outputs: dict[int, torch.Tensor] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._lock = threading.Lock()  # static buffers: one replay at a time
 
     def _static_input(self, size: int) -> torch.Tensor:
-        return self.example.expand(size, *self.example.shape[1:]).clone(
-            memory_format=torch.preserve_format).zero_()
+        return (
+            self.example.expand(size, *self.example.shape[1:])
+            .clone(memory_format=torch.preserve_format)
+            .zero_()
+        )
 
     @torch.inference_mode()
     def warm_up(self) -> None:

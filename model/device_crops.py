@@ -47,18 +47,21 @@ def sampling_grid(
     # their sum rounded (half up) to 1/32; ties are common (zooms like 0.512), so it matters.
     one = CV2_FIXED_POINT
     x_term = torch.round(inverse[:, None, None, :, 0] * xs[None, ..., None] * one)
-    y_term = torch.round((inverse[:, None, None, :, 1] * ys[None, ..., None]
-                          + inverse[:, None, None, :, 2]) * one)
+    y_term = torch.round(
+        (inverse[:, None, None, :, 1] * ys[None, ..., None] + inverse[:, None, None, :, 2]) * one
+    )
     steps = one // CV2_SUBPIXEL_STEPS
     source = torch.floor((x_term + y_term + steps // 2) / steps) / CV2_SUBPIXEL_STEPS
     width, height = source_size
-    scale = torch.tensor([2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1)],
-                         dtype=torch.float64, device=device)
+    scale = torch.tensor(
+        [2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1)], dtype=torch.float64, device=device
+    )
     return (source * scale - 1.0).float()
 
 
-def image_to_device(image_rgb: np.ndarray | torch.Tensor, device: torch.device | str,
-                    pin_memory: bool = False) -> torch.Tensor:
+def image_to_device(
+    image_rgb: np.ndarray | torch.Tensor, device: torch.device | str, pin_memory: bool = False
+) -> torch.Tensor:
     """An ``[H, W, 3]`` uint8 image as a ``[1, 3, H, W]`` uint8 tensor on ``device``.
 
     With ``pin_memory`` (CUDA) the host copy is page-locked so the upload is asynchronous.

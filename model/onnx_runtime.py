@@ -25,8 +25,9 @@ OPSET = 18
 METADATA_KEY = "omnipose"
 
 
-def export_onnx(network: nn.Module, input_size: tuple[int, int],
-                metadata: dict[str, Any] | None = None) -> bytes:
+def export_onnx(
+    network: nn.Module, input_size: tuple[int, int], metadata: dict[str, Any] | None = None
+) -> bytes:
     """The network as an ONNX graph (bytes) with a dynamic batch; ``metadata`` (JSON-able) is
     stored in the graph's metadata properties under ``omnipose``."""
     import onnx
@@ -37,9 +38,14 @@ def export_onnx(network: nn.Module, input_size: tuple[int, int],
     network = network.eval()
     with torch.inference_mode(False), torch.no_grad():
         torch.onnx.export(
-            network, (example,), buffer, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            network,
+            (example,),
+            buffer,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=OPSET, dynamo=False,  # TorchScript exporter: seconds, not minutes
+            opset_version=OPSET,
+            dynamo=False,  # TorchScript exporter: seconds, not minutes
         )
     graph = onnx.load_from_string(buffer.getvalue())
     if metadata is not None:
@@ -53,15 +59,19 @@ def read_onnx_metadata(model: bytes | str | Path) -> dict[str, Any]:
     """The ``omnipose`` metadata stored by :func:`export_onnx` ({} if none)."""
     import onnx
 
-    graph = (onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model)))
+    graph = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
     for entry in graph.metadata_props:
         if entry.key == METADATA_KEY:
             return json.loads(entry.value)
     return {}
 
 
-def max_difference(network: nn.Module, onnx_model: bytes, input_size: tuple[int, int],
-                   batch_sizes: tuple[int, ...] = (1, 3)) -> float:
+def max_difference(
+    network: nn.Module,
+    onnx_model: bytes,
+    input_size: tuple[int, int],
+    batch_sizes: tuple[int, ...] = (1, 3),
+) -> float:
     """Largest absolute heatmap difference between the graph in ONNX Runtime and the network in
     PyTorch, on random crops at each batch size (checks the dynamic batch too)."""
     runtime = OnnxRuntimeNetwork(onnx_model)
@@ -85,8 +95,9 @@ class OnnxRuntimeNetwork(nn.Module):
         self._local = threading.local()
 
     @classmethod
-    def from_network(cls, network: nn.Module, input_size: tuple[int, int],
-                     device: torch.device | str = "cpu") -> OnnxRuntimeNetwork:
+    def from_network(
+        cls, network: nn.Module, input_size: tuple[int, int], device: torch.device | str = "cpu"
+    ) -> OnnxRuntimeNetwork:
         return cls(export_onnx(network, input_size), device)
 
     def _session(self) -> Any:
@@ -99,8 +110,10 @@ class OnnxRuntimeNetwork(nn.Module):
             options.intra_op_num_threads = torch.get_num_threads()
             options.inter_op_num_threads = 1
             providers = ["CPUExecutionProvider"]
-            if (self.device.type == "cuda"
-                    and "CUDAExecutionProvider" in onnxruntime.get_available_providers()):
+            if (
+                self.device.type == "cuda"
+                and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+            ):
                 providers.insert(0, "CUDAExecutionProvider")
             session = onnxruntime.InferenceSession(self.onnx_model, options, providers=providers)
             self._local.session = session

@@ -31,8 +31,9 @@ NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether the CPU computes bf16 natively (oneDNN otherwise emulates it, slower than fp32)."""
     try:
-        flags = next((line for line in cpuinfo.read_text().splitlines()
-                      if line.startswith("flags")), "")
+        flags = next(
+            (line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), ""
+        )
     except OSError:
         return False
     return any(flag in flags.split() for flag in NATIVE_BF16_CPU_FLAGS)

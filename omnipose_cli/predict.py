@@ -173,8 +173,12 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
         " (default off, as the published OmniPose)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
-                   help="auto (default): fp16 on CUDA, bf16 on CPUs with native bf16, else fp32")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "fp16", "bf16"),
+        default="auto",
+        help="auto (default): fp16 on CUDA, bf16 on CPUs with native bf16, else fp32",
+    )
     p.add_argument("--out", required=True, help="results JSON file (COCO results format)")
     p.add_argument("--render", metavar="DIR", help="also write each image with skeletons drawn")
     p.set_defaults(func=run_predict)

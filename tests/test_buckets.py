@@ -38,8 +38,9 @@ def test_padded_buckets_give_each_crop_its_own_heatmaps() -> None:
     crops = torch.randn(19, 3, *CONFIG.input_size)
     with torch.inference_mode():
         for count in (1, 3, 5, 19):  # 19 > the largest bucket: pieces of 8, 8 and 3 (-> 4)
-            torch.testing.assert_close(bucketed(crops[:count]), network(crops[:count]),
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                bucketed(crops[:count]), network(crops[:count]), atol=1e-5, rtol=1e-5
+            )
     assert calls == [1, 4, 8, 8, 8, 4]
 
 

@@ -31,16 +31,26 @@ def photo(images) -> np.ndarray:
 
 @pytest.mark.parametrize("rotation", [0.0, 30.0])
 @pytest.mark.parametrize("output_size", [(96, 128), (192, 256)])
-def test_grid_crops_equal_cv2_crops_within_one_grey_level(images, rotation: float,
-                                                          output_size: tuple[int, int]) -> None:
+def test_grid_crops_equal_cv2_crops_within_one_grey_level(
+    images, rotation: float, output_size: tuple[int, int]
+) -> None:
     image = photo(images)
     height, width = image.shape[:2]
     # persons of many sizes, some partly outside the image (border handling), one tiny (zoom in)
-    boxes = np.array([[50, 400, 200, 500], [220, 380, 120, 470], [-60, 300, 180, 420],
-                      [width - 100, height - 200, 200, 300], [300, 500, 20, 30],
-                      [0, 0, width, height]], dtype=np.float64)
-    centers, scales = box_to_center_scale(boxes, output_size[0] / output_size[1],
-                                          padding=BOX_PADDING)
+    boxes = np.array(
+        [
+            [50, 400, 200, 500],
+            [220, 380, 120, 470],
+            [-60, 300, 180, 420],
+            [width - 100, height - 200, 200, 300],
+            [300, 500, 20, 30],
+            [0, 0, width, height],
+        ],
+        dtype=np.float64,
+    )
+    centers, scales = box_to_center_scale(
+        boxes, output_size[0] / output_size[1], padding=BOX_PADDING
+    )
     affines = get_affine_transforms(centers, scales, np.full(len(boxes), rotation), output_size)
     expected = warp_crops(image, affines, output_size).astype(np.float64)  # [N, h, w, 3]
     got = crop_on_device(image_to_device(image, "cpu"), affines, output_size)

@@ -45,8 +45,20 @@ def test_export_has_a_dynamic_batch_and_equals_pytorch(name: str) -> None:
 
 def test_cli_exports_the_default_model_to_onnx(tmp_path: Path, capsys) -> None:
     out = tmp_path / "default.onnx"
-    assert main(["export", "--weights", str(loading.DEFAULT_WEIGHTS), "--format", "onnx",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--weights",
+                str(loading.DEFAULT_WEIGHTS),
+                "--format",
+                "onnx",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "largest heatmap difference" in printed
     difference = float(printed.rsplit("difference", 1)[1])
@@ -59,8 +71,15 @@ def test_onnxruntime_backend_serves_what_torch_serves(images) -> None:
     boxes = np.array(images.bus_boxes)
 
     async def run(backend: str) -> list:
-        settings = ServiceSettings(device="cpu", detector="none", warmup=False, precision="fp32",
-                                   backend=backend, model_instances=2, torch_threads=1)
+        settings = ServiceSettings(
+            device="cpu",
+            detector="none",
+            warmup=False,
+            precision="fp32",
+            backend=backend,
+            model_instances=2,
+            torch_threads=1,
+        )
         engine = PoseEngine(settings, ServiceMetrics())
         await engine.start()
         assert engine.describe()["backend"] == backend

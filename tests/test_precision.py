@@ -30,7 +30,8 @@ TEST_SPLIT_SEED, TEST_SPLIT_IMAGES = 20261126, 500
 
 
 def test_auto_picks_fp16_on_cuda_bf16_on_native_bf16_cpus_else_fp32(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n")
     assert precision_module.cpu_has_native_bf16.__wrapped__(cpuinfo)
@@ -48,8 +49,12 @@ def test_auto_picks_fp16_on_cuda_bf16_on_native_bf16_cpus_else_fp32(
 
 def test_bf16_estimator_casts_weights_and_crops() -> None:
     network = loading.load_pose_model(device="cpu").estimator.model
-    estimator = TopDownPoseEstimator(copy.deepcopy(network), loading.load_pose_model(
-        device="cpu").config, device="cpu", precision="bf16")
+    estimator = TopDownPoseEstimator(
+        copy.deepcopy(network),
+        loading.load_pose_model(device="cpu").config,
+        device="cpu",
+        precision="bf16",
+    )
     weight = next(estimator.model.parameters())
     assert weight.dtype == torch.bfloat16
     conv = next(m for m in estimator.model.modules() if isinstance(m, nn.Conv2d))
@@ -78,8 +83,9 @@ def test_bf16_accuracy_guard_on_the_held_out_synthetic_split(tmp_path: Path) -> 
     from training.evaluate import evaluate_model
     from training.synth import generate_dataset
 
-    generate_dataset(tmp_path, TEST_SPLIT_IMAGES, seed=TEST_SPLIT_SEED, split="test", workers=1,
-                     progress=False)
+    generate_dataset(
+        tmp_path, TEST_SPLIT_IMAGES, seed=TEST_SPLIT_SEED, split="test", workers=1, progress=False
+    )
     config = load_config("synth-w8-96x64", [f"data.root={tmp_path}", "data.val_split=test",
                                             "data.num_workers=0"])  # fmt: skip
     network = loading.load_pose_model(device="cpu", precision="fp32").estimator.model
@@ -94,11 +100,14 @@ def test_bf16_accuracy_guard_on_the_held_out_synthetic_split(tmp_path: Path) -> 
 
     # keypoints of the same crops, in heatmap pixels: every test person, both precisions
     records, images, _ = loaded
-    estimator = TopDownPoseEstimator(network, config.model_config(), device="cpu",
-                                     flip_test=False)
+    estimator = TopDownPoseEstimator(network, config.model_config(), device="cpu", flip_test=False)
     dataset = EvalImages(records, images)
-    crops = torch.cat([estimator.prepare(image, records.boxes[rows]).inputs
-                       for _, image, rows in (dataset[i] for i in range(len(dataset)))])
+    crops = torch.cat(
+        [
+            estimator.prepare(image, records.boxes[rows]).inputs
+            for _, image, rows in (dataset[i] for i in range(len(dataset)))
+        ]
+    )
     with torch.inference_mode():
         located = {name: decode_heatmaps(InPrecision(network, name)(crops).numpy())[0]
                    for name in ("fp32", "bf16")}  # fmt: skip
