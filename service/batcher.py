@@ -154,6 +154,12 @@ class DynamicBatcher:
                 thread.join(max(0.0, deadline - time.monotonic()))
 
     @property
+    def idle_instances(self) -> int:
+        """Instances waiting for work."""
+        with self._cond:
+            return self._idle_instances
+
+    @property
     def depth(self) -> int:
         """Units waiting (not yet handed to the worker)."""
         with self._cond:
