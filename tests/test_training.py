@@ -150,14 +150,16 @@ def _ddp_worker(rank: int, world_size: int, port: int, root: str, output: str) -
     torch.set_num_threads(1)
     context = init_distributed("cpu")
     try:
+        # the published batch is one step's whole batch: 4 over 2 processes -> 2 each
         config = small_config(Path(root), Path(output) / "run", "train.epochs=1",
-                              "train.batch_size=2", "train.max_steps_per_epoch=3")  # fmt: skip
+                              "train.batch_size=4", "train.max_steps_per_epoch=3")  # fmt: skip
         trainer = Trainer(config, context, echo=False)
         result = trainer.fit()
         torch.save(
             {
                 "state_dict": {k: v.cpu() for k, v in trainer.network.state_dict().items()},
                 "steps": len(result.step_losses),
+                "batch_per_process": trainer.batch_per_process,
                 "best": result.best_metric,
             },
             Path(output) / f"rank{rank}.pt",
@@ -174,6 +176,10 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(synth_small: Path, tmp_path:
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert rank0["steps"] == rank1["steps"] == 3
+    assert rank0["batch_per_process"] == rank1["batch_per_process"] == 2
+    metadata = read_checkpoint(tmp_path / "run" / "last.pt").metadata
+    assert metadata["training"]["batch_size_total"] == 4 == metadata["training"]["recipe"][
+        "train"]["batch_size"]  # fmt: skip
     assert rank0["best"] == rank1["best"]  # metric broadcast from rank 0
     initial = OmniPose(17, 8).state_dict()
     changed = 0

@@ -3,6 +3,7 @@ losses and the metric helpers. All on tiny hand-made or synthetic inputs (second
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import zipfile
@@ -14,19 +15,28 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from model.codec import decode_heatmaps
+from model.codec import decode_heatmaps, encode_gaussian_heatmaps
 from model.skeleton import COCO_KEYPOINTS
 from model.topdown import PersonPose
 from model.transforms import get_affine_transforms, transform_points
-from training.config import ConfigError, ExperimentConfig, get_recipe, load_config
+from training.config import (
+    ConfigError,
+    ExperimentConfig,
+    get_recipe,
+    load_config,
+    per_process_batch_size,
+)
 from training.data import (
     DataError,
     KeypointTrainDataset,
     center_scale_to_box,
+    clean_coco_box,
+    half_body_box,
     load_detection_records,
     load_mpii_records,
     load_split,
     open_image_source,
+    target_weights,
 )
 from training.evaluate import coco_keypoint_eval, coco_results, pckh
 from training.losses import JointsMSELoss, JointsOHKMLoss
@@ -100,24 +110,56 @@ def tiny_config(root: Path, **overrides: str) -> ExperimentConfig:
 # --- config --------------------------------------------------------------------------------------
 
 
-def test_published_recipes_follow_the_reference_facts() -> None:
-    coco = get_recipe("coco-w48-384x288")
-    # the published config lists weight decay 1e-4, but its Adam is built with the lr alone
-    assert (coco.train.lr, coco.train.weight_decay, coco.train.epochs) == (1e-4, 0.0, 210)
-    assert coco.train.lr_steps == (140, 180) and coco.train.lr_factor == 0.1
-    assert coco.train.batch_size == 12
-    assert coco.data.sigma == 3.0  # 96x72 heatmaps
-    assert get_recipe("coco-w48-256x192").data.sigma == 2.0
-    assert (coco.data.scale_factor, coco.data.rotation_factor) == (0.35, 45.0)
-    assert (coco.data.rotation_prob, coco.data.half_body_prob) == (0.6, 0.3)
-    assert coco.data.half_body_min_joints == 8
-    assert (coco.test.flip_test, coco.test.oks_nms_threshold) == (True, 0.9)
+# The reference facts' table of released configs: lr, lr steps, sigma, batch (whole batch of a
+# step), and the augmentation that differs between COCO and MPII.
+PUBLISHED_TABLE = {
+    "coco-w48-384x288": (1e-4, (140, 180), 3.0, 12),
+    "coco-w48-256x192": (1e-3, (170, 200), 3.0, 32),
+    "coco-w48-128x96": (1e-3, (170, 200), 1.0, 64),
+    "mpii-w48-256x256": (1e-4, (170, 200), 2.0, 16),
+}
+COCO_AUGMENTATION = (0.35, 45.0, 0.6, True, 0.3, 8)  # scale, rotation, its prob, flip, half-body
+MPII_AUGMENTATION = (0.25, 30.0, 0.6, True, 0.0, 8)  # no half-body
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_TABLE))
+def test_published_recipe_matches_the_reference_table(name: str) -> None:
+    recipe = get_recipe(name)
+    lr, steps, sigma, batch = PUBLISHED_TABLE[name]
+    train, data = recipe.train, recipe.data
+    assert (train.lr, train.lr_steps, data.sigma, train.batch_size) == (lr, steps, sigma, batch)
+    # shared: Adam without weight decay (the published 1e-4 never reaches its Adam), 210 epochs
+    assert (train.weight_decay, train.epochs, train.lr_factor) == (0.0, 210, 0.1)
+    assert train.scale_lr_with_world_size is False
+    augmentation = (data.scale_factor, data.rotation_factor, data.rotation_prob, data.flip,
+                    data.half_body_prob, data.half_body_min_joints)  # fmt: skip
+    expected = MPII_AUGMENTATION if name.startswith("mpii") else COCO_AUGMENTATION
+    assert augmentation == expected
+    assert (recipe.test.flip_test, recipe.test.oks_nms_threshold) == (True, 0.9)
+    # the lighter widths train with the recipe of their input size
+    for width in (32, 18):
+        light = get_recipe(name.replace("w48", f"w{width}"))
+        assert dataclasses.asdict(light.train) == dataclasses.asdict(train)
+        assert dataclasses.asdict(light.data) == dataclasses.asdict(data)
+
+
+def test_registry_and_synthetic_recipes() -> None:
     mpii = get_recipe("mpii-w48-256x256")
     assert (mpii.data.format, mpii.data.root, mpii.data.val_split) == ("mpii", "data/mpii", "valid")
     synth = get_recipe("synth-w18-128x96")
     assert synth.model.config == "coco-w18-128x96" and synth.data.train_split == "train"
     get_recipe("coco-w48-384x288").train.epochs = 1  # copies: the registry is not mutated
     assert get_recipe("coco-w48-384x288").train.epochs == 210
+
+
+def test_ddp_splits_the_published_batch_or_scales_the_lr_when_asked() -> None:
+    recipe = get_recipe("coco-w48-256x192")  # batch 32, lr 1e-3
+    assert per_process_batch_size(recipe, 1) == (32, 1e-3)
+    assert per_process_batch_size(recipe, 8) == (4, 1e-3)  # same recipe on 8 GPUs
+    with pytest.raises(ConfigError, match=r"batch_size=32 .* 3 processes"):
+        per_process_batch_size(recipe, 3)
+    recipe.train.scale_lr_with_world_size = True  # the documented, opt-in alternative
+    assert per_process_batch_size(recipe, 3) == (32, pytest.approx(3e-3))
 
 
 def test_overrides_are_typed_and_checked(tmp_path: Path) -> None:
@@ -157,12 +199,23 @@ def test_coco_records_filter_crowds_and_empty_persons(tmp_path: Path) -> None:
     np.testing.assert_allclose(
         records.joints[0], np.asarray(first["keypoints"]).reshape(-1, 3)[:, :2], atol=1e-4
     )
-    # box -> center/scale at the model's aspect ratio (64/96), padded by 1.25
-    # clipped HRNet-style to w = h - 1 = 49 / 89 px, center x + (w - 1) / 2
-    np.testing.assert_allclose(records.centers[0], [10 + 48 / 2, 10 + 88 / 2])
-    np.testing.assert_allclose(records.scales[0], np.array([89 * 64 / 96, 89]) / 200 * 1.25)
+    # box [10, 10, 50, 90] cleaned as published stays 50 x 90 px (inclusive corners 10..59,
+    # 10..99); center x + (w - 1) / 2, scale at the model's aspect ratio (64/96), padded by 1.25
+    np.testing.assert_allclose(records.boxes[0], [10, 10, 50, 90])
+    np.testing.assert_allclose(records.centers[0], [10 + 49 / 2, 10 + 89 / 2])
+    np.testing.assert_allclose(records.scales[0], np.array([90 * 64 / 96, 90]) / 200 * 1.25)
     with pytest.raises(DataError, match=r"person_keypoints_nosplit\.json"):
         load_split(config.data, config.model_config(), "nosplit")
+
+
+def test_coco_box_cleaning_as_published() -> None:
+    # x2 = x1 + max(0, w - 1) clipped to the image, then used as (x1, y1, x2 - x1 + 1, ...)
+    assert clean_coco_box([10.0, 20.0, 30.0, 40.0], 1200.0, 640, 480) == [10, 20, 30, 40]
+    assert clean_coco_box([-5.0, 470.0, 30.0, 40.0], 1.0, 640, 480) == [0, 470, 30, 10]
+    assert clean_coco_box([600.5, 0.0, 100.0, 5.0], 1.0, 640, 480) == [600.5, 0, 39.5, 5]
+    assert clean_coco_box([10.0, 20.0, 0.0, 0.5], 1.0, 640, 480) == [10, 20, 1, 1]  # a point
+    assert clean_coco_box([10.0, 20.0, 30.0, 40.0], 0.0, 640, 480) is None  # zero area
+    assert clean_coco_box([640.0, 20.0, 30.0, 40.0], 1.0, 640, 480) is None  # right of image
 
 
 def test_detection_records_keep_person_boxes_above_threshold(tmp_path: Path) -> None:
@@ -304,6 +357,75 @@ def test_zip_archive_reads_the_same_images(tmp_path: Path) -> None:
     assert torch.equal(batch_inputs[1], folder_set[1][0])
     with pytest.raises(DataError, match=r"val\.zip:missing\.jpg"):
         zip_images.read_rgb("missing.jpg")
+
+
+def _jpeg_with_exif_orientation_6(path: Path) -> np.ndarray:
+    """A 40x20 (w x h) JPEG tagged "rotate 90 deg clockwise to display"; returns stored RGB."""
+    from PIL import Image
+
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[:, :20] = (255, 0, 0)  # left half red, right half blue in stored pixel order
+    stored[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    Image.fromarray(stored).save(path, format="JPEG", quality=95, exif=exif.tobytes())
+    return stored
+
+
+def test_images_are_read_in_stored_pixel_order_ignoring_exif(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    stored = _jpeg_with_exif_orientation_6(folder / "phone.jpg")
+    upright = cv2.imread(str(folder / "phone.jpg"), cv2.IMREAD_COLOR)
+    assert upright.shape == (40, 20, 3)  # OpenCV's default applies the tag: the test can fail
+    with zipfile.ZipFile(tmp_path / "archive.zip", "w") as archive:
+        archive.write(folder / "phone.jpg", "archive/phone.jpg")
+    for source in (open_image_source(folder), open_image_source(tmp_path / "archive")):
+        image = source.read_rgb("phone.jpg")
+        assert image.shape == (20, 40, 3)  # as stored, as COCO labels refer to
+        left, right = image[:, :16].mean(axis=(0, 1)), image[:, 24:].mean(axis=(0, 1))
+        np.testing.assert_allclose(left, stored[0, 0], atol=8)  # red left (JPEG noise only)
+        np.testing.assert_allclose(right, stored[0, -1], atol=8)
+
+
+def test_half_body_picks_the_upper_body_from_a_normal_sample() -> None:
+    joints = np.zeros((17, 2))
+    joints[:11] = np.c_[np.linspace(10, 20, 11), np.linspace(0, 29, 11)]  # upper: x 10..20
+    joints[11:] = np.c_[np.linspace(40, 50, 6), np.linspace(60, 99, 6)]  # lower
+    visible = np.ones(17)
+    rng = np.random.default_rng(0)
+    upper = 0
+    for _ in range(4000):
+        center, scale = half_body_box(joints, visible, tuple(range(11)), 0.75, rng)
+        upper += int(center[0] < 30)
+    # P(N(0, 1) < 0.5) = 0.691 as published, not the 0.5 a uniform sample would give
+    assert abs(upper / 4000 - 0.691) < 0.025
+    center, scale = half_body_box(joints, visible, tuple(range(11)), 0.75,
+                                  np.random.default_rng(0))  # fmt: skip
+    first_normal = np.random.default_rng(0).standard_normal()
+    assert (center[0] < 30) == (first_normal < 0.5)
+    # extent max - min + 1: upper 11 x 30 px -> widened to 22.5 x 30, x1.5 padding, /200
+    upper_center, upper_scale = center, scale
+    if center[0] > 30:
+        rng = np.random.default_rng(1)
+        while True:
+            upper_center, upper_scale = half_body_box(joints, visible, tuple(range(11)), 0.75, rng)
+            if upper_center[0] < 30:
+                break
+    np.testing.assert_allclose(upper_center, joints[:11].mean(axis=0))
+    np.testing.assert_allclose(upper_scale, np.array([30 * 0.75, 30]) / 200 * 1.5)
+
+
+def test_target_weight_is_zero_when_the_truncated_3_sigma_window_misses_the_map() -> None:
+    heatmap_size = (24, 16)  # h, w; sigma 2 -> window radius 6
+    joints = np.array([[-7.5, 10.0], [-8.0, 10.0], [21.9, 10.0], [22.0, 10.0], [8.0, -7.9],
+                       [8.0, 29.9], [8.0, 30.0], [8.0, 12.0]])  # fmt: skip
+    visible = np.array([1, 1, 1, 1, 1, 1, 1, 0])
+    weights = target_weights(joints, visible, heatmap_size, 2.0)
+    # int(-7.5 + 7) = 0 is not < 0 (kept, its map empty as published); int(-8 + 7) = -1 is
+    assert weights.tolist() == [1, 0, 1, 0, 1, 1, 0, 0]
+    heatmaps, _ = encode_gaussian_heatmaps(joints[None], visible[None], heatmap_size, 2.0)
+    assert heatmaps[0, 0].max() == 0 and heatmaps[0, 2].max() > 0  # kept, empty: as published
 
 
 def test_missing_or_corrupt_image_names_the_file(tmp_path: Path) -> None:

@@ -56,6 +56,7 @@ FLIP_PROBABILITY = 0.5
 MPII_CENTER_SHIFT = 15.0  # HRNet's conversion: center moved down by 15 * scale px ...
 MPII_SCALE_PADDING = 1.25  # ... and the scale padded by 1.25
 PERSON_CATEGORY_ID = 1
+IMREAD_STORED_ORDER = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 
 
 class DataError(Exception):
@@ -76,8 +77,10 @@ class ImageSource:
         raise NotImplementedError
 
     def read_rgb(self, file_name: str) -> np.ndarray:
+        """The image in STORED pixel order: EXIF orientation is ignored, because COCO and MPII
+        label keypoints on the stored pixels (as the published training and evaluation read)."""
         data = self.read_bytes(file_name)
-        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), IMREAD_STORED_ORDER)
         if image is None:
             raise DataError(
                 f"cannot decode image {self.location(file_name)} (corrupt or not an image)"
@@ -230,13 +233,32 @@ def _coco_tables(
     return file_names, image_ids, row_of_id, sizes.reshape(-1, 2)
 
 
+def clean_coco_box(
+    box_xywh: list[float], area: float, image_width: float, image_height: float
+) -> list[float] | None:
+    """The published COCO ground-truth box cleaning; ``None`` when the person is dropped.
+
+    Corners in pixel-index terms: x2 = x1 + max(0, w - 1) clipped to the image (same for y),
+    kept when the annotated area is positive and x2 >= x1, y2 >= y1, and used as the inclusive
+    box (x1, y1, x2 - x1 + 1, y2 - y1 + 1).
+    """
+    x, y, w, h = box_xywh
+    x1, y1 = max(0.0, x), max(0.0, y)
+    x2 = min(image_width - 1, x1 + max(0.0, w - 1))
+    y2 = min(image_height - 1, y1 + max(0.0, h - 1))
+    if area <= 0 or x2 < x1 or y2 < y1:
+        return None
+    return [x1, y1, x2 - x1 + 1, y2 - y1 + 1]
+
+
 def load_coco_records(
     annotation_file: Path, model_config: ModelConfig, min_area: float = 0.0
 ) -> PersonRecords:
     """Ground-truth persons with at least one labelled keypoint (HRNet's selection).
 
-    Boxes are clipped to the image; crowd regions, zero-area boxes, persons without keypoints
-    and persons whose annotated area is below ``min_area`` are left out.
+    Boxes are cleaned as published (:func:`clean_coco_box`); crowd regions, boxes that cleaning
+    rejects, persons without keypoints and persons whose annotated area is below ``min_area`` are
+    left out.
     """
     data = _read_json(annotation_file, "annotation file")
     file_names, image_ids, row_of_id, sizes = _coco_tables(data, annotation_file)
@@ -254,15 +276,13 @@ def load_coco_records(
         if row is None:
             continue
         width, height = sizes[row]
-        x, y, w, h = (float(v) for v in annotation["bbox"])
-        x1, y1 = max(0.0, x), max(0.0, y)
-        x2 = min(width - 1, x1 + max(0.0, w - 1))
-        y2 = min(height - 1, y1 + max(0.0, h - 1))
-        area = float(annotation.get("area", w * h))
-        if area <= 0 or area < min_area or x2 <= x1 or y2 <= y1:  # no crop of a point
+        box = [float(v) for v in annotation["bbox"]]
+        area = float(annotation.get("area", box[2] * box[3]))
+        cleaned = clean_coco_box(box, area, width, height)
+        if cleaned is None or area < min_area:
             continue
         rows.append(row)
-        boxes.append([x1, y1, x2 - x1, y2 - y1])
+        boxes.append(cleaned)
         keypoints.append(kps.reshape(num_joints, 3))
     kps_array = np.asarray(keypoints, dtype=np.float64).reshape(-1, num_joints, 3)
     box_array = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
@@ -454,13 +474,15 @@ def half_body_box(
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Center and scale of a box around the upper or the lower body's visible joints.
 
-    Upper body is picked with probability 0.5 when it has more than two visible joints, else
-    whichever half has; ``None`` when fewer than two joints would remain.
+    As published: the upper body is picked when a NORMAL sample is below 0.5 (probability about
+    0.69, not 0.5) and it has more than two visible joints, else the lower body if it has more
+    than two, else the upper; ``None`` when fewer than two joints would remain. The extent is
+    measured in pixel-index terms, max - min + 1.
     """
     visible_joints = np.flatnonzero(visible > 0)
     is_upper = np.isin(visible_joints, upper_body)
     upper, lower = visible_joints[is_upper], visible_joints[~is_upper]
-    if rng.random() < 0.5 and len(upper) > 2:
+    if rng.standard_normal() < 0.5 and len(upper) > 2:
         selected = upper
     else:
         selected = lower if len(lower) > 2 else upper
@@ -468,13 +490,38 @@ def half_body_box(
         return None
     points = joints[selected].astype(np.float64)
     center = points.mean(axis=0)
-    width, height = points.max(axis=0) - points.min(axis=0)
+    width, height = points.max(axis=0) - points.min(axis=0) + 1
     if width > aspect_ratio * height:
         height = width / aspect_ratio
     elif width < aspect_ratio * height:
         width = height * aspect_ratio
     scale = np.array([width, height]) / PIXEL_STD * HALF_BODY_PADDING
     return center, scale
+
+
+def target_weights(
+    heatmap_joints: np.ndarray, visible: np.ndarray, heatmap_size: tuple[int, int], sigma: float
+) -> np.ndarray:
+    """Published target weights ``[..., J]``: 1 for a labelled joint unless its 3-sigma window
+    misses the heatmap.
+
+    The window's corners are truncated to integers as published: upper-left
+    ``int(mu - 3 sigma)``, bottom-right ``int(mu + 3 sigma + 1)``; the joint is dropped when
+    upper-left >= the map size or bottom-right < 0 on either axis. (Truncation toward zero keeps
+    a joint whose bottom-right lies in (-1, 0]; its target map is empty, as published.)
+    """
+    height, width = heatmap_size
+    radius = 3.0 * sigma
+    points = np.asarray(heatmap_joints, dtype=np.float64)
+    upper_left = np.trunc(points - radius)
+    bottom_right = np.trunc(points + radius + 1)
+    misses = (
+        (upper_left[..., 0] >= width)
+        | (upper_left[..., 1] >= height)
+        | (bottom_right[..., 0] < 0)
+        | (bottom_right[..., 1] < 0)
+    )
+    return ((np.asarray(visible) > 0) & ~misses).astype(np.float32)
 
 
 def _flip_matrix(image_width: int) -> np.ndarray:
@@ -568,13 +615,15 @@ class KeypointTrainDataset(Dataset):
         crop_affine, heatmap_joints, visible = self.sample_geometry(index, image.shape[1], rng)
         height, width = self.model_config.input_size
         crops = warp_crops(image, crop_affine[None], (width, height))
-        heatmaps, weights = encode_gaussian_heatmaps(
-            heatmap_joints[None], visible[None], self.model_config.heatmap_size, self.data.sigma
-        )
+        heatmap_size = self.model_config.heatmap_size
+        heatmaps, _ = encode_gaussian_heatmaps(
+            heatmap_joints[None], visible[None], heatmap_size, self.data.sigma
+        )  # its maps are empty wherever the published rule below drops the joint
+        weights = target_weights(heatmap_joints, visible, heatmap_size, self.data.sigma)
         return (
             normalize_crops(crops)[0],
             torch.from_numpy(heatmaps[0]),
-            torch.from_numpy(weights[0]),
+            torch.from_numpy(weights),
             index,
         )
 

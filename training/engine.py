@@ -41,7 +41,7 @@ from model.checkpoint import (
 )
 from model.configs import ModelConfig
 from model.network import OmniPose, build_model
-from training.config import ExperimentConfig
+from training.config import ExperimentConfig, per_process_batch_size
 from training.data import KeypointTrainDataset, fork_safe_opencv, load_split
 from training.distributed import (
     DistContext,
@@ -244,6 +244,8 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        # the published batch is one step's whole batch: split it over the processes
+        self.batch_per_process, lr = per_process_batch_size(config, self.context.world_size)
         seed_everything(train.seed)  # same initial weights on every rank
 
         self.network = build_model(self.model_config)
@@ -263,7 +265,7 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(trainable, lr=train.lr, weight_decay=train.weight_decay)
+        self.optimizer = torch.optim.Adam(trainable, lr=lr, weight_decay=train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=list(train.lr_steps), gamma=train.lr_factor
         )
@@ -394,12 +396,12 @@ class Trainer:
         fork_safe_opencv(self.config.data.num_workers)
         loader = DataLoader(
             dataset,
-            batch_size=train.batch_size,
+            batch_size=self.batch_per_process,
             sampler=sampler,
             num_workers=self.config.data.num_workers,
             pin_memory=self.device.type == "cuda",
             # a last batch of one crop would break BatchNorm after global pooling
-            drop_last=per_rank > train.batch_size,
+            drop_last=per_rank > self.batch_per_process,
         )
         return loader, sampler
 
@@ -422,7 +424,7 @@ class Trainer:
                 "epochs_planned": config.train.epochs,
                 "global_step": self.global_step,
                 "world_size": self.context.world_size,
-                "batch_size_total": config.train.batch_size * self.context.world_size,
+                "batch_size_total": self.batch_per_process * self.context.world_size,
                 "recipe": config.to_dict(),
             },
             "metrics": self.best_metrics or {},
@@ -594,7 +596,8 @@ class Trainer:
                 self._say(
                     f"training {config.name}: {self.model_config.name}, "
                     f"{len(dataset)} persons, {self.context.world_size} process(es) on "
-                    f"{self.device.type}, batch {train.batch_size}/process, "
+                    f"{self.device.type}, batch {self.batch_per_process}/process "
+                    f"({self.batch_per_process * self.context.world_size}/step), "
                     f"{train.epochs} epochs -> {self.output_dir}"
                 )
             primary_name = "Mean" if config.data.format == "mpii" else "AP"
