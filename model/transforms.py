@@ -1,10 +1,21 @@
-"""Crop geometry of the top-down pipeline (HRNet's convention, which OmniPose keeps).
+"""Crop geometry of the top-down pipeline, in OmniPose's own pixel-centre convention.
 
 A person box becomes a center and a scale (box size / ``pixel_std``, padded and fitted to the
 model's aspect ratio). A similarity transform maps that scaled, possibly rotated box onto the
 network input (or onto the heatmap, using the heatmap size); its inverse maps decoded heatmap
-coordinates back to the image. Everything is batched over boxes except the single-box reference
-``get_affine_transform``, which follows the published three-point construction literally.
+coordinates back to the image.
+
+OmniPose differs from HRNet's original construction: it maps the pixel *centres* at the box
+borders onto the pixel centres at the output borders, i.e. it works with "minus one" sizes:
+zoom ``(out_w - 1) / (box_w - 1)`` and output centre ``((out_w - 1) / 2, (out_h - 1) / 2)``.
+The published checkpoints were trained with it, so using HRNet's ``out_w / box_w`` and
+``out_w / 2`` instead moves every keypoint by up to a few pixels (measured: 7.5 px on average on
+bus.jpg at 256x192). A consequence worth having: mirroring about ``(out_w - 1) / 2`` is exact,
+so the flip test needs no one-pixel shift. ``tests/data/reference/crop_transforms_golden.json``
+holds matrices computed by the published code; the tests compare against every case.
+
+Everything is batched over boxes except the single-box reference ``get_affine_transform``, which
+follows the published three-point construction literally.
 """
 
 from __future__ import annotations
@@ -68,6 +79,21 @@ def _affine_from_point_pairs(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return np.linalg.solve(homogeneous, dst).T
 
 
+def _output_center(output_size: tuple[int, int]) -> np.ndarray:
+    """Centre of an output of (width, height) pixels in pixel-centre coordinates."""
+    out_width, out_height = output_size
+    return np.array([0.5 * (out_width - 1.0), 0.5 * (out_height - 1.0)])
+
+
+def _checked_box_widths(box_widths: np.ndarray) -> np.ndarray:
+    """Padded box widths in pixels; the convention divides by ``width - 1``, so it must be > 1."""
+    if np.any(~np.isfinite(box_widths)) or np.any(box_widths <= 1.0):
+        raise ValueError(
+            f"crop boxes must be wider than 1 pixel after padding, got {box_widths.min():g}"
+        )
+    return box_widths
+
+
 def get_affine_transform(
     center: np.ndarray,
     scale: np.ndarray,
@@ -78,22 +104,23 @@ def get_affine_transform(
 ) -> np.ndarray:
     """Reference ``[2, 3]`` crop transform of one box, built from three point pairs.
 
-    The box center goes to the output center, the point half a box-width above the center
-    (rotated by ``rotation_deg``) goes half an output-width above the output center, and a third
-    point at a right angle fixes the orientation. ``output_size`` is (width, height); only the
-    box width sets the zoom, as in the published code. ``inverse=True`` maps output -> image.
+    The box center goes to the output center ``((out_w - 1) / 2, (out_h - 1) / 2)``; the point
+    ``(box_w - 1) / 2`` above the center (rotated by ``rotation_deg``) goes ``(out_w - 1) / 2``
+    above the output center; a third point at a right angle fixes the orientation.
+    ``output_size`` is (width, height); only the box width sets the zoom, as in the published
+    code. ``inverse=True`` maps output -> image.
     """
     center = np.asarray(center, dtype=np.float64).reshape(2)
-    src_width = float(np.asarray(scale, dtype=np.float64).reshape(-1)[0]) * pixel_std
-    dst_width, dst_height = output_size
-    src_up = _rotate(np.array([0.0, -0.5 * src_width]), np.deg2rad(rotation_deg))
-    dst_up = np.array([0.0, -0.5 * dst_width])
+    src_width = _checked_box_widths(np.asarray(scale, np.float64).reshape(-1)[:1] * pixel_std)[0]
+    dst_width = output_size[0]
+    src_up = _rotate(np.array([0.0, -0.5 * (src_width - 1.0)]), np.deg2rad(rotation_deg))
+    dst_up = np.array([0.0, -0.5 * (dst_width - 1.0)])
 
     src = np.zeros((3, 2))
     dst = np.zeros((3, 2))
     src[0] = center
     src[1] = center + src_up
-    dst[0] = [0.5 * dst_width, 0.5 * dst_height]
+    dst[0] = _output_center(output_size)
     dst[1] = dst[0] + dst_up
     src[2] = _third_point(src[0], src[1])
     dst[2] = _third_point(dst[0], dst[1])
@@ -112,28 +139,31 @@ def get_affine_transforms(
 ) -> np.ndarray:
     """Batched ``[N, 2, 3]`` version of :func:`get_affine_transform`, in closed form.
 
-    The three-point construction always yields a similarity: zoom ``s = out_w / box_w`` and a
-    rotation by ``-rotation`` about the box center, which lands on the output center. Writing it
-    down directly avoids a linear solve per box.
+    The three-point construction always yields a similarity: zoom
+    ``s = (out_w - 1) / (box_w - 1)`` and a rotation by ``-rotation`` about the box center,
+    which lands on the output center. Writing it down directly avoids a linear solve per box.
     """
     centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
     num_boxes = centers.shape[0]
+    if num_boxes == 0:
+        return np.empty((0, 2, 3))
     box_widths = np.asarray(scales, dtype=np.float64).reshape(num_boxes, -1)[:, 0] * pixel_std
+    _checked_box_widths(box_widths)
     rotations_rad = np.deg2rad(np.broadcast_to(np.asarray(rotations, np.float64), (num_boxes,)))
-    out_width, out_height = output_size
-    out_center = np.array([0.5 * out_width, 0.5 * out_height])
+    out_width = output_size[0]
+    out_center = _output_center(output_size)
     sin, cos = np.sin(rotations_rad), np.cos(rotations_rad)
 
     transforms = np.empty((num_boxes, 2, 3))
     if inverse:
-        zoom = box_widths / out_width
+        zoom = (box_widths - 1.0) / (out_width - 1.0)
         linear = zoom[:, None, None] * np.stack(
             [np.stack([cos, -sin], 1), np.stack([sin, cos], 1)], 1
         )
         transforms[:, :, :2] = linear
         transforms[:, :, 2] = centers - linear @ out_center
     else:
-        zoom = out_width / box_widths
+        zoom = (out_width - 1.0) / (box_widths - 1.0)
         linear = zoom[:, None, None] * np.stack(
             [np.stack([cos, sin], 1), np.stack([-sin, cos], 1)], 1
         )

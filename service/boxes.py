@@ -17,7 +17,7 @@ def parse_boxes(value: Any, image_width: int | None = None,
                 image_height: int | None = None) -> np.ndarray:
     """Validate a list of ``[x, y, w, h]`` boxes (or its JSON text) into an N x 4 float array.
 
-    Rejects non-lists, wrong arity, non-numbers, NaN/inf, non-positive width or height and, when
+    Rejects non-lists, wrong arity, non-numbers, NaN/inf, sides under one pixel and, when
     the image size is known, boxes that do not overlap the image at all.
     """
     if isinstance(value, (str, bytes)):
@@ -38,6 +38,8 @@ def parse_boxes(value: Any, image_width: int | None = None,
             raise BoxError(f"box {i} contains NaN or infinity: {box!r}")
         if w <= 0 or h <= 0:
             raise BoxError(f"box {i} must have positive width and height, got w={w:g} h={h:g}")
+        if w < 1 or h < 1:  # the crop transform divides by the padded width minus one pixel
+            raise BoxError(f"box {i} must be at least 1 pixel wide and high, got w={w:g} h={h:g}")
         if image_width is not None and image_height is not None and (
             x >= image_width or y >= image_height or x + w <= 0 or y + h <= 0
         ):

@@ -27,6 +27,7 @@ def test_accepts_lists_and_json() -> None:
         ([[1, 2, math.nan, 4]], "NaN or infinity"),
         ([[1, 2, -3, 4]], "positive width and height"),
         ([[1, 2, 3, 0]], "positive width and height"),
+        ([[1, 2, 0.5, 0.5]], "at least 1 pixel"),
         ([[True, 2, 3, 4]], "only numbers"),
     ],
 )

@@ -1,6 +1,7 @@
 """The top-down pipeline end to end: boxes -> crops -> heatmaps -> image keypoints -> OKS-NMS.
 
-A "blob finder" stands in for the network: it samples the crop's intensity every 4 pixels, so a
+A "blob finder" stands in for the network: it resamples the crop's intensity onto the heatmap grid
+with corner pixel centres aligned (the crop convention's own input -> heatmap relation), so a
 Gaussian blob drawn in the image becomes a Gaussian heatmap peak for every joint. Whatever the
 pipeline returns must then land on the blob, which checks the crop geometry, the heatmap decoder
 and the back-projection together against a position known in advance.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.configs import get_config
@@ -21,7 +23,12 @@ CONFIG = get_config("coco-w18-256x192")
 
 
 class BlobFinder(nn.Module):
-    """Heatmap = crop brightness sampled on the heatmap grid (input pixel 4i -> heatmap i)."""
+    """Heatmap = crop brightness resampled to the heatmap size, border pixel centres aligned.
+
+    That is exactly how the pixel-centre crop convention relates the input and heatmap
+    transforms (input pixel ``i * (in_w - 1) / (hm_w - 1)`` -> heatmap pixel ``i``), so a
+    correct pipeline puts the decoded peak back on the blob.
+    """
 
     def __init__(self, num_joints: int) -> None:
         super().__init__()
@@ -31,7 +38,9 @@ class BlobFinder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         brightness = (x * self.std + self.mean).mean(dim=1, keepdim=True)
-        return brightness[:, :, ::4, ::4].expand(-1, self.num_joints, -1, -1).contiguous()
+        heatmap_size = (x.shape[2] // 4, x.shape[3] // 4)
+        heatmap = F.interpolate(brightness, size=heatmap_size, mode="bilinear", align_corners=True)
+        return heatmap.expand(-1, self.num_joints, -1, -1).contiguous()
 
 
 def blob_image(centers: list[tuple[float, float]], sigma: float = 14.0,
@@ -69,10 +78,17 @@ def test_flip_test_keeps_keypoints_on_the_blob() -> None:
     plain = estimator(flip_test=False).estimate(blob_image([blob]), np.array([box]))[0]
     flipped = estimator(flip_test=True).estimate(blob_image([blob]), np.array([box]))[0]
     pixels_per_input = max(box[2] / 192, box[3] / 256) * 1.25
-    # Strided sampling of a mirrored crop is offset by 3 input pixels: averaged, 1.5.
+    # Mirroring about the crop's centre pixel is exact in this convention: no shift is needed,
+    # so flip-averaged keypoints stay where the plain ones are (bilinear rounding aside).
     np.testing.assert_allclose(flipped.keypoints[:, :2], plain.keypoints[:, :2],
-                               atol=1.6 * pixels_per_input)
+                               atol=0.05 * pixels_per_input)
     assert np.all(flipped.keypoints[:, 2] > 0.9)
+    # HRNet's one-pixel shift, wrong for this convention, moves them by half a heatmap pixel
+    shifted_estimator = estimator(flip_test=True)
+    shifted_estimator.flip_shift = True
+    shifted = shifted_estimator.estimate(blob_image([blob]), np.array([box]))[0]
+    offset = shifted.keypoints[:, 0] - plain.keypoints[:, 0]
+    np.testing.assert_allclose(offset, 0.5 * 4 * pixels_per_input, rtol=0.25)
 
 
 def test_many_people_in_one_batch_and_oks_nms_removes_duplicates() -> None:

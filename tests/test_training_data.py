@@ -307,13 +307,18 @@ def test_flip_mirrors_crop_and_swaps_joints(tmp_path: Path) -> None:
             continue
         flipped_seen = True
         heatmap_width = model_config.heatmap_size[1]
-        # the flipped sample's joint j is the plain sample's mirror joint, mirrored in the map
-        np.testing.assert_allclose(joints[:, 0], heatmap_width - plain_joints[flip_index, 0])
+        # the flipped sample's joint j is the plain one's mirror joint, mirrored exactly about
+        # the heatmap's centre pixel (x -> w - 1 - x): the pixel-centre convention needs no shift
+        np.testing.assert_allclose(joints[:, 0], heatmap_width - 1 - plain_joints[flip_index, 0])
         np.testing.assert_allclose(joints[:, 1], plain_joints[flip_index, 1])
         np.testing.assert_array_equal(visible, plain_visible[flip_index])
         crop = cv2.warpAffine(image, affine, (64, 96), flags=cv2.INTER_LINEAR)
         plain_crop = cv2.warpAffine(image, plain_affine, (64, 96), flags=cv2.INTER_LINEAR)
-        np.testing.assert_array_equal(crop[:, 1:], plain_crop[:, ::-1][:, :-1])
+        # the crop is the plain crop mirrored, with no one-pixel offset. OpenCV samples on a
+        # 1/32 px grid and may round a mirrored position the other way, which this white-noise
+        # image turns into a few large differences; a one-pixel offset would mismatch ~97%.
+        difference = np.abs(crop.astype(int) - plain_crop[:, ::-1].astype(int))
+        assert (difference <= 1).mean() > 0.98, (difference <= 1).mean()
     assert flipped_seen and plain_seen
 
 

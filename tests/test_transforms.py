@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -21,6 +24,8 @@ from model.transforms import (
     warp_crops,
 )
 
+GOLDEN_PATH = Path(__file__).parent / "data" / "reference" / "crop_transforms_golden.json"
+"""Crop matrices computed by the published OmniPose code (a copy of ../shared/reference)."""
 INPUT_SIZE_WH = (192, 256)  # coco 256x192 network input, (width, height)
 HEATMAP_SIZE_WH = (48, 64)
 
@@ -72,10 +77,11 @@ def test_three_point_construction_matches_opencv_on_float32_points() -> None:
     """The published code solves the same three point pairs with cv2 on float32 points."""
     center, width, rotation = np.array([412.3, 287.9]), 333.0, 30.0
     angle = np.deg2rad(rotation)
-    up = 0.5 * width * np.array([np.sin(angle), -np.cos(angle)])  # (0, -w/2) turned by angle
+    up = 0.5 * (width - 1) * np.array([np.sin(angle), -np.cos(angle)])  # turned by angle
     src = np.array([center, center + up, center + up + np.array([up[1], -up[0]])])
     out_w, out_h = INPUT_SIZE_WH
-    dst = np.array([[out_w / 2, out_h / 2], [out_w / 2, out_h / 2 - out_w / 2], [0, 0]])
+    mid = np.array([(out_w - 1) / 2, (out_h - 1) / 2])
+    dst = np.array([mid, mid - [0, (out_w - 1) / 2], [0, 0]])
     dst[2] = dst[1] + [dst[1, 1] - dst[0, 1], dst[0, 0] - dst[1, 0]]
     opencv = cv2.getAffineTransform(src.astype(np.float32), dst.astype(np.float32))
 
@@ -88,19 +94,94 @@ def test_three_point_construction_matches_opencv_on_float32_points() -> None:
     np.testing.assert_allclose(mapped_ours, mapped_cv, atol=1e-3)
 
 
-def test_box_center_goes_to_output_center_and_box_fills_output_width() -> None:
+GOLDEN_CASES = json.loads(GOLDEN_PATH.read_text())["cases"]
+
+
+@pytest.mark.parametrize(
+    "case",
+    GOLDEN_CASES,
+    ids=[f"{c['box_xywh']}-{c['output_wh']}-{c['rotation_deg']:g}" for c in GOLDEN_CASES],
+)
+def test_transforms_equal_the_published_pipeline(case: dict) -> None:
+    """Every golden case: center/scale, forward and inverse, batched and single-box, to 1e-3."""
+    output_wh = tuple(case["output_wh"])
+    centers, scales = box_to_center_scale(
+        np.array([case["box_xywh"]]), output_wh[0] / output_wh[1]
+    )
+    np.testing.assert_allclose(centers[0], case["center"], rtol=0, atol=1e-3)
+    np.testing.assert_allclose(scales[0], case["scale"], rtol=0, atol=1e-3)
+    rotations = np.array([case["rotation_deg"]])
+    for inverse, key in ((False, "forward"), (True, "inverse")):
+        batched = get_affine_transforms(centers, scales, rotations, output_wh, inverse=inverse)
+        single = get_affine_transform(centers[0], scales[0], rotations[0], output_wh, inverse)
+        np.testing.assert_allclose(batched[0], case[key], rtol=0, atol=1e-3, err_msg=key)
+        np.testing.assert_allclose(single, case[key], rtol=0, atol=1e-3, err_msg=key)
+
+
+def test_golden_data_covers_inputs_heatmaps_and_rotations() -> None:
+    """The comparison above is only as strong as its cases: keep them varied."""
+    assert len(GOLDEN_CASES) == 120
+    assert {tuple(c["output_wh"]) for c in GOLDEN_CASES} >= {(288, 384), (72, 96), (48, 64)}
+    assert {c["rotation_deg"] for c in GOLDEN_CASES} == {0.0, 30.0, -45.0}
+
+
+def test_box_border_pixel_centres_go_to_output_border_pixel_centres() -> None:
     center, scale = np.array([[300.0, 200.0]]), np.array([[1.5, 2.0]])  # 300 x 400 px box
     transform = get_affine_transforms(center, scale, np.array([0.0]), INPUT_SIZE_WH)
-    corners = np.array([[[150.0, 0.0], [450.0, 400.0], [300.0, 200.0]]])
-    expected = np.array([[[0.0, 0.0], [192.0, 256.0], [96.0, 128.0]]])
-    np.testing.assert_allclose(transform_points(corners, transform), expected, atol=1e-9)
+    # the box spans pixel centres 150.5 .. 449.5 around x = 300; the output 0 .. 191
+    points = np.array([[[150.5, 200.0], [449.5, 200.0], [300.0, 200.0]]])
+    expected = np.array([[[0.0, 127.5], [191.0, 127.5], [95.5, 127.5]]])
+    np.testing.assert_allclose(transform_points(points, transform), expected, atol=1e-9)
 
 
-def test_heatmap_transform_is_input_transform_divided_by_stride() -> None:
+def test_heatmap_transform_is_built_for_the_heatmap_size_not_divided_by_stride() -> None:
+    """With pixel-centre sizes, input / 4 would be off by 3/8 px; the heatmap one is its own."""
     centers, scales, rotations = _random_boxes(np.random.default_rng(1), 10)
     to_input = get_affine_transforms(centers, scales, rotations, INPUT_SIZE_WH)
     to_heatmap = get_affine_transforms(centers, scales, rotations, HEATMAP_SIZE_WH)
-    np.testing.assert_allclose(to_heatmap, to_input / 4, atol=1e-9)
+    ratio = (HEATMAP_SIZE_WH[0] - 1) / (INPUT_SIZE_WH[0] - 1)
+    np.testing.assert_allclose(to_heatmap[:, :, :2], to_input[:, :, :2] * ratio, rtol=1e-9)
+    assert not np.allclose(to_heatmap, to_input / 4, atol=1e-2)
+
+
+@pytest.mark.parametrize("output_size", [INPUT_SIZE_WH, HEATMAP_SIZE_WH, (257, 255)])
+def test_flip_about_the_output_centre_is_exact(output_size: tuple[int, int]) -> None:
+    """Mirroring the image (x -> W - 1 - x, centre too) mirrors the crop exactly, no shift."""
+    rng = np.random.default_rng(5)
+    # smooth content: OpenCV quantises sampling positions to 1/32 px, which white noise would
+    # turn into large grey-level differences even for an exact geometric mirror
+    noise = rng.uniform(0, 255, (300, 400, 3)).astype(np.float32)
+    image = cv2.GaussianBlur(noise, (0, 0), 4).clip(0, 255).astype(np.uint8)
+    image_width = image.shape[1]
+    boxes = np.array([[40.3, 20.8, 150.2, 230.6], [210.0, 50.0, 120.0, 160.0]])
+    centers, scales = box_to_center_scale(boxes, output_size[0] / output_size[1])
+    mirrored_centers = centers.copy()
+    mirrored_centers[:, 0] = image_width - 1 - centers[:, 0]
+
+    plain = get_affine_transforms(centers, scales, np.zeros(2), output_size)
+    mirrored = get_affine_transforms(mirrored_centers, scales, np.zeros(2), output_size)
+    points = rng.uniform(0, 300, (2, 17, 2))
+    mirrored_points = points.copy()
+    mirrored_points[..., 0] = image_width - 1 - points[..., 0]
+    in_plain = transform_points(points, plain)
+    in_mirrored = transform_points(mirrored_points, mirrored)
+    np.testing.assert_allclose(
+        in_mirrored[..., 0], output_size[0] - 1 - in_plain[..., 0], atol=1e-9
+    )
+    np.testing.assert_allclose(in_mirrored[..., 1], in_plain[..., 1], atol=1e-9)
+
+    # the pixels agree too: the crop of the mirrored image is the mirrored crop
+    crops = warp_crops(image, plain, output_size)
+    crops_of_mirror = warp_crops(np.ascontiguousarray(image[:, ::-1]), mirrored, output_size)
+    difference = np.abs(crops_of_mirror.astype(int) - crops[:, :, ::-1].astype(int))
+    assert (difference <= 1).mean() > 0.999
+
+
+def test_boxes_of_at_most_one_pixel_are_refused() -> None:
+    with pytest.raises(ValueError, match="wider than 1 pixel"):
+        get_affine_transforms(np.zeros((1, 2)), np.array([[0.004, 0.005]]), np.zeros(1), (48, 64))
+    empty = get_affine_transforms(np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0), (48, 64))
+    assert empty.shape == (0, 2, 3)
 
 
 @pytest.mark.parametrize("rotation", [0.0, 30.0, -45.0, 120.0])
@@ -121,7 +202,7 @@ def test_points_round_trip_through_heatmap_space(rotation: float, scale_factor: 
     # the round trip is not vacuous: heatmap coordinates differ from image ones
     assert np.abs(in_heatmap - points).max() > 10
     # distances shrink by exactly heatmap width / box width (a similarity)
-    zoom = HEATMAP_SIZE_WH[0] / (scales[:, 0] * PIXEL_STD)
+    zoom = (HEATMAP_SIZE_WH[0] - 1) / (scales[:, 0] * PIXEL_STD - 1)
     image_dist = np.linalg.norm(points[:, 0] - points[:, 1], axis=1)
     heatmap_dist = np.linalg.norm(in_heatmap[:, 0] - in_heatmap[:, 1], axis=1)
     np.testing.assert_allclose(heatmap_dist, image_dist * zoom, rtol=1e-9)
@@ -161,7 +242,8 @@ def test_warp_crops_fills_outside_of_image_with_black() -> None:
     crops = warp_crops(image, transforms, (64, 64))
     assert crops.shape == (2, 64, 64, 3)
     assert crops[0, :20, :20].max() == 0  # up-left of the image corner
-    assert crops[0, 40:, 40:].min() == 200
+    # the last output pixel lands half a pixel beyond the image's last pixel centre
+    assert crops[0, 40:62, 40:62].min() == 200
     assert (crops[1] == 200).all()  # box fully inside
 
 
