@@ -250,8 +250,9 @@ def test_mpii_records_use_hrnet_conversion(tmp_path: Path) -> None:
     np.testing.assert_allclose(records.centers[0], [50.0, 60.0 + 15 * 0.5])
     np.testing.assert_allclose(records.scales[0], [0.625, 0.625])
     assert records.visible[0, 15] == 0 and records.file_names == ["a.jpg", "b.jpg"]
-    # head size: upper neck (8) to head top (9)
+    # head size without head boxes: upper neck (8) to head top (9), marked as not comparable
     assert records.head_sizes[0] == pytest.approx(np.hypot(1.0, 2.0))
+    assert records.head_size_source.startswith("neck to head-top")
     # the equivalent box reproduces center and scale through the service's crop code
     from model.transforms import box_to_center_scale
 
@@ -561,6 +562,92 @@ def test_mpii_evaluation_scores_ground_truth_perfectly(tmp_path: Path) -> None:
     assert result.kind == "mpii" and result.num_persons == 3
     assert {"Head", "Mean", "Mean@0.1", "head_top"} <= set(result.metrics)
     assert all(0.0 <= value <= 1.0 for value in result.metrics.values())
+    # no head boxes: the neck to head-top fallback is labelled as not comparable
+    assert result.metrics["comparable"] == 0.0 and "NOT COMPARABLE" in result.table()
+    # the official gt_valid.mat beside the annotations is picked up by itself
+    head_boxes = np.tile([[0.0, 0.0], [6.0, 8.0]], (3, 1, 1))
+    mat = tmp_path / "annot" / "gt_valid.mat"
+    _write_gt_valid_mat(mat, records.joints + 1.0, np.zeros((3, 16)), head_boxes)
+    result = evaluate_model(
+        build_model(config.model_config()), config, device=torch.device("cpu"), progress=False
+    )
+    assert result.metrics["comparable"] == 1.0 and "gt_valid.mat" in result.table()
+
+
+def _write_gt_valid_mat(
+    path: Path, joints_1based: np.ndarray, missing: np.ndarray, head_boxes: np.ndarray
+) -> None:
+    """The official gt_valid.mat structure: per-person data along the LAST axis."""
+    import scipy.io
+
+    names = np.array(list(MPII_JOINT_NAMES), dtype=object)
+    scipy.io.savemat(
+        path,
+        {
+            "dataset_joints": names[None],
+            "jnt_missing": missing.T.astype(np.float64),  # [16, N]
+            "pos_gt_src": np.asarray(joints_1based, np.float64).transpose(1, 2, 0),  # [16, 2, N]
+            "pos_pred_src": np.zeros((16, 2, len(missing))),
+            "headboxes_src": np.asarray(head_boxes, np.float64).transpose(1, 2, 0),  # [2, 2, N]
+        },
+    )
+
+
+MPII_JOINT_NAMES = ("rank", "rkne", "rhip", "lhip", "lkne", "lank", "pelv", "thor", "neck",
+                    "head", "rwri", "relb", "rsho", "lsho", "lelb", "lwri")  # fmt: skip
+
+
+def test_mpii_pckh_as_published_with_the_official_head_boxes(tmp_path: Path) -> None:
+    from training.evaluate import mpii_metrics
+
+    rng = np.random.default_rng(3)
+    num = 4
+    gt = rng.uniform(50, 150, (num, 16, 2)).round(1)  # 0-based truth
+    missing = np.zeros((num, 16))
+    missing[1:, 13] = 1  # left shoulder labelled on person 0 only
+    boxes = np.tile([[10.0, 20.0], [16.0, 28.0]], (num, 1, 1))  # diagonal 10 -> normaliser 6
+    (tmp_path / "annot").mkdir()
+    gt_file = tmp_path / "annot" / "gt_valid.mat"
+    _write_gt_valid_mat(gt_file, gt + 1.0, missing, boxes)  # the .mat is 1-based
+    entries = [
+        {
+            "image": f"{i}.jpg",
+            "center": [100.0, 100.0],
+            "scale": 1.0,
+            "joints": np.zeros((16, 2)).tolist(),
+            "joints_vis": [1] * 16,
+        }
+        for i in range(num)
+    ]  # fmt: skip  (the JSON's joints differ: the .mat must win)
+    annotation_file = tmp_path / "annot" / "valid.json"
+    annotation_file.write_text(json.dumps(entries))
+    model_config = load_config("mpii-w18-256x256").model_config()
+    records = load_mpii_records(annotation_file, model_config, gt_file)
+    np.testing.assert_allclose(records.joints, gt, atol=1e-4)
+    np.testing.assert_allclose(records.head_sizes, 6.0)
+    assert records.visible[1, 13] == 0 and records.visible[0, 13] == 1
+
+    predictions = gt.copy()
+    predictions[0, 9, 0] += 2.9  # head top 0.483 head sizes off: a hit at 0.5
+    predictions[1, 9, 0] += 3.1  # 0.517: a miss (with the diagonal alone, 0.31, a hit)
+    predictions[0, 13, 1] += 10.0  # the only labelled left shoulder: a miss
+    predictions[2, 0, 0] += 0.105 * 6  # right ankle 0.105 off: a hit at 0.11, a miss at 0.1
+    predictions[:, 6] += 50.0  # pelvis and thorax are not in the mean
+    predictions[:, 7] += 50.0
+    metrics = mpii_metrics(predictions, records, model_config.keypoints)
+    assert metrics["Head"] == pytest.approx(3 / 4)  # head top only
+    assert metrics["Shoulder"] == pytest.approx((1.0 + 0.0) / 2)  # unweighted pair (not 4/5)
+    assert metrics["Ankle"] == 1.0 and metrics["pelvis"] == 0.0
+    counted = records.visible.sum(axis=0)
+    counted[[6, 7]] = 0
+    total = counted.sum()
+    assert metrics["Mean"] == pytest.approx((total - 2) / total)
+    assert metrics["Mean@0.1"] == pytest.approx((total - 3) / total)  # read at 0.11
+    assert metrics["comparable"] == 1.0
+    # a .mat of other persons is refused, naming the problem
+    _write_gt_valid_mat(gt_file, gt[:3] + 1.0, missing[:3], boxes[:3])
+    with pytest.raises(DataError, match=r"headboxes_src|pos_gt_src"):
+        load_mpii_records(annotation_file, model_config, gt_file)
 
 
 def test_training_targets_decode_to_the_annotations_through_the_serving_path(

@@ -81,6 +81,8 @@ class DataSection:
     val_boxes: str | None = None
     box_score_threshold: float = 0.0
     max_val_images: int | None = None  # evaluate on the first N images only (quick checks)
+    # MPII: the official gt_valid.mat (PCKh head boxes); default ROOT/annot/gt_{val_split}.mat
+    mpii_gt_file: str | None = None
 
 
 @dataclass

@@ -182,6 +182,7 @@ class PersonRecords:
     visible: np.ndarray  # per person: J, 1 where the joint is annotated
     scores: np.ndarray  # per person: box score (1 for ground truth)
     head_sizes: np.ndarray | None = None  # MPII: PCKh normaliser per person
+    head_size_source: str = ""  # MPII: where the normalisers come from (see load_mpii_records)
 
     def __len__(self) -> int:
         return len(self.image_index)
@@ -207,6 +208,15 @@ def coco_image_dir(root: str | Path, split: str) -> Path:
 
 def mpii_annotation_path(root: str | Path, split: str) -> Path:
     return Path(root) / "annot" / f"{split}.json"
+
+
+def mpii_gt_path(data: DataSection, split: str) -> Path | None:
+    """The official ground truth for an MPII split: ``data.mpii_gt_file`` for the validation
+    split when set, else ``ROOT/annot/gt_{split}.mat`` (``gt_valid.mat``) when it exists."""
+    if data.mpii_gt_file and split == data.val_split:
+        return Path(data.mpii_gt_file)
+    default = Path(data.root) / "annot" / f"gt_{split}.mat"
+    return default if default.is_file() else None
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -360,8 +370,16 @@ def center_scale_to_box(
     return np.concatenate([corners, sizes], axis=1)
 
 
-def load_mpii_records(annotation_file: Path, model_config: ModelConfig) -> PersonRecords:
-    """HRNet's MPII JSON: center/scale per person (shifted and padded as HRNet does)."""
+def load_mpii_records(
+    annotation_file: Path, model_config: ModelConfig, gt_file: Path | None = None
+) -> PersonRecords:
+    """HRNet's MPII JSON: center/scale per person (shifted and padded as HRNet does).
+
+    PCKh normalisers: with ``gt_file`` (the official ``gt_valid.mat``, same persons in the same
+    order) its head boxes, joints and missing-joint flags are used, as the published evaluation
+    does; else ``head_box`` entries of the JSON; else the neck to head-top distance, which is
+    NOT comparable with published figures (``head_size_source`` says which).
+    """
     data = _read_json(annotation_file, "annotation file")
     if not isinstance(data, list):
         raise DataError(f"annotation file {annotation_file}: expected a list of persons")
@@ -369,6 +387,7 @@ def load_mpii_records(annotation_file: Path, model_config: ModelConfig) -> Perso
     file_names: list[str] = []
     row_of_name: dict[str, int] = {}
     rows, centers, scales, joints, visible, head_sizes = [], [], [], [], [], []
+    boxed: list[bool] = []
     for entry in data:
         try:
             name = str(entry["image"])
@@ -396,9 +415,22 @@ def load_mpii_records(annotation_file: Path, model_config: ModelConfig) -> Perso
         joints.append(person_joints - 1.0)  # MATLAB 1-based -> 0-based
         visible.append((person_visible > 0).astype(np.float64))
         head_box = entry.get("head_box") or entry.get("headbox")
+        boxed.append(head_box is not None)
         head_sizes.append(_head_size(head_box, person_joints))
     center_array = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
     scale_array = np.asarray(scales, dtype=np.float64).reshape(-1, 2)
+    joint_array = np.asarray(joints, dtype=np.float32).reshape(-1, num_joints, 2)
+    visible_array = np.asarray(visible, dtype=np.float32).reshape(-1, num_joints)
+    head_size_array = np.asarray(head_sizes, dtype=np.float64)
+    if gt_file is not None:
+        joint_array, visible_array, head_size_array = read_mpii_ground_truth(
+            gt_file, len(rows), num_joints
+        )
+        source = MPII_SOURCE_GT_FILE
+    elif all(boxed):
+        source = MPII_SOURCE_JSON_BOXES
+    else:
+        source = MPII_SOURCE_NECK_HEAD
     return PersonRecords(
         file_names=file_names,
         image_ids=np.arange(len(file_names), dtype=np.int64),
@@ -406,15 +438,58 @@ def load_mpii_records(annotation_file: Path, model_config: ModelConfig) -> Perso
         boxes=center_scale_to_box(center_array, scale_array),
         centers=center_array,
         scales=scale_array,
-        joints=np.asarray(joints, dtype=np.float32).reshape(-1, num_joints, 2),
-        visible=np.asarray(visible, dtype=np.float32).reshape(-1, num_joints),
+        joints=joint_array,
+        visible=visible_array,
         scores=np.ones(len(rows)),
-        head_sizes=np.asarray(head_sizes, dtype=np.float64),
+        head_sizes=head_size_array,
+        head_size_source=source,
     )
 
 
 MPII_HEAD_BOX_FACTOR = 0.6  # the MPII toolkit's PCKh normaliser: 0.6 x head-box diagonal
 MPII_UPPER_NECK, MPII_HEAD_TOP = 8, 9
+MPII_SOURCE_GT_FILE = "head boxes of gt_valid.mat"
+MPII_SOURCE_JSON_BOXES = "head boxes of the annotation file"
+MPII_SOURCE_NECK_HEAD = "neck to head-top distance (no head boxes)"
+COMPARABLE_HEAD_SIZE_SOURCES = (MPII_SOURCE_GT_FILE, MPII_SOURCE_JSON_BOXES)
+
+
+def read_mpii_ground_truth(
+    gt_file: Path, num_persons: int, num_joints: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Joints ``[N, J, 2]`` (0-based), visibility ``[N, J]`` and PCKh normalisers ``[N]`` from the
+    official ``gt_valid.mat``: ``pos_gt_src`` ``[J, 2, N]`` (1-based), ``jnt_missing`` ``[J, N]``
+    and ``headboxes_src`` ``[2, 2, N]`` (top-left, bottom-right); normaliser 0.6 x diagonal.
+    """
+    import scipy.io
+
+    if not gt_file.is_file():
+        raise DataError(f"MPII ground-truth file {gt_file} not found")
+    try:
+        mat = scipy.io.loadmat(str(gt_file))
+    except (OSError, ValueError, TypeError) as error:
+        raise DataError(f"cannot read MPII ground-truth file {gt_file}: {error}") from None
+    missing_keys = [k for k in ("pos_gt_src", "jnt_missing", "headboxes_src") if k not in mat]
+    if missing_keys:
+        raise DataError(f"MPII ground-truth file {gt_file} lacks {', '.join(missing_keys)}")
+    positions = np.asarray(mat["pos_gt_src"], dtype=np.float64)
+    missing = np.asarray(mat["jnt_missing"], dtype=np.float64)
+    boxes = np.asarray(mat["headboxes_src"], dtype=np.float64)
+    expected = {
+        "pos_gt_src": (positions, (num_joints, 2, num_persons)),
+        "jnt_missing": (missing, (num_joints, num_persons)),
+        "headboxes_src": (boxes, (2, 2, num_persons)),
+    }
+    for name, (array, shape) in expected.items():
+        if array.shape != shape:
+            raise DataError(
+                f"MPII ground-truth file {gt_file}: {name} has shape {array.shape}, expected "
+                f"{shape} ({num_persons} persons in the annotation file, in the same order)"
+            )
+    joints = positions.transpose(2, 0, 1) - 1.0  # MATLAB 1-based -> 0-based
+    visible = (1.0 - missing).T
+    head_sizes = MPII_HEAD_BOX_FACTOR * np.linalg.norm(boxes[1] - boxes[0], axis=0)
+    return joints.astype(np.float32), visible.astype(np.float32), head_sizes
 
 
 def _head_size(head_box: Any, joints: np.ndarray) -> float:
@@ -450,7 +525,8 @@ def load_split(
     _check_root(root)
     if data.format == "mpii":
         annotation_file = mpii_annotation_path(root, split)
-        records = load_mpii_records(annotation_file, model_config)
+        gt_file = mpii_gt_path(data, split)
+        records = load_mpii_records(annotation_file, model_config, gt_file)
         return records, open_image_source(root / "images"), annotation_file
     annotation_file = coco_annotation_path(root, split)
     if boxes_file:
