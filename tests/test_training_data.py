@@ -18,7 +18,12 @@ from torch.utils.data import DataLoader
 from model.codec import decode_heatmaps, encode_gaussian_heatmaps
 from model.skeleton import COCO_KEYPOINTS
 from model.topdown import PersonPose
-from model.transforms import get_affine_transforms, transform_points
+from model.transforms import (
+    get_affine_transforms,
+    normalize_crops,
+    transform_points,
+    warp_crops,
+)
 from training.config import (
     ConfigError,
     ExperimentConfig,
@@ -299,21 +304,33 @@ def test_flip_mirrors_crop_and_swaps_joints(tmp_path: Path) -> None:
     for epoch in range(12):
         augmented.set_epoch(epoch)
         rng = np.random.default_rng([augmented.seed, epoch, 0])
-        affine, joints, visible = augmented.sample_geometry(0, image.shape[1], rng)
-        plain_affine, plain_joints, plain_visible = plain.sample_geometry(
+        affine, joints, visible, flip = augmented.sample_geometry(0, image.shape[1], rng)
+        plain_affine, plain_joints, plain_visible, _ = plain.sample_geometry(
             0, image.shape[1], np.random.default_rng(0)
         )
-        if np.allclose(affine, plain_affine):
+        if not flip:
+            np.testing.assert_allclose(affine, plain_affine)
             plain_seen = True
             continue
         flipped_seen = True
+        # the flipped sample is what the published pipeline cuts: the mirrored image, center
+        # x -> W - 1 - c_x, the transform built from it
+        mirrored_center = [image.shape[1] - 1 - records.centers[0, 0], records.centers[0, 1]]
+        expected = get_affine_transforms(
+            np.array([mirrored_center]), records.scales[:1], np.zeros(1), (64, 96)
+        )[0]
+        np.testing.assert_allclose(affine, expected, atol=1e-12)
+        sample_input = augmented[0][0]
+        published_crop = warp_crops(image[:, ::-1].copy(), expected[None], (64, 96))
+        torch.testing.assert_close(sample_input, normalize_crops(published_crop)[0])
+        image_for_crop = image[:, ::-1].copy()
         heatmap_width = model_config.heatmap_size[1]
         # the flipped sample's joint j is the plain one's mirror joint, mirrored exactly about
         # the heatmap's centre pixel (x -> w - 1 - x): the pixel-centre convention needs no shift
         np.testing.assert_allclose(joints[:, 0], heatmap_width - 1 - plain_joints[flip_index, 0])
         np.testing.assert_allclose(joints[:, 1], plain_joints[flip_index, 1])
         np.testing.assert_array_equal(visible, plain_visible[flip_index])
-        crop = cv2.warpAffine(image, affine, (64, 96), flags=cv2.INTER_LINEAR)
+        crop = cv2.warpAffine(image_for_crop, affine, (64, 96), flags=cv2.INTER_LINEAR)
         plain_crop = cv2.warpAffine(image, plain_affine, (64, 96), flags=cv2.INTER_LINEAR)
         # the crop is the plain crop mirrored, with no one-pixel offset. OpenCV samples on a
         # 1/32 px grid and may round a mirrored position the other way, which this white-noise

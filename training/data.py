@@ -600,9 +600,9 @@ def target_weights(
     return ((np.asarray(visible) > 0) & ~misses).astype(np.float32)
 
 
-def _flip_matrix(image_width: int) -> np.ndarray:
-    """Homogeneous 3x3 mirror x -> (W - 1) - x: composing it avoids copying the image."""
-    return np.array([[-1.0, 0.0, image_width - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+def mirror_image(image: np.ndarray) -> np.ndarray:
+    """The horizontally mirrored image (pixel x -> W - 1 - x), contiguous for OpenCV."""
+    return np.ascontiguousarray(image[:, ::-1])
 
 
 class KeypointTrainDataset(Dataset):
@@ -642,9 +642,14 @@ class KeypointTrainDataset(Dataset):
 
     def sample_geometry(
         self, index: int, image_width: int, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Augmented crop affine ``[2, 3]`` on the stored image, heatmap joints ``[J, 2]`` and
-        visibility ``[J]`` (left/right swapped when flipped).
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+        """Augmented crop affine ``[2, 3]``, heatmap joints ``[J, 2]``, visibility ``[J]`` and
+        whether the sample is flipped.
+
+        As published, a flipped sample works on the MIRRORED image: joint x -> W - 1 - x and
+        box center x -> W - 1 - c_x before the transforms are built, left/right joints swapped;
+        the crop affine then applies to the mirrored image. Targets are placed with the
+        transform built for the heatmap size (never input coordinates / 4).
         """
         records, data = self.records, self.data
         joints = records.joints[index].astype(np.float64)
@@ -680,15 +685,17 @@ class KeypointTrainDataset(Dataset):
             center[None], scale[None], rotations, (heatmap_width, heatmap_height)
         )
         heatmap_joints = transform_points(joints[None], heatmap_affine)[0]
-        if flip:  # the crop samples the stored image: stored -> mirrored -> crop
-            crop_affine = crop_affine @ _flip_matrix(image_width)
-        return crop_affine, heatmap_joints, visible
+        return crop_affine, heatmap_joints, visible, flip
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         records = self.records
         image = self.images.read_rgb(records.file_names[records.image_index[index]])
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        crop_affine, heatmap_joints, visible = self.sample_geometry(index, image.shape[1], rng)
+        crop_affine, heatmap_joints, visible, flip = self.sample_geometry(
+            index, image.shape[1], rng
+        )
+        if flip:
+            image = mirror_image(image)
         height, width = self.model_config.input_size
         crops = warp_crops(image, crop_affine[None], (width, height))
         heatmap_size = self.model_config.heatmap_size
