@@ -218,7 +218,7 @@ def _imagenet_file(path: Path, width: int, layout: str) -> dict[str, torch.Tenso
         for key, value in model.state_dict().items()
         if key.startswith(BACKBONE_PREFIXES) and not key.startswith(fusion_only)
     }
-    head_bias = layout == "timm"
+    head_bias = layout.startswith("timm")
     weights["incre_modules.0.0.conv1.weight"] = torch.randn(32, width, 1, 1)
     weights["downsamp_modules.0.0.weight"] = torch.randn(256, 128, 3, 3)
     weights["final_layer.0.weight"] = torch.randn(2048, 1024, 1, 1)
@@ -228,15 +228,20 @@ def _imagenet_file(path: Path, width: int, layout: str) -> dict[str, torch.Tenso
     weights["classifier.bias"] = torch.randn(1000)
     if layout == "timm":
         torch.save(weights, path)
+    elif layout == "timm-safetensors":  # the format timm's hub files come in
+        from safetensors.torch import save_file
+
+        save_file(weights, str(path))
     else:
         weights = {k: v for k, v in weights.items() if not k.endswith("num_batches_tracked")}
         torch.save({"state_dict": {f"module.{k}": v for k, v in weights.items()}}, path)
     return weights
 
 
-@pytest.mark.parametrize("layout", ["timm", "original"])
+@pytest.mark.parametrize("layout", ["timm", "timm-safetensors", "original"])
 def test_imagenet_init_maps_both_layouts_onto_the_backbone(layout, tmp_path: Path, caplog):
-    path = tmp_path / f"hrnet_w8_{layout}.pth"
+    suffix = ".safetensors" if layout.endswith("safetensors") else ".pth"
+    path = tmp_path / f"hrnet_w8_{layout}{suffix}"
     weights = _imagenet_file(path, 8, layout)
     model = OmniPose(17, 8)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -1,13 +1,13 @@
 """Starting points for training: ImageNet HRNet backbones and OmniPose checkpoints.
 
 ``--init imagenet FILE`` (``model.pretrained``) maps ImageNet classification weights of HRNet
-onto OmniPose's backbone. Both published layouts are read: timm's ``hrnet_w18/w32/w48``
-(``timm/models/hrnet.py``) and the original HRNet-Image-Classification ``cls_hrnet.py``. Their
-backbones use the same module tree and therefore the same key names as OmniPose's backbone
-(``conv1``, ``bn1``, ``conv2``, ``bn2``, ``layer1``, ``transition1-3``, ``stage2-4`` with
-``branches`` and ``fuse_layers``); they differ only in details outside it (timm's ``nn.Identity``
-where the original stores ``None``, which hold no tensors, and the classification head). What
-does NOT carry over:
+onto OmniPose's backbone (a PyTorch file, or ``.safetensors`` as timm's hub publishes them).
+Both published layouts are read: timm's ``hrnet_w18/w32/w48`` (``timm/models/hrnet.py``) and
+the original HRNet-Image-Classification ``cls_hrnet.py``. Their backbones use the same module
+tree, and so the same key names, as OmniPose's backbone: ``conv1``, ``bn1``, ``conv2``,
+``bn2``, ``layer1``, ``transition1-3``, ``stage2-4`` with ``branches`` and ``fuse_layers``. They
+differ only outside the backbone's tensors (timm's ``nn.Identity`` where the original stores
+``None``, neither holding tensors; the classification head). What does NOT carry over:
 
 - the classification head of the file (``incre_modules``, ``downsamp_modules``, ``final_layer``,
   ``classifier``): unused;
@@ -91,6 +91,27 @@ def _layout(state_dict: dict[str, torch.Tensor], width: int) -> str:
     return f"HRNet-W{width} ImageNet {kind}, timm / HRNet-Image-Classification key layout"
 
 
+def read_imagenet_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file (timm's hub format) or a PyTorch file read with
+    ``weights_only=True`` (bare or under ``state_dict``/``model``); ``module.`` stripped."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            raise InitError(f"ImageNet init {path}: file not found")
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as error:
+            message = f"ImageNet init {path}: not a readable safetensors file ({error})"
+            raise InitError(message) from None
+        return {key.removeprefix("module."): value for key, value in tensors.items()}
+    try:
+        return read_checkpoint(path).state_dict
+    except CheckpointError as error:
+        raise InitError(f"ImageNet init: {error}") from None
+
+
 def load_imagenet_backbone(model: nn.Module, path: str | Path) -> BackboneInit:
     """Copy ImageNet HRNet weights into ``model``'s backbone; returns what was used.
 
@@ -98,10 +119,7 @@ def load_imagenet_backbone(model: nn.Module, path: str | Path) -> BackboneInit:
     width than the model (a W32 file cannot start a W48 network).
     """
     path = Path(path)
-    try:
-        source = read_checkpoint(path).state_dict  # weights_only, ``module.`` stripped
-    except CheckpointError as error:
-        raise InitError(f"ImageNet init: {error}") from None
+    source = read_imagenet_state_dict(path)
     target = model.state_dict()
     model_width = _backbone_width(target)
     file_width = _backbone_width(source)
