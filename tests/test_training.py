@@ -6,6 +6,8 @@ torch thread per process (two-core CI machine shared with the data-loading worke
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
 from pathlib import Path
@@ -15,17 +17,18 @@ import torch
 import torch.multiprocessing as mp
 
 from model.checkpoint import load_model, read_checkpoint
-from model.network import OmniPose
+from model.network import OmniPose, UpsampleFusion
 from training.cli import main as cli_main
 from training.config import ExperimentConfig, load_config
 from training.distributed import cleanup_distributed, init_distributed
-from training.engine import (
-    BACKBONE_PREFIXES,
-    Trainer,
-    TrainingError,
-    load_backbone_weights,
-)
+from training.engine import Trainer, TrainingError
 from training.evaluate import evaluate_model
+from training.init import (
+    BACKBONE_PREFIXES,
+    CLASSIFIER_PREFIXES,
+    InitError,
+    load_imagenet_backbone,
+)
 from training.synth import generate_dataset
 
 RECIPE = "synth-w8-96x64"
@@ -150,14 +153,16 @@ def _ddp_worker(rank: int, world_size: int, port: int, root: str, output: str) -
     torch.set_num_threads(1)
     context = init_distributed("cpu")
     try:
+        # the published batch is one step's whole batch: 4 over 2 processes -> 2 each
         config = small_config(Path(root), Path(output) / "run", "train.epochs=1",
-                              "train.batch_size=2", "train.max_steps_per_epoch=3")  # fmt: skip
+                              "train.batch_size=4", "train.max_steps_per_epoch=3")  # fmt: skip
         trainer = Trainer(config, context, echo=False)
         result = trainer.fit()
         torch.save(
             {
                 "state_dict": {k: v.cpu() for k, v in trainer.network.state_dict().items()},
                 "steps": len(result.step_losses),
+                "batch_per_process": trainer.batch_per_process,
                 "best": result.best_metric,
             },
             Path(output) / f"rank{rank}.pt",
@@ -174,6 +179,10 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(synth_small: Path, tmp_path:
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert rank0["steps"] == rank1["steps"] == 3
+    assert rank0["batch_per_process"] == rank1["batch_per_process"] == 2
+    metadata = read_checkpoint(tmp_path / "run" / "last.pt").metadata
+    assert metadata["training"]["batch_size_total"] == 4 == metadata["training"]["recipe"][
+        "train"]["batch_size"]  # fmt: skip
     assert rank0["best"] == rank1["best"]  # metric broadcast from rank 0
     initial = OmniPose(17, 8).state_dict()
     changed = 0
@@ -185,32 +194,134 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(synth_small: Path, tmp_path:
     assert written == ["last.pt", "model_best.pt", "train.log"]  # rank 0 only, once
 
 
-# --- pretrained backbone ----------------------------------------------------------------------
+# --- starting points: ImageNet backbone, OmniPose checkpoint -------------------------------------
 
 
-def test_pretrained_backbone_loads_matching_tensors_and_reports_counts(tmp_path: Path) -> None:
-    torch.manual_seed(1)
-    source = OmniPose(17, 8).state_dict()
-    imagenet = {f"module.{k}": v + 1.0 for k, v in source.items() if k.startswith(BACKBONE_PREFIXES)
-                and "fuse_layers" not in k}  # fmt: skip
-    imagenet["module.stage2.0.branches.0.0.conv1.weight"] = torch.zeros(3, 3, 3, 3)  # wrong shape
-    imagenet["module.classifier.weight"] = torch.zeros(1000, 2048)
-    path = tmp_path / "hrnet_imagenet.pth"
-    torch.save({"state_dict": imagenet}, path)
+def _imagenet_file(path: Path, width: int, layout: str) -> dict[str, torch.Tensor]:
+    """An HRNet-W``width`` ImageNet classification state_dict built from our own backbone's key
+    names and shapes (no download), plus the classification head both layouts carry.
+
+    ``timm``: a bare state_dict as timm's ``hrnet_wNN`` stores it. ``original``: the
+    HRNet-Image-Classification layout saved from DataParallel (``module.`` keys under
+    ``state_dict``) without ``num_batches_tracked`` (files of old PyTorch versions lack them).
+    """
+    torch.manual_seed(width)
+    model = OmniPose(17, width)
+    fusion_only = tuple(
+        f"{name}.{index}."
+        for name, module in model.named_modules()
+        if isinstance(module, UpsampleFusion)
+        for index in range(2, len(module))
+    )  # fmt: skip  HRNet's upsampling fusion stops after conv1x1 (0) and BN (1)
+    weights = {
+        key: torch.randn_like(value.float()).to(value.dtype) if value.is_floating_point() else value
+        for key, value in model.state_dict().items()
+        if key.startswith(BACKBONE_PREFIXES) and not key.startswith(fusion_only)
+    }
+    head_bias = layout.startswith("timm")
+    weights["incre_modules.0.0.conv1.weight"] = torch.randn(32, width, 1, 1)
+    weights["downsamp_modules.0.0.weight"] = torch.randn(256, 128, 3, 3)
+    weights["final_layer.0.weight"] = torch.randn(2048, 1024, 1, 1)
+    if head_bias:
+        weights["final_layer.0.bias"] = torch.randn(2048)
+    weights["classifier.weight"] = torch.randn(1000, 2048)
+    weights["classifier.bias"] = torch.randn(1000)
+    if layout == "timm":
+        torch.save(weights, path)
+    elif layout == "timm-safetensors":  # the format timm's hub files come in
+        from safetensors.torch import save_file
+
+        save_file(weights, str(path))
+    else:
+        weights = {k: v for k, v in weights.items() if not k.endswith("num_batches_tracked")}
+        torch.save({"state_dict": {f"module.{k}": v for k, v in weights.items()}}, path)
+    return weights
+
+
+@pytest.mark.parametrize("layout", ["timm", "timm-safetensors", "original"])
+def test_imagenet_init_maps_both_layouts_onto_the_backbone(layout, tmp_path: Path, caplog):
+    suffix = ".safetensors" if layout.endswith("safetensors") else ".pth"
+    path = tmp_path / f"hrnet_w8_{layout}{suffix}"
+    weights = _imagenet_file(path, 8, layout)
     model = OmniPose(17, 8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    counts = load_backbone_weights(model, path)
-    backbone = [k for k in before if k.startswith(BACKBONE_PREFIXES)]
-    fuse = [k for k in backbone if "fuse_layers" in k]
-    assert counts["loaded"] == len(backbone) - len(fuse) - 1
-    assert counts["missing"] == len(fuse) + 1 and counts["mismatched"] == 1
-    assert counts["ignored"] == 1
+    with caplog.at_level(logging.DEBUG, logger="training.init"):
+        report = load_imagenet_backbone(model, path)
     after = model.state_dict()
-    assert torch.equal(after["conv1.weight"], source["conv1.weight"] + 1.0)
-    assert torch.equal(after["waspv2.conv1.weight"], before["waspv2.conv1.weight"])  # head kept
-    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, path)
-    with pytest.raises(TrainingError, match="no tensor matches"):
-        load_backbone_weights(OmniPose(17, 8), path)
+    head = [k for k in weights if k.startswith(CLASSIFIER_PREFIXES)]
+    assert sorted(report.unused) == sorted(head)
+    assert sorted(report.used) == sorted(set(weights) - set(head))
+    for key in report.used:  # every mapped tensor landed in the parameter of the same role
+        assert torch.equal(after[key], weights[key]), key
+    # the stem, a branch block, a transition and HRNet's 1x1 conv + BN of an upsampling fusion
+    for key in (
+        "conv1.weight",
+        "layer1.0.downsample.0.weight",
+        "transition3.3.0.0.weight",
+        "stage4.2.branches.3.3.bn2.running_var",
+        "stage3.1.fuse_layers.0.2.0.weight",
+        "stage3.1.fuse_layers.0.2.1.bias",
+        "stage4.0.fuse_layers.3.0.2.0.weight",
+    ):
+        assert torch.equal(after[key], weights[key]), key  # fmt: skip
+    # OmniPose's transposed-conv fusion and the head keep their initialisation
+    for key in ("stage3.1.fuse_layers.0.2.2.weight", "stage3.1.fuse_layers.0.2.3.weight"):
+        assert key in report.not_initialised and torch.equal(after[key], before[key])
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("waspv2."))
+    assert not any(key.startswith("waspv2.") for key in report.not_initialised)
+    summary = report.summary()
+    assert f"{len(report.used)} of {len(weights)} file tensors used" in summary
+    assert f"{len(head)} unused ({len(head)} of the classification head)" in summary
+    assert "0 missing from the file" in summary
+    logged = caplog.text
+    assert "used [" in logged and "classifier.weight" in logged and "fuse_layers.0.2.2" in logged
+
+
+def test_imagenet_init_refuses_other_widths_and_non_hrnet_files(tmp_path: Path) -> None:
+    path = tmp_path / "hrnet_w16.pth"
+    _imagenet_file(path, 16, "timm")
+    with pytest.raises(InitError, match="HRNet-W16 but the model is W8; use the hrnet_w8"):
+        load_imagenet_backbone(OmniPose(17, 8), path)
+    torch.save({"fc.weight": torch.zeros(2, 2)}, path)
+    with pytest.raises(InitError, match="not an HRNet backbone"):
+        load_imagenet_backbone(OmniPose(17, 8), path)
+
+
+def test_init_starts_training_from_the_given_weights(synth_small: Path, tmp_path: Path, capsys):
+    imagenet = tmp_path / "hrnet_w8.pth"
+    weights = _imagenet_file(imagenet, 8, "timm")
+    config = small_config(synth_small, tmp_path / "a", f"model.pretrained={imagenet}")
+    trainer = Trainer(config)
+    assert torch.equal(trainer.network.state_dict()["stage2.0.branches.1.0.conv1.weight"],
+                       weights["stage2.0.branches.1.0.conv1.weight"])  # fmt: skip
+    assert "ImageNet init" in capsys.readouterr().out
+    # fine-tuning: any OmniPose checkpoint, here the published checkpoint.pth layout
+    torch.manual_seed(5)
+    source = OmniPose(17, 8)
+    checkpoint = tmp_path / "checkpoint.pth"
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in
+                                           source.state_dict().items()}}, checkpoint)  # fmt: skip
+    config = small_config(synth_small, tmp_path / "b", f"model.init_weights={checkpoint}")
+    tuned = Trainer(config, echo=False).network.state_dict()
+    assert all(torch.equal(tuned[k], v) for k, v in source.state_dict().items())
+    both = small_config(synth_small, tmp_path / "c", f"model.pretrained={imagenet}",
+                        f"model.init_weights={checkpoint}")  # fmt: skip
+    with pytest.raises(TrainingError, match="give one"):
+        Trainer(both, echo=False)
+
+
+def test_cli_init_argument(tmp_path: Path, capsys) -> None:
+    imagenet = tmp_path / "hrnet.pth"
+    imagenet.write_bytes(b"x")
+    argv = ["train", RECIPE, "--init", "imagenet", str(imagenet), "train.epochs=3",
+            "--print-config"]  # fmt: skip
+    assert cli_main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["model"]["pretrained"] == str(imagenet) and printed["train"]["epochs"] == 3
+    assert cli_main(["train", RECIPE, "--init", str(imagenet), "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["init_weights"] == str(imagenet)
+    assert cli_main(["train", RECIPE, "--init", "imagenet", "/no/such.pth"]) == 2
+    assert "--init: file /no/such.pth not found" in capsys.readouterr().err
 
 
 # --- command line and export --------------------------------------------------------------------

@@ -3,6 +3,7 @@ losses and the metric helpers. All on tiny hand-made or synthetic inputs (second
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import zipfile
@@ -14,19 +15,33 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from model.codec import decode_heatmaps
+from model.codec import decode_heatmaps, encode_gaussian_heatmaps
 from model.skeleton import COCO_KEYPOINTS
 from model.topdown import PersonPose
-from model.transforms import get_affine_transforms, transform_points
-from training.config import ConfigError, ExperimentConfig, get_recipe, load_config
+from model.transforms import (
+    get_affine_transforms,
+    normalize_crops,
+    transform_points,
+    warp_crops,
+)
+from training.config import (
+    ConfigError,
+    ExperimentConfig,
+    get_recipe,
+    load_config,
+    per_process_batch_size,
+)
 from training.data import (
     DataError,
     KeypointTrainDataset,
     center_scale_to_box,
+    clean_coco_box,
+    half_body_box,
     load_detection_records,
     load_mpii_records,
     load_split,
     open_image_source,
+    target_weights,
 )
 from training.evaluate import coco_keypoint_eval, coco_results, pckh
 from training.losses import JointsMSELoss, JointsOHKMLoss
@@ -100,24 +115,56 @@ def tiny_config(root: Path, **overrides: str) -> ExperimentConfig:
 # --- config --------------------------------------------------------------------------------------
 
 
-def test_published_recipes_follow_the_reference_facts() -> None:
-    coco = get_recipe("coco-w48-384x288")
-    # the published config lists weight decay 1e-4, but its Adam is built with the lr alone
-    assert (coco.train.lr, coco.train.weight_decay, coco.train.epochs) == (1e-4, 0.0, 210)
-    assert coco.train.lr_steps == (140, 180) and coco.train.lr_factor == 0.1
-    assert coco.train.batch_size == 12
-    assert coco.data.sigma == 3.0  # 96x72 heatmaps
-    assert get_recipe("coco-w48-256x192").data.sigma == 2.0
-    assert (coco.data.scale_factor, coco.data.rotation_factor) == (0.35, 45.0)
-    assert (coco.data.rotation_prob, coco.data.half_body_prob) == (0.6, 0.3)
-    assert coco.data.half_body_min_joints == 8
-    assert (coco.test.flip_test, coco.test.oks_nms_threshold) == (True, 0.9)
+# The reference facts' table of released configs: lr, lr steps, sigma, batch (whole batch of a
+# step), and the augmentation that differs between COCO and MPII.
+PUBLISHED_TABLE = {
+    "coco-w48-384x288": (1e-4, (140, 180), 3.0, 12),
+    "coco-w48-256x192": (1e-3, (170, 200), 3.0, 32),
+    "coco-w48-128x96": (1e-3, (170, 200), 1.0, 64),
+    "mpii-w48-256x256": (1e-4, (170, 200), 2.0, 16),
+}
+COCO_AUGMENTATION = (0.35, 45.0, 0.6, True, 0.3, 8)  # scale, rotation, its prob, flip, half-body
+MPII_AUGMENTATION = (0.25, 30.0, 0.6, True, 0.0, 8)  # no half-body
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_TABLE))
+def test_published_recipe_matches_the_reference_table(name: str) -> None:
+    recipe = get_recipe(name)
+    lr, steps, sigma, batch = PUBLISHED_TABLE[name]
+    train, data = recipe.train, recipe.data
+    assert (train.lr, train.lr_steps, data.sigma, train.batch_size) == (lr, steps, sigma, batch)
+    # shared: Adam without weight decay (the published 1e-4 never reaches its Adam), 210 epochs
+    assert (train.weight_decay, train.epochs, train.lr_factor) == (0.0, 210, 0.1)
+    assert train.scale_lr_with_world_size is False
+    augmentation = (data.scale_factor, data.rotation_factor, data.rotation_prob, data.flip,
+                    data.half_body_prob, data.half_body_min_joints)  # fmt: skip
+    expected = MPII_AUGMENTATION if name.startswith("mpii") else COCO_AUGMENTATION
+    assert augmentation == expected
+    assert (recipe.test.flip_test, recipe.test.oks_nms_threshold) == (True, 0.9)
+    # the lighter widths train with the recipe of their input size
+    for width in (32, 18):
+        light = get_recipe(name.replace("w48", f"w{width}"))
+        assert dataclasses.asdict(light.train) == dataclasses.asdict(train)
+        assert dataclasses.asdict(light.data) == dataclasses.asdict(data)
+
+
+def test_registry_and_synthetic_recipes() -> None:
     mpii = get_recipe("mpii-w48-256x256")
     assert (mpii.data.format, mpii.data.root, mpii.data.val_split) == ("mpii", "data/mpii", "valid")
     synth = get_recipe("synth-w18-128x96")
     assert synth.model.config == "coco-w18-128x96" and synth.data.train_split == "train"
     get_recipe("coco-w48-384x288").train.epochs = 1  # copies: the registry is not mutated
     assert get_recipe("coco-w48-384x288").train.epochs == 210
+
+
+def test_ddp_splits_the_published_batch_or_scales_the_lr_when_asked() -> None:
+    recipe = get_recipe("coco-w48-256x192")  # batch 32, lr 1e-3
+    assert per_process_batch_size(recipe, 1) == (32, 1e-3)
+    assert per_process_batch_size(recipe, 8) == (4, 1e-3)  # same recipe on 8 GPUs
+    with pytest.raises(ConfigError, match=r"batch_size=32 .* 3 processes"):
+        per_process_batch_size(recipe, 3)
+    recipe.train.scale_lr_with_world_size = True  # the documented, opt-in alternative
+    assert per_process_batch_size(recipe, 3) == (32, pytest.approx(3e-3))
 
 
 def test_overrides_are_typed_and_checked(tmp_path: Path) -> None:
@@ -157,12 +204,23 @@ def test_coco_records_filter_crowds_and_empty_persons(tmp_path: Path) -> None:
     np.testing.assert_allclose(
         records.joints[0], np.asarray(first["keypoints"]).reshape(-1, 3)[:, :2], atol=1e-4
     )
-    # box -> center/scale at the model's aspect ratio (64/96), padded by 1.25
-    # clipped HRNet-style to w = h - 1 = 49 / 89 px, center x + (w - 1) / 2
-    np.testing.assert_allclose(records.centers[0], [10 + 48 / 2, 10 + 88 / 2])
-    np.testing.assert_allclose(records.scales[0], np.array([89 * 64 / 96, 89]) / 200 * 1.25)
+    # box [10, 10, 50, 90] cleaned as published stays 50 x 90 px (inclusive corners 10..59,
+    # 10..99); center x + (w - 1) / 2, scale at the model's aspect ratio (64/96), padded by 1.25
+    np.testing.assert_allclose(records.boxes[0], [10, 10, 50, 90])
+    np.testing.assert_allclose(records.centers[0], [10 + 49 / 2, 10 + 89 / 2])
+    np.testing.assert_allclose(records.scales[0], np.array([90 * 64 / 96, 90]) / 200 * 1.25)
     with pytest.raises(DataError, match=r"person_keypoints_nosplit\.json"):
         load_split(config.data, config.model_config(), "nosplit")
+
+
+def test_coco_box_cleaning_as_published() -> None:
+    # x2 = x1 + max(0, w - 1) clipped to the image, then used as (x1, y1, x2 - x1 + 1, ...)
+    assert clean_coco_box([10.0, 20.0, 30.0, 40.0], 1200.0, 640, 480) == [10, 20, 30, 40]
+    assert clean_coco_box([-5.0, 470.0, 30.0, 40.0], 1.0, 640, 480) == [0, 470, 30, 10]
+    assert clean_coco_box([600.5, 0.0, 100.0, 5.0], 1.0, 640, 480) == [600.5, 0, 39.5, 5]
+    assert clean_coco_box([10.0, 20.0, 0.0, 0.5], 1.0, 640, 480) == [10, 20, 1, 1]  # a point
+    assert clean_coco_box([10.0, 20.0, 30.0, 40.0], 0.0, 640, 480) is None  # zero area
+    assert clean_coco_box([640.0, 20.0, 30.0, 40.0], 1.0, 640, 480) is None  # right of image
 
 
 def test_detection_records_keep_person_boxes_above_threshold(tmp_path: Path) -> None:
@@ -197,8 +255,9 @@ def test_mpii_records_use_hrnet_conversion(tmp_path: Path) -> None:
     np.testing.assert_allclose(records.centers[0], [50.0, 60.0 + 15 * 0.5])
     np.testing.assert_allclose(records.scales[0], [0.625, 0.625])
     assert records.visible[0, 15] == 0 and records.file_names == ["a.jpg", "b.jpg"]
-    # head size: upper neck (8) to head top (9)
+    # head size without head boxes: upper neck (8) to head top (9), marked as not comparable
     assert records.head_sizes[0] == pytest.approx(np.hypot(1.0, 2.0))
+    assert records.head_size_source.startswith("neck to head-top")
     # the equivalent box reproduces center and scale through the service's crop code
     from model.transforms import box_to_center_scale
 
@@ -245,21 +304,33 @@ def test_flip_mirrors_crop_and_swaps_joints(tmp_path: Path) -> None:
     for epoch in range(12):
         augmented.set_epoch(epoch)
         rng = np.random.default_rng([augmented.seed, epoch, 0])
-        affine, joints, visible = augmented.sample_geometry(0, image.shape[1], rng)
-        plain_affine, plain_joints, plain_visible = plain.sample_geometry(
+        affine, joints, visible, flip = augmented.sample_geometry(0, image.shape[1], rng)
+        plain_affine, plain_joints, plain_visible, _ = plain.sample_geometry(
             0, image.shape[1], np.random.default_rng(0)
         )
-        if np.allclose(affine, plain_affine):
+        if not flip:
+            np.testing.assert_allclose(affine, plain_affine)
             plain_seen = True
             continue
         flipped_seen = True
+        # the flipped sample is what the published pipeline cuts: the mirrored image, center
+        # x -> W - 1 - c_x, the transform built from it
+        mirrored_center = [image.shape[1] - 1 - records.centers[0, 0], records.centers[0, 1]]
+        expected = get_affine_transforms(
+            np.array([mirrored_center]), records.scales[:1], np.zeros(1), (64, 96)
+        )[0]
+        np.testing.assert_allclose(affine, expected, atol=1e-12)
+        sample_input = augmented[0][0]
+        published_crop = warp_crops(image[:, ::-1].copy(), expected[None], (64, 96))
+        torch.testing.assert_close(sample_input, normalize_crops(published_crop)[0])
+        image_for_crop = image[:, ::-1].copy()
         heatmap_width = model_config.heatmap_size[1]
         # the flipped sample's joint j is the plain one's mirror joint, mirrored exactly about
         # the heatmap's centre pixel (x -> w - 1 - x): the pixel-centre convention needs no shift
         np.testing.assert_allclose(joints[:, 0], heatmap_width - 1 - plain_joints[flip_index, 0])
         np.testing.assert_allclose(joints[:, 1], plain_joints[flip_index, 1])
         np.testing.assert_array_equal(visible, plain_visible[flip_index])
-        crop = cv2.warpAffine(image, affine, (64, 96), flags=cv2.INTER_LINEAR)
+        crop = cv2.warpAffine(image_for_crop, affine, (64, 96), flags=cv2.INTER_LINEAR)
         plain_crop = cv2.warpAffine(image, plain_affine, (64, 96), flags=cv2.INTER_LINEAR)
         # the crop is the plain crop mirrored, with no one-pixel offset. OpenCV samples on a
         # 1/32 px grid and may round a mirrored position the other way, which this white-noise
@@ -309,6 +380,75 @@ def test_zip_archive_reads_the_same_images(tmp_path: Path) -> None:
     assert torch.equal(batch_inputs[1], folder_set[1][0])
     with pytest.raises(DataError, match=r"val\.zip:missing\.jpg"):
         zip_images.read_rgb("missing.jpg")
+
+
+def _jpeg_with_exif_orientation_6(path: Path) -> np.ndarray:
+    """A 40x20 (w x h) JPEG tagged "rotate 90 deg clockwise to display"; returns stored RGB."""
+    from PIL import Image
+
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[:, :20] = (255, 0, 0)  # left half red, right half blue in stored pixel order
+    stored[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    Image.fromarray(stored).save(path, format="JPEG", quality=95, exif=exif.tobytes())
+    return stored
+
+
+def test_images_are_read_in_stored_pixel_order_ignoring_exif(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    stored = _jpeg_with_exif_orientation_6(folder / "phone.jpg")
+    upright = cv2.imread(str(folder / "phone.jpg"), cv2.IMREAD_COLOR)
+    assert upright.shape == (40, 20, 3)  # OpenCV's default applies the tag: the test can fail
+    with zipfile.ZipFile(tmp_path / "archive.zip", "w") as archive:
+        archive.write(folder / "phone.jpg", "archive/phone.jpg")
+    for source in (open_image_source(folder), open_image_source(tmp_path / "archive")):
+        image = source.read_rgb("phone.jpg")
+        assert image.shape == (20, 40, 3)  # as stored, as COCO labels refer to
+        left, right = image[:, :16].mean(axis=(0, 1)), image[:, 24:].mean(axis=(0, 1))
+        np.testing.assert_allclose(left, stored[0, 0], atol=8)  # red left (JPEG noise only)
+        np.testing.assert_allclose(right, stored[0, -1], atol=8)
+
+
+def test_half_body_picks_the_upper_body_from_a_normal_sample() -> None:
+    joints = np.zeros((17, 2))
+    joints[:11] = np.c_[np.linspace(10, 20, 11), np.linspace(0, 29, 11)]  # upper: x 10..20
+    joints[11:] = np.c_[np.linspace(40, 50, 6), np.linspace(60, 99, 6)]  # lower
+    visible = np.ones(17)
+    rng = np.random.default_rng(0)
+    upper = 0
+    for _ in range(4000):
+        center, scale = half_body_box(joints, visible, tuple(range(11)), 0.75, rng)
+        upper += int(center[0] < 30)
+    # P(N(0, 1) < 0.5) = 0.691 as published, not the 0.5 a uniform sample would give
+    assert abs(upper / 4000 - 0.691) < 0.025
+    center, scale = half_body_box(joints, visible, tuple(range(11)), 0.75,
+                                  np.random.default_rng(0))  # fmt: skip
+    first_normal = np.random.default_rng(0).standard_normal()
+    assert (center[0] < 30) == (first_normal < 0.5)
+    # extent max - min + 1: upper 11 x 30 px -> widened to 22.5 x 30, x1.5 padding, /200
+    upper_center, upper_scale = center, scale
+    if center[0] > 30:
+        rng = np.random.default_rng(1)
+        while True:
+            upper_center, upper_scale = half_body_box(joints, visible, tuple(range(11)), 0.75, rng)
+            if upper_center[0] < 30:
+                break
+    np.testing.assert_allclose(upper_center, joints[:11].mean(axis=0))
+    np.testing.assert_allclose(upper_scale, np.array([30 * 0.75, 30]) / 200 * 1.5)
+
+
+def test_target_weight_is_zero_when_the_truncated_3_sigma_window_misses_the_map() -> None:
+    heatmap_size = (24, 16)  # h, w; sigma 2 -> window radius 6
+    joints = np.array([[-7.5, 10.0], [-8.0, 10.0], [21.9, 10.0], [22.0, 10.0], [8.0, -7.9],
+                       [8.0, 29.9], [8.0, 30.0], [8.0, 12.0]])  # fmt: skip
+    visible = np.array([1, 1, 1, 1, 1, 1, 1, 0])
+    weights = target_weights(joints, visible, heatmap_size, 2.0)
+    # int(-7.5 + 7) = 0 is not < 0 (kept, its map empty as published); int(-8 + 7) = -1 is
+    assert weights.tolist() == [1, 0, 1, 0, 1, 1, 0, 0]
+    heatmaps, _ = encode_gaussian_heatmaps(joints[None], visible[None], heatmap_size, 2.0)
+    assert heatmaps[0, 0].max() == 0 and heatmaps[0, 2].max() > 0  # kept, empty: as published
 
 
 def test_missing_or_corrupt_image_names_the_file(tmp_path: Path) -> None:
@@ -439,6 +579,92 @@ def test_mpii_evaluation_scores_ground_truth_perfectly(tmp_path: Path) -> None:
     assert result.kind == "mpii" and result.num_persons == 3
     assert {"Head", "Mean", "Mean@0.1", "head_top"} <= set(result.metrics)
     assert all(0.0 <= value <= 1.0 for value in result.metrics.values())
+    # no head boxes: the neck to head-top fallback is labelled as not comparable
+    assert result.metrics["comparable"] == 0.0 and "NOT COMPARABLE" in result.table()
+    # the official gt_valid.mat beside the annotations is picked up by itself
+    head_boxes = np.tile([[0.0, 0.0], [6.0, 8.0]], (3, 1, 1))
+    mat = tmp_path / "annot" / "gt_valid.mat"
+    _write_gt_valid_mat(mat, records.joints + 1.0, np.zeros((3, 16)), head_boxes)
+    result = evaluate_model(
+        build_model(config.model_config()), config, device=torch.device("cpu"), progress=False
+    )
+    assert result.metrics["comparable"] == 1.0 and "gt_valid.mat" in result.table()
+
+
+def _write_gt_valid_mat(
+    path: Path, joints_1based: np.ndarray, missing: np.ndarray, head_boxes: np.ndarray
+) -> None:
+    """The official gt_valid.mat structure: per-person data along the LAST axis."""
+    import scipy.io
+
+    names = np.array(list(MPII_JOINT_NAMES), dtype=object)
+    scipy.io.savemat(
+        path,
+        {
+            "dataset_joints": names[None],
+            "jnt_missing": missing.T.astype(np.float64),  # [16, N]
+            "pos_gt_src": np.asarray(joints_1based, np.float64).transpose(1, 2, 0),  # [16, 2, N]
+            "pos_pred_src": np.zeros((16, 2, len(missing))),
+            "headboxes_src": np.asarray(head_boxes, np.float64).transpose(1, 2, 0),  # [2, 2, N]
+        },
+    )
+
+
+MPII_JOINT_NAMES = ("rank", "rkne", "rhip", "lhip", "lkne", "lank", "pelv", "thor", "neck",
+                    "head", "rwri", "relb", "rsho", "lsho", "lelb", "lwri")  # fmt: skip
+
+
+def test_mpii_pckh_as_published_with_the_official_head_boxes(tmp_path: Path) -> None:
+    from training.evaluate import mpii_metrics
+
+    rng = np.random.default_rng(3)
+    num = 4
+    gt = rng.uniform(50, 150, (num, 16, 2)).round(1)  # 0-based truth
+    missing = np.zeros((num, 16))
+    missing[1:, 13] = 1  # left shoulder labelled on person 0 only
+    boxes = np.tile([[10.0, 20.0], [16.0, 28.0]], (num, 1, 1))  # diagonal 10 -> normaliser 6
+    (tmp_path / "annot").mkdir()
+    gt_file = tmp_path / "annot" / "gt_valid.mat"
+    _write_gt_valid_mat(gt_file, gt + 1.0, missing, boxes)  # the .mat is 1-based
+    entries = [
+        {
+            "image": f"{i}.jpg",
+            "center": [100.0, 100.0],
+            "scale": 1.0,
+            "joints": np.zeros((16, 2)).tolist(),
+            "joints_vis": [1] * 16,
+        }
+        for i in range(num)
+    ]  # fmt: skip  (the JSON's joints differ: the .mat must win)
+    annotation_file = tmp_path / "annot" / "valid.json"
+    annotation_file.write_text(json.dumps(entries))
+    model_config = load_config("mpii-w18-256x256").model_config()
+    records = load_mpii_records(annotation_file, model_config, gt_file)
+    np.testing.assert_allclose(records.joints, gt, atol=1e-4)
+    np.testing.assert_allclose(records.head_sizes, 6.0)
+    assert records.visible[1, 13] == 0 and records.visible[0, 13] == 1
+
+    predictions = gt.copy()
+    predictions[0, 9, 0] += 2.9  # head top 0.483 head sizes off: a hit at 0.5
+    predictions[1, 9, 0] += 3.1  # 0.517: a miss (with the diagonal alone, 0.31, a hit)
+    predictions[0, 13, 1] += 10.0  # the only labelled left shoulder: a miss
+    predictions[2, 0, 0] += 0.105 * 6  # right ankle 0.105 off: a hit at 0.11, a miss at 0.1
+    predictions[:, 6] += 50.0  # pelvis and thorax are not in the mean
+    predictions[:, 7] += 50.0
+    metrics = mpii_metrics(predictions, records, model_config.keypoints)
+    assert metrics["Head"] == pytest.approx(3 / 4)  # head top only
+    assert metrics["Shoulder"] == pytest.approx((1.0 + 0.0) / 2)  # unweighted pair (not 4/5)
+    assert metrics["Ankle"] == 1.0 and metrics["pelvis"] == 0.0
+    counted = records.visible.sum(axis=0)
+    counted[[6, 7]] = 0
+    total = counted.sum()
+    assert metrics["Mean"] == pytest.approx((total - 2) / total)
+    assert metrics["Mean@0.1"] == pytest.approx((total - 3) / total)  # read at 0.11
+    assert metrics["comparable"] == 1.0
+    # a .mat of other persons is refused, naming the problem
+    _write_gt_valid_mat(gt_file, gt[:3] + 1.0, missing[:3], boxes[:3])
+    with pytest.raises(DataError, match=r"headboxes_src|pos_gt_src"):
+        load_mpii_records(annotation_file, model_config, gt_file)
 
 
 def test_training_targets_decode_to_the_annotations_through_the_serving_path(

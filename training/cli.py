@@ -87,15 +87,41 @@ def run_train(args: argparse.Namespace) -> int:
     from training.config import load_config
 
     try:
-        config = load_config(args.config, _collect_overrides(args))
+        init, overrides = _split_init(args.init or [])
+        config = load_config(args.config, _collect_overrides(args) + overrides)
         if args.output_dir:
             config.output_dir = args.output_dir
+        if init:
+            _apply_init(config, init)
         if args.print_config:
             print(json.dumps(config.to_dict(), indent=2))
             return 0
     except _user_errors() as error:
         return _fail("train", error)
     return _run_distributed("train", args.device, lambda context: _train(config, context, args))
+
+
+def _split_init(values: list[str]) -> tuple[list[str], list[str]]:
+    """``--init`` swallows what follows it; give back the KEY=VALUE overrides among them."""
+    taken = 2 if values[:1] == ["imagenet"] else 1
+    return values[:taken], values[taken:]
+
+
+def _apply_init(config: Any, values: list[str]) -> None:
+    """``--init imagenet FILE`` -> model.pretrained; ``--init FILE`` -> model.init_weights."""
+    from training.config import ConfigError
+
+    if len(values) == 2 and values[0] == "imagenet":
+        config.model.pretrained, config.model.init_weights = values[1], None
+    elif len(values) == 1 and values[0] != "imagenet":
+        config.model.init_weights, config.model.pretrained = values[0], None
+    else:
+        raise ConfigError(
+            f"--init takes 'imagenet FILE' or one OmniPose checkpoint FILE, got {' '.join(values)}"
+        )
+    for path in (config.model.pretrained, config.model.init_weights):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"--init: file {path} not found")
 
 
 def _train(config: Any, context: Any, args: argparse.Namespace) -> int:
@@ -143,6 +169,16 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     _add_config_arguments(parser)
     parser.add_argument("--resume", metavar="FILE", help="continue exactly from a last.pt")
+    parser.add_argument(
+        "--init",
+        nargs="+",
+        metavar="ARG",
+        help=(
+            "starting point: 'imagenet FILE' maps ImageNet HRNet classification weights (timm "
+            "hrnet_wNN or HRNet-Image-Classification) onto the backbone; 'FILE' fine-tunes from "
+            "an OmniPose checkpoint (either head)"
+        ),
+    )
     parser.add_argument("--output-dir", metavar="DIR", help="where checkpoints and logs go")
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"

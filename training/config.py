@@ -7,13 +7,20 @@ optionally starting from a registered recipe with ``base: NAME``. Overrides are 
 ``section.field=value`` pairs (``train.epochs=3 data.root=/x``); values are parsed as the type of
 the field they replace, so a typo or a wrong type is a one-line :class:`ConfigError`.
 
-The published recipe (see the reference facts) sets the defaults: Adam, lr 1e-4, 210 epochs with
-lr x0.1 at 140 and 180, scale factor 0.35, rotation factor 45 (applied with probability 0.6),
-flips, half-body with probability 0.3, Gaussian sigma 2 (3 for 96x72 heatmaps). Its config also
-lists weight decay 1e-4, but the published training (like HRNet's) passes that value only to SGD
-and builds Adam with the learning rate alone; the default here is therefore 0, which is what the
-published runs trained with. Coupled L2 decay on Adam is no harmless extra: heatmap-MSE gradients
-are small enough that 1e-4 x weight competes with them and slows learning several-fold.
+The published recipes (see the reference facts) set the defaults, one per input size (table in
+:data:`PUBLISHED_RECIPES`): Adam, 210 epochs, lr x0.1 at two steps, random scale, rotation
+(applied with probability 0.6, clipped to twice the factor), flips, and for COCO half-body crops
+with probability 0.3. Their config also lists weight decay 1e-4, but the published training (like
+HRNet's) passes that value only to SGD and builds Adam with the learning rate alone; the default
+here is therefore 0, which is what the published runs trained with. Coupled L2 decay on Adam is no
+harmless extra: heatmap-MSE gradients are small enough that 1e-4 x weight competes with them and
+slows learning several-fold.
+
+``train.batch_size`` is the published batch: the WHOLE batch of one optimiser step (the released
+script trains in one process). Under DDP each process takes ``batch_size / world_size`` of it
+(:func:`per_process_batch_size`), so ``torchrun`` on 8 GPUs trains the same recipe;
+``train.scale_lr_with_world_size=true`` instead keeps ``batch_size`` per process and multiplies
+the lr by the world size (the linear scaling rule), which is a different recipe and off by default.
 """
 
 from __future__ import annotations
@@ -74,6 +81,8 @@ class DataSection:
     val_boxes: str | None = None
     box_score_threshold: float = 0.0
     max_val_images: int | None = None  # evaluate on the first N images only (quick checks)
+    # MPII: the official gt_valid.mat (PCKh head boxes); default ROOT/annot/gt_{val_split}.mat
+    mpii_gt_file: str | None = None
 
 
 @dataclass
@@ -81,7 +90,8 @@ class TrainSection:
     """Optimisation schedule and run bookkeeping."""
 
     epochs: int = 210
-    batch_size: int = 12  # per process (per GPU under DDP)
+    batch_size: int = 12  # the whole batch of one step; split over DDP processes
+    scale_lr_with_world_size: bool = False  # DDP: batch_size per process, lr x world size
     lr: float = 1e-4
     weight_decay: float = 0.0  # L2 on Adam; the published 1e-4 never reached its Adam (above)
     lr_steps: tuple[int, ...] = (140, 180)
@@ -157,34 +167,82 @@ class ExperimentConfig:
 
 # --- recipes ------------------------------------------------------------------------------------
 
-# Published per-GPU batch for 384x288 W48 is 12; the lighter crops and widths use HRNet-style
-# larger batches that still fit a 24 GB card.
-_BATCH_SIZES = {
-    (48, (384, 288)): 12, (48, (256, 192)): 32, (48, (128, 96)): 64,
-    (32, (384, 288)): 24, (32, (256, 192)): 32, (32, (128, 96)): 64,
-    (18, (384, 288)): 32, (18, (256, 192)): 48, (18, (128, 96)): 64,
-    (48, (256, 256)): 24, (32, (256, 256)): 32, (18, (256, 256)): 48,
+
+@dataclass(frozen=True)
+class PublishedRecipe:
+    """What differs between the released configs (the reference facts' table)."""
+
+    lr: float
+    lr_steps: tuple[int, int]
+    sigma: float
+    batch_size: int  # the whole batch of one optimiser step
+    scale_factor: float = 0.35
+    rotation_factor: float = 45.0
+    half_body_prob: float = 0.3
+
+
+# Keyed by (dataset, input (height, width)); the lighter widths train with the W48 recipe of their
+# input size (the published configs only differ by input size).
+PUBLISHED_RECIPES: dict[tuple[str, tuple[int, int]], PublishedRecipe] = {
+    ("coco", (384, 288)): PublishedRecipe(lr=1e-4, lr_steps=(140, 180), sigma=3.0, batch_size=12),
+    ("coco", (256, 192)): PublishedRecipe(lr=1e-3, lr_steps=(170, 200), sigma=3.0, batch_size=32),
+    ("coco", (128, 96)): PublishedRecipe(lr=1e-3, lr_steps=(170, 200), sigma=1.0, batch_size=64),
+    ("mpii", (256, 256)): PublishedRecipe(
+        lr=1e-4, lr_steps=(170, 200), sigma=2.0, batch_size=16,
+        scale_factor=0.25, rotation_factor=30.0, half_body_prob=0.0,
+    ),
 }  # fmt: skip
 
 
 def _published_recipe(model_config: ModelConfig) -> ExperimentConfig:
-    """The published schedule for one model config (COCO or MPII layout)."""
-    heatmap_height, _ = model_config.heatmap_size
-    sigma = 3.0 if heatmap_height >= 96 else 2.0  # sigma 3 at 96x72, 2 for smaller heatmaps
+    """The released recipe of one model config's dataset and input size."""
+    key = (model_config.dataset, tuple(model_config.input_size))
+    if key not in PUBLISHED_RECIPES:
+        raise ConfigError(f"no published recipe for {model_config.name}")
+    recipe = PUBLISHED_RECIPES[key]
+    augmentation = {
+        "sigma": recipe.sigma,
+        "scale_factor": recipe.scale_factor,
+        "rotation_factor": recipe.rotation_factor,
+        "half_body_prob": recipe.half_body_prob,
+    }
     if model_config.dataset == "mpii":
         data = DataSection(
-            format="mpii", root="data/mpii", train_split="train", val_split="valid", sigma=sigma
+            format="mpii", root="data/mpii", train_split="train", val_split="valid", **augmentation
         )
     else:
-        data = DataSection(sigma=sigma)
-    batch = _BATCH_SIZES.get((model_config.width, model_config.input_size), 32)
+        data = DataSection(**augmentation)
     return ExperimentConfig(
         name=model_config.name,
         output_dir=f"runs/{model_config.name}",
         model=ModelSection(config=model_config.name),
         data=data,
-        train=TrainSection(batch_size=batch),
+        train=TrainSection(
+            batch_size=recipe.batch_size, lr=recipe.lr, lr_steps=tuple(recipe.lr_steps)
+        ),
     )
+
+
+def per_process_batch_size(config: ExperimentConfig, world_size: int) -> tuple[int, float]:
+    """(batch per process, lr) for a run over ``world_size`` processes.
+
+    By default the configured (published) batch is split evenly, so one optimiser step sees the
+    same number of samples as the published single-process run and the lr stays as published.
+    With ``train.scale_lr_with_world_size`` every process takes the full configured batch and the
+    lr grows linearly with the world size (Goyal et al. 2017), a different recipe.
+    """
+    train = config.train
+    if world_size < 1:
+        raise ConfigError(f"world size must be at least 1, got {world_size}")
+    if train.scale_lr_with_world_size:
+        return train.batch_size, train.lr * world_size
+    if train.batch_size % world_size:
+        raise ConfigError(
+            f"train.batch_size={train.batch_size} (the whole batch of one step) does not split "
+            f"evenly over {world_size} processes; pick a multiple of {world_size}, or set "
+            "train.scale_lr_with_world_size=true to use it per process with the lr scaled"
+        )
+    return train.batch_size // world_size, train.lr
 
 
 def _synthetic_recipe(width: int, input_height: int, input_width: int) -> ExperimentConfig:

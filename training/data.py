@@ -56,6 +56,7 @@ FLIP_PROBABILITY = 0.5
 MPII_CENTER_SHIFT = 15.0  # HRNet's conversion: center moved down by 15 * scale px ...
 MPII_SCALE_PADDING = 1.25  # ... and the scale padded by 1.25
 PERSON_CATEGORY_ID = 1
+IMREAD_STORED_ORDER = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 
 
 class DataError(Exception):
@@ -76,8 +77,10 @@ class ImageSource:
         raise NotImplementedError
 
     def read_rgb(self, file_name: str) -> np.ndarray:
+        """The image in STORED pixel order: EXIF orientation is ignored, because COCO and MPII
+        label keypoints on the stored pixels (as the published training and evaluation read)."""
         data = self.read_bytes(file_name)
-        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), IMREAD_STORED_ORDER)
         if image is None:
             raise DataError(
                 f"cannot decode image {self.location(file_name)} (corrupt or not an image)"
@@ -179,6 +182,7 @@ class PersonRecords:
     visible: np.ndarray  # per person: J, 1 where the joint is annotated
     scores: np.ndarray  # per person: box score (1 for ground truth)
     head_sizes: np.ndarray | None = None  # MPII: PCKh normaliser per person
+    head_size_source: str = ""  # MPII: where the normalisers come from (see load_mpii_records)
 
     def __len__(self) -> int:
         return len(self.image_index)
@@ -206,6 +210,15 @@ def mpii_annotation_path(root: str | Path, split: str) -> Path:
     return Path(root) / "annot" / f"{split}.json"
 
 
+def mpii_gt_path(data: DataSection, split: str) -> Path | None:
+    """The official ground truth for an MPII split: ``data.mpii_gt_file`` for the validation
+    split when set, else ``ROOT/annot/gt_{split}.mat`` (``gt_valid.mat``) when it exists."""
+    if data.mpii_gt_file and split == data.val_split:
+        return Path(data.mpii_gt_file)
+    default = Path(data.root) / "annot" / f"gt_{split}.mat"
+    return default if default.is_file() else None
+
+
 def _read_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise DataError(f"{what} {path} not found")
@@ -230,13 +243,32 @@ def _coco_tables(
     return file_names, image_ids, row_of_id, sizes.reshape(-1, 2)
 
 
+def clean_coco_box(
+    box_xywh: list[float], area: float, image_width: float, image_height: float
+) -> list[float] | None:
+    """The published COCO ground-truth box cleaning; ``None`` when the person is dropped.
+
+    Corners in pixel-index terms: x2 = x1 + max(0, w - 1) clipped to the image (same for y),
+    kept when the annotated area is positive and x2 >= x1, y2 >= y1, and used as the inclusive
+    box (x1, y1, x2 - x1 + 1, y2 - y1 + 1).
+    """
+    x, y, w, h = box_xywh
+    x1, y1 = max(0.0, x), max(0.0, y)
+    x2 = min(image_width - 1, x1 + max(0.0, w - 1))
+    y2 = min(image_height - 1, y1 + max(0.0, h - 1))
+    if area <= 0 or x2 < x1 or y2 < y1:
+        return None
+    return [x1, y1, x2 - x1 + 1, y2 - y1 + 1]
+
+
 def load_coco_records(
     annotation_file: Path, model_config: ModelConfig, min_area: float = 0.0
 ) -> PersonRecords:
     """Ground-truth persons with at least one labelled keypoint (HRNet's selection).
 
-    Boxes are clipped to the image; crowd regions, zero-area boxes, persons without keypoints
-    and persons whose annotated area is below ``min_area`` are left out.
+    Boxes are cleaned as published (:func:`clean_coco_box`); crowd regions, boxes that cleaning
+    rejects, persons without keypoints and persons whose annotated area is below ``min_area`` are
+    left out.
     """
     data = _read_json(annotation_file, "annotation file")
     file_names, image_ids, row_of_id, sizes = _coco_tables(data, annotation_file)
@@ -254,15 +286,13 @@ def load_coco_records(
         if row is None:
             continue
         width, height = sizes[row]
-        x, y, w, h = (float(v) for v in annotation["bbox"])
-        x1, y1 = max(0.0, x), max(0.0, y)
-        x2 = min(width - 1, x1 + max(0.0, w - 1))
-        y2 = min(height - 1, y1 + max(0.0, h - 1))
-        area = float(annotation.get("area", w * h))
-        if area <= 0 or area < min_area or x2 <= x1 or y2 <= y1:  # no crop of a point
+        box = [float(v) for v in annotation["bbox"]]
+        area = float(annotation.get("area", box[2] * box[3]))
+        cleaned = clean_coco_box(box, area, width, height)
+        if cleaned is None or area < min_area:
             continue
         rows.append(row)
-        boxes.append([x1, y1, x2 - x1, y2 - y1])
+        boxes.append(cleaned)
         keypoints.append(kps.reshape(num_joints, 3))
     kps_array = np.asarray(keypoints, dtype=np.float64).reshape(-1, num_joints, 3)
     box_array = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
@@ -340,8 +370,16 @@ def center_scale_to_box(
     return np.concatenate([corners, sizes], axis=1)
 
 
-def load_mpii_records(annotation_file: Path, model_config: ModelConfig) -> PersonRecords:
-    """HRNet's MPII JSON: center/scale per person (shifted and padded as HRNet does)."""
+def load_mpii_records(
+    annotation_file: Path, model_config: ModelConfig, gt_file: Path | None = None
+) -> PersonRecords:
+    """HRNet's MPII JSON: center/scale per person (shifted and padded as HRNet does).
+
+    PCKh normalisers: with ``gt_file`` (the official ``gt_valid.mat``, same persons in the same
+    order) its head boxes, joints and missing-joint flags are used, as the published evaluation
+    does; else ``head_box`` entries of the JSON; else the neck to head-top distance, which is
+    NOT comparable with published figures (``head_size_source`` says which).
+    """
     data = _read_json(annotation_file, "annotation file")
     if not isinstance(data, list):
         raise DataError(f"annotation file {annotation_file}: expected a list of persons")
@@ -349,6 +387,7 @@ def load_mpii_records(annotation_file: Path, model_config: ModelConfig) -> Perso
     file_names: list[str] = []
     row_of_name: dict[str, int] = {}
     rows, centers, scales, joints, visible, head_sizes = [], [], [], [], [], []
+    boxed: list[bool] = []
     for entry in data:
         try:
             name = str(entry["image"])
@@ -376,9 +415,22 @@ def load_mpii_records(annotation_file: Path, model_config: ModelConfig) -> Perso
         joints.append(person_joints - 1.0)  # MATLAB 1-based -> 0-based
         visible.append((person_visible > 0).astype(np.float64))
         head_box = entry.get("head_box") or entry.get("headbox")
+        boxed.append(head_box is not None)
         head_sizes.append(_head_size(head_box, person_joints))
     center_array = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
     scale_array = np.asarray(scales, dtype=np.float64).reshape(-1, 2)
+    joint_array = np.asarray(joints, dtype=np.float32).reshape(-1, num_joints, 2)
+    visible_array = np.asarray(visible, dtype=np.float32).reshape(-1, num_joints)
+    head_size_array = np.asarray(head_sizes, dtype=np.float64)
+    if gt_file is not None:
+        joint_array, visible_array, head_size_array = read_mpii_ground_truth(
+            gt_file, len(rows), num_joints
+        )
+        source = MPII_SOURCE_GT_FILE
+    elif all(boxed):
+        source = MPII_SOURCE_JSON_BOXES
+    else:
+        source = MPII_SOURCE_NECK_HEAD
     return PersonRecords(
         file_names=file_names,
         image_ids=np.arange(len(file_names), dtype=np.int64),
@@ -386,15 +438,58 @@ def load_mpii_records(annotation_file: Path, model_config: ModelConfig) -> Perso
         boxes=center_scale_to_box(center_array, scale_array),
         centers=center_array,
         scales=scale_array,
-        joints=np.asarray(joints, dtype=np.float32).reshape(-1, num_joints, 2),
-        visible=np.asarray(visible, dtype=np.float32).reshape(-1, num_joints),
+        joints=joint_array,
+        visible=visible_array,
         scores=np.ones(len(rows)),
-        head_sizes=np.asarray(head_sizes, dtype=np.float64),
+        head_sizes=head_size_array,
+        head_size_source=source,
     )
 
 
 MPII_HEAD_BOX_FACTOR = 0.6  # the MPII toolkit's PCKh normaliser: 0.6 x head-box diagonal
 MPII_UPPER_NECK, MPII_HEAD_TOP = 8, 9
+MPII_SOURCE_GT_FILE = "head boxes of gt_valid.mat"
+MPII_SOURCE_JSON_BOXES = "head boxes of the annotation file"
+MPII_SOURCE_NECK_HEAD = "neck to head-top distance (no head boxes)"
+COMPARABLE_HEAD_SIZE_SOURCES = (MPII_SOURCE_GT_FILE, MPII_SOURCE_JSON_BOXES)
+
+
+def read_mpii_ground_truth(
+    gt_file: Path, num_persons: int, num_joints: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Joints ``[N, J, 2]`` (0-based), visibility ``[N, J]`` and PCKh normalisers ``[N]`` from the
+    official ``gt_valid.mat``: ``pos_gt_src`` ``[J, 2, N]`` (1-based), ``jnt_missing`` ``[J, N]``
+    and ``headboxes_src`` ``[2, 2, N]`` (top-left, bottom-right); normaliser 0.6 x diagonal.
+    """
+    import scipy.io
+
+    if not gt_file.is_file():
+        raise DataError(f"MPII ground-truth file {gt_file} not found")
+    try:
+        mat = scipy.io.loadmat(str(gt_file))
+    except (OSError, ValueError, TypeError) as error:
+        raise DataError(f"cannot read MPII ground-truth file {gt_file}: {error}") from None
+    missing_keys = [k for k in ("pos_gt_src", "jnt_missing", "headboxes_src") if k not in mat]
+    if missing_keys:
+        raise DataError(f"MPII ground-truth file {gt_file} lacks {', '.join(missing_keys)}")
+    positions = np.asarray(mat["pos_gt_src"], dtype=np.float64)
+    missing = np.asarray(mat["jnt_missing"], dtype=np.float64)
+    boxes = np.asarray(mat["headboxes_src"], dtype=np.float64)
+    expected = {
+        "pos_gt_src": (positions, (num_joints, 2, num_persons)),
+        "jnt_missing": (missing, (num_joints, num_persons)),
+        "headboxes_src": (boxes, (2, 2, num_persons)),
+    }
+    for name, (array, shape) in expected.items():
+        if array.shape != shape:
+            raise DataError(
+                f"MPII ground-truth file {gt_file}: {name} has shape {array.shape}, expected "
+                f"{shape} ({num_persons} persons in the annotation file, in the same order)"
+            )
+    joints = positions.transpose(2, 0, 1) - 1.0  # MATLAB 1-based -> 0-based
+    visible = (1.0 - missing).T
+    head_sizes = MPII_HEAD_BOX_FACTOR * np.linalg.norm(boxes[1] - boxes[0], axis=0)
+    return joints.astype(np.float32), visible.astype(np.float32), head_sizes
 
 
 def _head_size(head_box: Any, joints: np.ndarray) -> float:
@@ -430,7 +525,8 @@ def load_split(
     _check_root(root)
     if data.format == "mpii":
         annotation_file = mpii_annotation_path(root, split)
-        records = load_mpii_records(annotation_file, model_config)
+        gt_file = mpii_gt_path(data, split)
+        records = load_mpii_records(annotation_file, model_config, gt_file)
         return records, open_image_source(root / "images"), annotation_file
     annotation_file = coco_annotation_path(root, split)
     if boxes_file:
@@ -454,13 +550,15 @@ def half_body_box(
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Center and scale of a box around the upper or the lower body's visible joints.
 
-    Upper body is picked with probability 0.5 when it has more than two visible joints, else
-    whichever half has; ``None`` when fewer than two joints would remain.
+    As published: the upper body is picked when a NORMAL sample is below 0.5 (probability about
+    0.69, not 0.5) and it has more than two visible joints, else the lower body if it has more
+    than two, else the upper; ``None`` when fewer than two joints would remain. The extent is
+    measured in pixel-index terms, max - min + 1.
     """
     visible_joints = np.flatnonzero(visible > 0)
     is_upper = np.isin(visible_joints, upper_body)
     upper, lower = visible_joints[is_upper], visible_joints[~is_upper]
-    if rng.random() < 0.5 and len(upper) > 2:
+    if rng.standard_normal() < 0.5 and len(upper) > 2:
         selected = upper
     else:
         selected = lower if len(lower) > 2 else upper
@@ -468,7 +566,7 @@ def half_body_box(
         return None
     points = joints[selected].astype(np.float64)
     center = points.mean(axis=0)
-    width, height = points.max(axis=0) - points.min(axis=0)
+    width, height = points.max(axis=0) - points.min(axis=0) + 1
     if width > aspect_ratio * height:
         height = width / aspect_ratio
     elif width < aspect_ratio * height:
@@ -477,9 +575,34 @@ def half_body_box(
     return center, scale
 
 
-def _flip_matrix(image_width: int) -> np.ndarray:
-    """Homogeneous 3x3 mirror x -> (W - 1) - x: composing it avoids copying the image."""
-    return np.array([[-1.0, 0.0, image_width - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+def target_weights(
+    heatmap_joints: np.ndarray, visible: np.ndarray, heatmap_size: tuple[int, int], sigma: float
+) -> np.ndarray:
+    """Published target weights ``[..., J]``: 1 for a labelled joint unless its 3-sigma window
+    misses the heatmap.
+
+    The window's corners are truncated to integers as published: upper-left
+    ``int(mu - 3 sigma)``, bottom-right ``int(mu + 3 sigma + 1)``; the joint is dropped when
+    upper-left >= the map size or bottom-right < 0 on either axis. (Truncation toward zero keeps
+    a joint whose bottom-right lies in (-1, 0]; its target map is empty, as published.)
+    """
+    height, width = heatmap_size
+    radius = 3.0 * sigma
+    points = np.asarray(heatmap_joints, dtype=np.float64)
+    upper_left = np.trunc(points - radius)
+    bottom_right = np.trunc(points + radius + 1)
+    misses = (
+        (upper_left[..., 0] >= width)
+        | (upper_left[..., 1] >= height)
+        | (bottom_right[..., 0] < 0)
+        | (bottom_right[..., 1] < 0)
+    )
+    return ((np.asarray(visible) > 0) & ~misses).astype(np.float32)
+
+
+def mirror_image(image: np.ndarray) -> np.ndarray:
+    """The horizontally mirrored image (pixel x -> W - 1 - x), contiguous for OpenCV."""
+    return np.ascontiguousarray(image[:, ::-1])
 
 
 class KeypointTrainDataset(Dataset):
@@ -519,9 +642,14 @@ class KeypointTrainDataset(Dataset):
 
     def sample_geometry(
         self, index: int, image_width: int, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Augmented crop affine ``[2, 3]`` on the stored image, heatmap joints ``[J, 2]`` and
-        visibility ``[J]`` (left/right swapped when flipped).
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+        """Augmented crop affine ``[2, 3]``, heatmap joints ``[J, 2]``, visibility ``[J]`` and
+        whether the sample is flipped.
+
+        As published, a flipped sample works on the MIRRORED image: joint x -> W - 1 - x and
+        box center x -> W - 1 - c_x before the transforms are built, left/right joints swapped;
+        the crop affine then applies to the mirrored image. Targets are placed with the
+        transform built for the heatmap size (never input coordinates / 4).
         """
         records, data = self.records, self.data
         joints = records.joints[index].astype(np.float64)
@@ -557,24 +685,28 @@ class KeypointTrainDataset(Dataset):
             center[None], scale[None], rotations, (heatmap_width, heatmap_height)
         )
         heatmap_joints = transform_points(joints[None], heatmap_affine)[0]
-        if flip:  # the crop samples the stored image: stored -> mirrored -> crop
-            crop_affine = crop_affine @ _flip_matrix(image_width)
-        return crop_affine, heatmap_joints, visible
+        return crop_affine, heatmap_joints, visible, flip
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         records = self.records
         image = self.images.read_rgb(records.file_names[records.image_index[index]])
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        crop_affine, heatmap_joints, visible = self.sample_geometry(index, image.shape[1], rng)
+        crop_affine, heatmap_joints, visible, flip = self.sample_geometry(
+            index, image.shape[1], rng
+        )
+        if flip:
+            image = mirror_image(image)
         height, width = self.model_config.input_size
         crops = warp_crops(image, crop_affine[None], (width, height))
-        heatmaps, weights = encode_gaussian_heatmaps(
-            heatmap_joints[None], visible[None], self.model_config.heatmap_size, self.data.sigma
-        )
+        heatmap_size = self.model_config.heatmap_size
+        heatmaps, _ = encode_gaussian_heatmaps(
+            heatmap_joints[None], visible[None], heatmap_size, self.data.sigma
+        )  # its maps are empty wherever the published rule below drops the joint
+        weights = target_weights(heatmap_joints, visible, heatmap_size, self.data.sigma)
         return (
             normalize_crops(crops)[0],
             torch.from_numpy(heatmaps[0]),
-            torch.from_numpy(weights[0]),
+            torch.from_numpy(weights),
             index,
         )
 

@@ -36,12 +36,12 @@ from model.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
     atomic_torch_save,
-    read_checkpoint,
+    load_model,
     save_checkpoint,
 )
 from model.configs import ModelConfig
 from model.network import OmniPose, build_model
-from training.config import ExperimentConfig
+from training.config import ExperimentConfig, per_process_batch_size
 from training.data import KeypointTrainDataset, fork_safe_opencv, load_split
 from training.distributed import (
     DistContext,
@@ -52,15 +52,12 @@ from training.distributed import (
     broadcast_object,
 )
 from training.evaluate import MEAN_OKS, EvalResult, evaluate_model
+from training.init import InitError, load_imagenet_backbone
 from training.losses import build_loss
 
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "model_best.pt"
 LOG_FILE = "train.log"
-BACKBONE_PREFIXES = (
-    "conv1.", "bn1.", "conv2.", "bn2.", "layer1.",
-    "transition1.", "transition2.", "transition3.", "stage2.", "stage3.", "stage4.",
-)  # fmt: skip
 
 
 class TrainingError(Exception):
@@ -131,44 +128,6 @@ def _load_scheduler_state(scheduler: torch.optim.lr_scheduler.MultiStepLR, state
     state["milestones"] = configured
     scheduler.load_state_dict(state)
     return stored != configured
-
-
-def load_backbone_weights(model: OmniPose, path: str | Path) -> dict[str, int]:
-    """Initialise the backbone from ImageNet-pretrained HRNet weights (layers conv1 ... stage4).
-
-    Only tensors whose name and shape match are copied (HRNet's nearest-upsampling fusions have
-    no counterpart in OmniPose's transposed-conv fusions). Returns counts: ``loaded``,
-    ``missing`` (backbone tensors left at their initialisation), ``mismatched`` (same name,
-    other shape) and ``ignored`` (file tensors outside the backbone, e.g. the classifier).
-    """
-    try:
-        loaded_file = read_checkpoint(path)
-    except CheckpointError as error:
-        raise TrainingError(f"pretrained backbone: {error}") from None
-    source = loaded_file.state_dict
-    target = model.state_dict()
-    backbone_keys = [key for key in target if key.startswith(BACKBONE_PREFIXES)]
-    copied: dict[str, torch.Tensor] = {}
-    mismatched = 0
-    for key in backbone_keys:
-        if key in source:
-            if source[key].shape == target[key].shape:
-                copied[key] = source[key]
-            else:
-                mismatched += 1
-    ignored = sum(1 for key in source if not key.startswith(BACKBONE_PREFIXES))
-    if not copied:
-        raise TrainingError(
-            f"pretrained backbone {path}: no tensor matches the OmniPose backbone "
-            f"(width {model.width}); is it an HRNet-W{model.width} ImageNet checkpoint?"
-        )
-    model.load_state_dict(copied, strict=False)
-    return {
-        "loaded": len(copied),
-        "missing": len(backbone_keys) - len(copied),
-        "mismatched": mismatched,
-        "ignored": ignored,
-    }
 
 
 # --- the trainer ----------------------------------------------------------------------------------
@@ -244,10 +203,11 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        # the published batch is one step's whole batch: split it over the processes
+        self.batch_per_process, lr = per_process_batch_size(config, self.context.world_size)
         seed_everything(train.seed)  # same initial weights on every rank
 
-        self.network = build_model(self.model_config)
-        self._initialise_weights()
+        self.network = self._build_network()
         self.amp = bool(train.amp and self.device.type == "cuda")
         self.network.to(self.device)
         self.model: nn.Module = self.network
@@ -263,7 +223,7 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(trainable, lr=train.lr, weight_decay=train.weight_decay)
+        self.optimizer = torch.optim.Adam(trainable, lr=lr, weight_decay=train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=list(train.lr_steps), gamma=train.lr_factor
         )
@@ -294,27 +254,30 @@ class Trainer:
             self._resume(Path(resume))
 
     # --- setup --------------------------------------------------------------------------------
-    def _initialise_weights(self) -> None:
+    def _build_network(self) -> OmniPose:
+        """The starting network: an OmniPose checkpoint (either head), else a fresh one with an
+        optional ImageNet backbone (see :mod:`training.init`)."""
         model_section = self.config.model
-        if model_section.pretrained:
-            counts = load_backbone_weights(self.network, model_section.pretrained)
-            self._say(
-                f"pretrained backbone {model_section.pretrained}: loaded {counts['loaded']} "
-                f"tensors, missing {counts['missing']}, shape mismatches {counts['mismatched']}, "
-                f"ignored {counts['ignored']}"
+        if model_section.pretrained and model_section.init_weights:
+            raise TrainingError(
+                "model.pretrained (--init imagenet FILE) and model.init_weights (--init FILE) "
+                "are two starting points; give one"
             )
         if model_section.init_weights:
             try:
-                checkpoint = read_checkpoint(model_section.init_weights)
-                self.network.load_state_dict(checkpoint.state_dict, strict=True)
+                network, _, _ = load_model(model_section.init_weights, self.model_config.name)
             except CheckpointError as error:
-                raise TrainingError(f"init weights: {error}") from None
-            except RuntimeError as error:
-                first = str(error).strip().splitlines()[0]
-                raise TrainingError(
-                    f"init weights {model_section.init_weights} do not fit "
-                    f"{self.model_config.name}: {first}"
-                ) from None
+                raise TrainingError(f"--init: {error}") from None
+            self._say(f"fine-tuning from {model_section.init_weights}")
+            return network.train()
+        network = build_model(self.model_config)
+        if model_section.pretrained:
+            try:
+                report = load_imagenet_backbone(network, model_section.pretrained)
+            except InitError as error:
+                raise TrainingError(str(error)) from None
+            self._say(report.summary())
+        return network
 
     def _say(self, message: str) -> None:
         if self.echo:
@@ -394,12 +357,12 @@ class Trainer:
         fork_safe_opencv(self.config.data.num_workers)
         loader = DataLoader(
             dataset,
-            batch_size=train.batch_size,
+            batch_size=self.batch_per_process,
             sampler=sampler,
             num_workers=self.config.data.num_workers,
             pin_memory=self.device.type == "cuda",
             # a last batch of one crop would break BatchNorm after global pooling
-            drop_last=per_rank > train.batch_size,
+            drop_last=per_rank > self.batch_per_process,
         )
         return loader, sampler
 
@@ -422,7 +385,7 @@ class Trainer:
                 "epochs_planned": config.train.epochs,
                 "global_step": self.global_step,
                 "world_size": self.context.world_size,
-                "batch_size_total": config.train.batch_size * self.context.world_size,
+                "batch_size_total": self.batch_per_process * self.context.world_size,
                 "recipe": config.to_dict(),
             },
             "metrics": self.best_metrics or {},
@@ -594,7 +557,8 @@ class Trainer:
                 self._say(
                     f"training {config.name}: {self.model_config.name}, "
                     f"{len(dataset)} persons, {self.context.world_size} process(es) on "
-                    f"{self.device.type}, batch {train.batch_size}/process, "
+                    f"{self.device.type}, batch {self.batch_per_process}/process "
+                    f"({self.batch_per_process * self.context.world_size}/step), "
                     f"{train.epochs} epochs -> {self.output_dir}"
                 )
             primary_name = "Mean" if config.data.format == "mpii" else "AP"

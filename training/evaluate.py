@@ -5,8 +5,7 @@ test, DARK decoding, instance rescoring and OKS-NMS), so the figures measure wha
 COCO: every person box of an image (ground truth or detections) is estimated, the instance score
 is box score x mean confidence of keypoints above 0.2, OKS-NMS at 0.9 removes duplicates, and
 pycocotools' keypoint evaluation scores the results. MPII: one crop per annotated person (its
-center/scale), PCKh@0.5 per joint and as the visibility-weighted mean over all joints but pelvis
-and thorax (the usual MPII summary).
+center/scale), PCKh as published (see :func:`mpii_metrics`).
 
 Under DDP each rank estimates a share of the images; rank 0 gathers and scores them, and every
 rank receives the metrics.
@@ -32,6 +31,7 @@ from model.skeleton import KeypointSpec
 from model.topdown import OKS_NMS_THRESHOLD, PersonPose, TopDownPoseEstimator
 from training.config import ExperimentConfig
 from training.data import (
+    COMPARABLE_HEAD_SIZE_SOURCES,
     EvalImages,
     ImageSource,
     PersonRecords,
@@ -44,9 +44,11 @@ from training.distributed import DistContext, broadcast_object, gather_objects
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APM", "APL", "AR", "AR50", "AR75", "ARM", "ARL")
 MEAN_OKS = "OKS"  # mean over evaluated persons of their best-matching prediction's OKS
 PCKH_THRESHOLD = 0.5
+PCKH_LOW_THRESHOLD = 0.11  # the published "Mean@0.1" is read at index 11 of 0.00, 0.01, ...
 MPII_EXCLUDED_FROM_MEAN = (6, 7)  # pelvis, thorax: always near the crop center
-MPII_GROUPS = {  # joint groups of the usual MPII table (left and right together)
-    "Head": (8, 9),
+COMPARABLE = "comparable"  # metrics key: 1.0 when PCKh uses head boxes as published, else 0.0
+MPII_GROUPS = {  # joint groups of the published MPII table; pairs averaged without weights
+    "Head": (9,),  # head top only
     "Shoulder": (12, 13),
     "Elbow": (11, 14),
     "Wrist": (10, 15),
@@ -66,6 +68,7 @@ class EvalResult:
     primary_name: str
     num_images: int
     num_persons: int
+    notes: list[str] = field(default_factory=list)  # printed under the table
     results: list[dict] = field(default_factory=list)  # COCO results format (rank 0)
     samples: list[tuple[np.ndarray, list[PersonPose]]] = field(default_factory=list)
 
@@ -79,7 +82,7 @@ class EvalResult:
         width = max(7, *(len(name) + 1 for name in names))
         header = "".join(f"{name:>{width}}" for name in names)
         values = "".join(f"{self.metrics[name]:>{width}.4f}" for name in names)
-        return f"{header}\n{values}"
+        return "\n".join([header, values, *self.notes])
 
 
 # --- metrics --------------------------------------------------------------------------------------
@@ -159,23 +162,37 @@ def pckh(
 def mpii_metrics(
     predictions: np.ndarray, records: PersonRecords, spec: KeypointSpec
 ) -> dict[str, float]:
-    """PCKh@0.5 grouped as in the usual MPII table, per joint, the mean and the mean @0.1."""
+    """PCKh as published: per joint and per group at 0.5 ("Head" is head-top only, left/right
+    pairs averaged without weights), "Mean" weighted by joint counts over all joints but pelvis
+    and thorax, "Mean@0.1" at threshold 0.11 (the published table reads that index), every joint
+    by name, and ``comparable`` (1.0 when the normalisers are head boxes, see
+    :func:`mpii_head_size_note`).
+    """
     if records.head_sizes is None:
         raise ValueError("MPII records carry no head sizes")
     per_joint, mean = pckh(predictions, records.joints, records.visible, records.head_sizes)
-    _, mean_at_01 = pckh(predictions, records.joints, records.visible, records.head_sizes, 0.1)
+    _, mean_low = pckh(
+        predictions, records.joints, records.visible, records.head_sizes, PCKH_LOW_THRESHOLD
+    )
     metrics: dict[str, float] = {}
-    counts = (records.visible > 0).sum(axis=0)
     for group, joints in MPII_GROUPS.items():
-        group_counts = counts[list(joints)]
-        values = np.nan_to_num(per_joint[list(joints)])
-        total = group_counts.sum()
-        metrics[group] = float((values * group_counts).sum() / total) if total else 0.0
+        metrics[group] = float(np.mean(np.nan_to_num(per_joint[list(joints)])))
     metrics["Mean"] = mean
-    metrics["Mean@0.1"] = mean_at_01
+    metrics["Mean@0.1"] = mean_low
     for name, value in zip(spec.joint_names, per_joint, strict=True):
         metrics[name] = float(np.nan_to_num(value))
+    metrics[COMPARABLE] = float(records.head_size_source in COMPARABLE_HEAD_SIZE_SOURCES)
     return metrics
+
+
+def mpii_head_size_note(records: PersonRecords) -> str:
+    """One line saying which PCKh normaliser was used, and loudly when it is not comparable."""
+    if records.head_size_source in COMPARABLE_HEAD_SIZE_SOURCES:
+        return f"PCKh normaliser: 0.6 x head-box diagonal ({records.head_size_source})"
+    return (
+        f"NOT COMPARABLE with published PCKh: normaliser is the {records.head_size_source}; "
+        "give the official gt_valid.mat (data.mpii_gt_file or ROOT/annot/gt_valid.mat)"
+    )
 
 
 # --- inference ------------------------------------------------------------------------------------
@@ -333,13 +350,16 @@ def evaluate_model(
         if is_mpii:
             metrics = _mpii_from_outputs(all_outputs, records, model_config.keypoints)
             result = EvalResult("mpii", metrics, "Mean", len(all_outputs), num_persons)
+            result.notes = [mpii_head_size_note(records)]
         else:
             results = coco_results(all_outputs, records)
             image_ids = {int(records.image_ids[row]) for row, _ in all_outputs}
             metrics = coco_keypoint_eval(
                 _restricted_ground_truth(annotation_file, image_ids, data.max_val_images), results
             )
-            result = EvalResult("coco", metrics, "AP", len(all_outputs), num_persons, results)
+            result = EvalResult(
+                "coco", metrics, "AP", len(all_outputs), num_persons, results=results
+            )
         result.samples = samples
     metrics_everywhere = broadcast_object(
         None
@@ -350,6 +370,7 @@ def evaluate_model(
             result.primary_name,
             result.num_images,
             result.num_persons,
+            result.notes,
         ),
         context,
     )
@@ -401,5 +422,6 @@ def _mpii_from_outputs(
         visible=records.visible[evaluated],
         scores=records.scores[evaluated],
         head_sizes=None if records.head_sizes is None else records.head_sizes[evaluated],
+        head_size_source=records.head_size_source,
     )
     return mpii_metrics(predictions[evaluated], subset, spec)
