@@ -49,7 +49,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from proto import omnipose_pb2, omnipose_pb2_grpc  # noqa: E402
+from omnipose_grpc import omnipose_pb2, omnipose_pb2_grpc  # noqa: E402
 
 
 @dataclass

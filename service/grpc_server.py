@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from proto import omnipose_pb2, omnipose_pb2_grpc
+from omnipose_grpc import omnipose_pb2, omnipose_pb2_grpc
 from service.engine import (
     REQUEST_ID,
     EngineError,
