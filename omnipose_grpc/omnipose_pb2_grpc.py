@@ -74,9 +74,11 @@ class PoseEstimationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamEstimate(self, request_iterator, context):
-        """Video-style: frames in, results out in the order the frames were sent. The server reads a
-        bounded number of frames ahead, so a fast sender is held back by flow control. A bad frame
-        yields a StreamResult with an error and the stream goes on.
+        """Video: frames in, results out in the order the frames were sent. The frames are one video
+        stream: persons carry track ids, keypoints are smoothed, and the detector runs only every
+        few frames (see docs/video.md). The server reads a bounded number of frames ahead, so a
+        fast sender is held back by flow control. A bad frame yields a StreamResult with an error
+        and the stream goes on. The stream's tracking state is freed when it ends or is cancelled.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

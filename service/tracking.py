@@ -21,10 +21,12 @@ holds one stream's state for that and nothing else; the engine runs the network.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -405,9 +407,11 @@ class StreamLimitError(RuntimeError):
 
 
 @dataclass
-class _Stream:
+class TrackedStream:
+    """One stream's tracker and the lock that keeps its frames one at a time, in order."""
+
     tracker: PoseTracker
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -418,7 +422,7 @@ class StreamRegistry:
 
     def __init__(self, max_streams: int, idle_s: float) -> None:
         self.max_streams, self.idle_s = max_streams, idle_s
-        self._streams: OrderedDict[str, _Stream] = OrderedDict()
+        self._streams: OrderedDict[str, TrackedStream] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -427,7 +431,7 @@ class StreamRegistry:
     def __contains__(self, stream_id: str) -> bool:
         return stream_id in self._streams
 
-    def acquire(self, stream_id: str, factory: Any) -> _Stream:
+    def acquire(self, stream_id: str, factory: Callable[[], TrackedStream]) -> TrackedStream:
         """The stream's state, created with ``factory()`` when new; StreamLimitError when full."""
         now = time.monotonic()
         with self._lock:
@@ -439,7 +443,7 @@ class StreamRegistry:
                         f"{len(self._streams)} streams are open, the limit is {self.max_streams};"
                         f" streams expire after {self.idle_s:g} s without frames"
                     )
-                stream = _Stream(factory())
+                stream = factory()
                 self._streams[stream_id] = stream
             stream.last_used = now
             self._streams.move_to_end(stream_id)

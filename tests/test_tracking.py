@@ -21,6 +21,7 @@ from service.tracking import (
     PoseTracker,
     StreamLimitError,
     StreamRegistry,
+    TrackedStream,
     TrackingOptions,
     merge_guided,
     pose_box,
@@ -260,13 +261,13 @@ def test_stream_registry_is_bounded_and_expires_idle_streams(monkeypatch) -> Non
     clock = [100.0]
     monkeypatch.setattr("service.tracking.time.monotonic", lambda: clock[0])
     registry = StreamRegistry(max_streams=2, idle_s=10.0)
-    first = registry.acquire("a", lambda: PoseTracker(SIGMAS))
+    first = registry.acquire("a", lambda: TrackedStream(PoseTracker(SIGMAS)))
     assert registry.acquire("a", lambda: pytest.fail("reused")) is first
-    registry.acquire("b", lambda: PoseTracker(SIGMAS))
+    registry.acquire("b", lambda: TrackedStream(PoseTracker(SIGMAS)))
     with pytest.raises(StreamLimitError, match="limit is 2"):
-        registry.acquire("c", lambda: PoseTracker(SIGMAS))
+        registry.acquire("c", lambda: TrackedStream(PoseTracker(SIGMAS)))
     clock[0] += 11.0  # both idle too long: expired, room again
-    registry.acquire("c", lambda: PoseTracker(SIGMAS))
+    registry.acquire("c", lambda: TrackedStream(PoseTracker(SIGMAS)))
     assert "a" not in registry and "b" not in registry and len(registry) == 1
     assert registry.release("c") and not registry.release("c") and len(registry) == 0
 
