@@ -93,6 +93,43 @@ def run_sequence(
                  "max_tracks": tracker.num_tracks}  # fmt: skip
 
 
+def memory_run(sigmas: np.ndarray, frames: int) -> dict:
+    """The tracker alone (no network) on ``frames`` frames with three people in view at any
+    time, a new person every 20 frames per slot: traced Python memory (tracemalloc) along the
+    stream; flat means no per-frame or per-track growth."""
+    import gc
+    import tracemalloc
+
+    from model.topdown import PersonPose
+
+    tracker = PoseTracker(sigmas, TrackingOptions())
+    template = np.zeros((len(sigmas), 3))
+    template[:, 0], template[:, 1], template[:, 2] = np.linspace(0, 30, len(sigmas)), \
+        np.linspace(0, 90, len(sigmas)), 0.9  # fmt: skip
+    checkpoints = {frames // 10, frames // 2, frames - 1}
+    sizes, tracks = {}, {}
+    tracemalloc.start()
+    for t in range(frames):
+        persons = []
+        for slot in range(3):
+            person = (t + 7 * slot) // 20
+            pose = template.copy()
+            pose[:, 0] += 100 * slot + (person % 5) * 300 + (t % 20)
+            persons.append(PersonPose(np.zeros(4), 0.9, pose, 0.9))
+        tracker.update(persons, detector_ran=True)
+        if t in checkpoints:
+            gc.collect()
+            sizes[t + 1] = tracemalloc.get_traced_memory()[0]
+            tracks[t + 1] = tracker.num_tracks
+    tracemalloc.stop()
+    for frame, size in sorted(sizes.items()):
+        print(
+            f"memory after {frame} frames: {size / 1024:.0f} KiB traced, {tracks[frame]} tracks"
+            " held"
+        )
+    return {"traced_bytes": sizes, "tracks_held": tracks}
+
+
 def load_sequence(path: Path) -> tuple[list[np.ndarray], dict]:
     annotation = json.loads(path.read_text())
     frames = [
@@ -119,6 +156,18 @@ def main(argv: list[str] | None = None) -> int:
         help="also time one sequence of this many frames in both modes",
     )
     parser.add_argument("--repeats", type=int, default=2, help="timing repeats (speed run)")
+    parser.add_argument(
+        "--speed-size",
+        default="480x640",
+        help="HxW of the speed run's frames (default VGA, 480x640)",
+    )
+    parser.add_argument(
+        "--memory-frames",
+        type=int,
+        default=0,
+        help="also run the tracker alone for this many frames of people walking"
+        " in and out, and print its traced memory along the way",
+    )
     parser.add_argument("--json", type=Path, help="write all figures here")
     args = parser.parse_args(argv)
 
@@ -186,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.speed_frames:
         speed_dir = Path(tmp.name) / "speed"
-        path = synth.generate_sequence(speed_dir, "speed", "cross", args.speed_frames, args.seed)
+        height, width = (int(v) for v in args.speed_size.split("x"))
+        path = synth.generate_sequence(
+            speed_dir, "speed", "cross", args.speed_frames, args.seed, image_size=(height, width)
+        )
         frames, annotation = load_sequence(path)
         truth = load_ground_truth(annotation)
         timing: dict[str, list] = {"every": [], "guided": []}
@@ -200,10 +252,13 @@ def main(argv: list[str] | None = None) -> int:
         ratios = [e / g for e, g in zip(timing["every"], timing["guided"], strict=True)]
         report["speed"] = {"frames": args.speed_frames, "seconds": timing, "idf1": idf1,
                            "speedup": ratios}  # fmt: skip
-        print(f"speed, {args.speed_frames} frames: every {min(timing['every']):.1f} s, guided"
+        print(f"speed, {args.speed_frames} frames of {args.speed_size}:"
+              f" every {min(timing['every']):.1f} s, guided"
               f" {min(timing['guided']):.1f} s, speed-up per repeat "
               f"{', '.join(f'{r:.2f}x' for r in ratios)}; IDF1 every {idf1['every']:.3f},"
               f" guided {idf1['guided']:.3f}")  # fmt: skip
+    if args.memory_frames:
+        report["memory"] = memory_run(np.asarray(estimator.keypoints.sigmas), args.memory_frames)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     tmp.cleanup()

@@ -104,7 +104,8 @@ class ServiceSettings(BaseSettings):
         1.0, gt=0, description="One-Euro minimum cutoff (Hz): lower is smoother, lags more",
     )
     one_euro_beta: float = Field(
-        0.05, ge=0, description="One-Euro speed coefficient: higher lags less on fast motion",
+        0.01, ge=0, description="One-Euro speed coefficient of the joints' offsets from the"
+        " pose's centre: higher lags less on fast limb motion",
     )
     max_streams: int = Field(
         64, ge=1, description="Client stream_ids (REST, unary gRPC) tracked at once; beyond:"

@@ -14,7 +14,10 @@ holds one stream's state for that and nothing else; the engine runs the network.
 * **Pose-guided boxes**: between detector frames each track's next crop box is its last pose
   extent moved by the Kalman velocity. The detector runs every ``detect_every`` frames, when no
   track is alive, or when a guided person came back with weak keypoints (a lost track).
-* **Smoothing**: a One-Euro filter (Casiez et al., CHI 2012) per track, never shared.
+* **Smoothing**: One-Euro filters (Casiez et al., CHI 2012) per track, never shared: one on the
+  pose's centre (mean of its confident joints), one on the joints' offsets from it. A walking
+  person's steady translation then passes through the centre filter, which follows speed, and
+  the offsets filter can be slow (strong smoothing) without making the whole body lag.
 * **Bounded state**: tracks unseen for ``max_missed`` frames are dropped, filters with them;
   :class:`StreamRegistry` bounds the number of client streams and expires idle ones.
 """
@@ -48,7 +51,8 @@ class TrackingOptions:
     max_missed: int = 30  # frames a lost track is kept for re-identification, then dropped
     smooth: bool = True  # One-Euro keypoint filtering per track
     min_cutoff: float = 1.0  # Hz; lower: smoother when still, more lag
-    beta: float = 0.05  # speed coefficient; higher: less lag when moving fast
+    beta: float = 0.01  # speed coefficient; higher: less lag when moving fast
+    centre_beta: float = 0.05  # the same for the pose's centre, which moves as the body walks
     d_cutoff: float = 1.0  # Hz; cutoff of the speed estimate
     fps: float = 25.0  # frame rate assumed by the filter (frames carry no timestamps)
     keypoint_threshold: float = 0.2  # joints above it define a pose's extent
@@ -68,8 +72,11 @@ class TrackingOptions:
         for name in ("min_cutoff", "d_cutoff", "fps"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
-        if not (math.isfinite(self.beta) and self.beta >= 0):
-            raise ValueError(f"beta must be a non-negative number, got {self.beta!r}")
+        for name in ("beta", "centre_beta"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(
+                    f"{name} must be a non-negative number, got {getattr(self, name)!r}"
+                )
         if not 0 <= self.oks_weight <= 1:
             raise ValueError(f"oks_weight must be in [0, 1], got {self.oks_weight!r}")
 
@@ -232,9 +239,29 @@ class FrameTracking:
     persons: list[PersonPose]  # the frame's persons after duplicate removal
 
 
+class PoseSmoother:
+    """One track's keypoint smoothing: the centre of the confident joints and the joints'
+    offsets from it, each through its own One-Euro filter."""
+
+    def __init__(self, options: TrackingOptions) -> None:
+        o = options
+        self.centre = OneEuroFilter(o.min_cutoff, o.centre_beta, o.d_cutoff)
+        self.offsets = OneEuroFilter(o.min_cutoff, o.beta, o.d_cutoff)
+        self.threshold = o.keypoint_threshold
+
+    def __call__(self, keypoints: np.ndarray, dt: float) -> np.ndarray:
+        """Smoothed copy of ``keypoints`` (J x 3; confidences unchanged)."""
+        xy = keypoints[:, :2]
+        confident = keypoints[:, 2] > self.threshold
+        centre = xy[confident].mean(axis=0) if confident.sum() >= 2 else xy.mean(axis=0)
+        out = keypoints.copy()
+        out[:, :2] = self.centre(centre, dt) + self.offsets(xy - centre, dt)
+        return out
+
+
 @dataclass
 class _Track:
-    filter: OneEuroFilter | None
+    filter: PoseSmoother | None
     box_score: float
     last_frame: int
 
@@ -341,9 +368,7 @@ class PoseTracker:
             self._byte.poses[track_id] = person.keypoints.copy()  # raw pose: association
             self._byte.centres[track_id] = boxes[i, :2] + boxes[i, 2:] / 2
             if track.filter is not None:
-                smoothed = person.keypoints.copy()
-                smoothed[:, :2] = track.filter(person.keypoints[:, :2], dt)
-                person.keypoints = smoothed
+                person.keypoints = track.filter(person.keypoints, dt)
             if keeps_going:
                 guides.append((track_id, boxes[i], track.box_score))
             else:
@@ -368,9 +393,8 @@ class PoseTracker:
                        self.options.keypoint_threshold)  # fmt: skip
         return [persons[i] for i in sorted(keep)]
 
-    def _new_filter(self) -> OneEuroFilter | None:
-        o = self.options
-        return OneEuroFilter(o.min_cutoff, o.beta, o.d_cutoff) if o.smooth else None
+    def _new_filter(self) -> PoseSmoother | None:
+        return PoseSmoother(self.options) if self.options.smooth else None
 
     def _expire(self) -> None:
         """Drop the state of tracks unseen for longer than ``max_missed`` frames."""

@@ -63,9 +63,13 @@ def _track(truth: list[FramePeople], options: TrackingOptions, noise: float = 0.
         kept = tracker.update(_persons(frame, rng, noise), detector_ran=True).persons
         tracked = [p for p in kept if TRACK_ID_KEY in p.extras]
         boxes = [pose_box(p.keypoints, 0.2, 0.15) for p in tracked]
-        predicted.append(FramePeople([p.extras[TRACK_ID_KEY] for p in tracked],
-                                     np.array(boxes).reshape(-1, 4),
-                                     np.array([p.keypoints for p in tracked]).reshape(-1, 17, 3)))
+        predicted.append(
+            FramePeople(
+                [p.extras[TRACK_ID_KEY] for p in tracked],
+                np.array(boxes).reshape(-1, 4),
+                np.array([p.keypoints for p in tracked]).reshape(-1, 17, 3),
+            )
+        )
         smoothed.append(tracked)
     return predicted, tracker
 

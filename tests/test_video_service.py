@@ -22,8 +22,18 @@ DETECT_EVERY = 4
 @pytest.fixture(scope="module")
 def video_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The embedded default model (it knows the synthetic people), HOG, two client streams."""
-    args = ["--config", "coco-w8-96x64", "--detector", "hog", "--max-streams", "2",
-            "--track-detect-every", str(DETECT_EVERY), "--stream-max-inflight", "4"]
+    args = [
+        "--config",
+        "coco-w8-96x64",
+        "--detector",
+        "hog",
+        "--max-streams",
+        "2",
+        "--track-detect-every",
+        str(DETECT_EVERY),
+        "--stream-max-inflight",
+        "4",
+    ]
     with running_server(tmp_path_factory.mktemp("video"), "video", args) as process:
         yield process
 
@@ -34,8 +44,10 @@ def walk(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[bytes], dict]:
     out = tmp_path_factory.mktemp("walk")
     path = synth.generate_sequence(out, "walk", "walk", FRAMES, seed=3)
     annotation = json.loads(path.read_text())
-    frames = [(path.parent / image["file_name"]).read_bytes()
-              for image in sorted(annotation["images"], key=lambda i: i["frame_id"])]
+    frames = [
+        (path.parent / image["file_name"]).read_bytes()
+        for image in sorted(annotation["images"], key=lambda i: i["frame_id"])
+    ]
     return frames, annotation
 
 
@@ -57,8 +69,11 @@ def _same_identities(tracks_per_frame: list[dict[int, float]]) -> None:
 
 def test_grpc_stream_tracks_people_and_reports_the_detector(video_server, walk) -> None:
     frames, annotation = walk
-    boxes = omnipose_pb2.BoxList(boxes=[omnipose_pb2.Box(x=x, y=y, width=w, height=h)
-                                        for x, y, w, h in _first_boxes(annotation)])
+    boxes = omnipose_pb2.BoxList(
+        boxes=[
+            omnipose_pb2.Box(x=x, y=y, width=w, height=h) for x, y, w, h in _first_boxes(annotation)
+        ]
+    )
 
     def requests() -> Iterator[omnipose_pb2.StreamFrame]:
         for i, image in enumerate(frames):
@@ -77,8 +92,9 @@ def test_grpc_stream_tracks_people_and_reports_the_detector(video_server, walk) 
     assert ran[0] is False  # client boxes
     assert ran[DETECT_EVERY] is True  # the scheduled detector frame
     assert ran.count(False) >= FRAMES - 3, ran  # most frames: pose-guided boxes
-    tracks = [{p.track_id: p.bbox.x for p in r.persons if p.HasField("track_id")}
-              for r in responses]
+    tracks = [
+        {p.track_id: p.bbox.x for p in r.persons if p.HasField("track_id")} for r in responses
+    ]
     _same_identities(tracks)
     assert sum(len(t) == 2 for t in tracks) >= FRAMES - 2, tracks
 
@@ -90,8 +106,9 @@ def test_single_images_carry_no_tracks(video_server, walk) -> None:
         reply = stub.Estimate(omnipose_pb2.EstimateRequest(image=frames[0]), timeout=60)
     assert not reply.HasField("detector_ran")
     assert not any(p.HasField("track_id") for p in reply.persons)
-    body = httpx.post(f"{video_server.http_url}/v1/pose", files={"image": frames[0]},
-                      timeout=60).json()
+    body = httpx.post(
+        f"{video_server.http_url}/v1/pose", files={"image": frames[0]}, timeout=60
+    ).json()
     assert "detector_ran" not in body
     assert all("track_id" not in p for p in body["persons"])
 
@@ -112,7 +129,8 @@ def test_cancelled_grpc_stream_frees_its_state(video_server, walk) -> None:
         i = 0
         while True:
             yield omnipose_pb2.StreamFrame(
-                frame_id=i, request=omnipose_pb2.EstimateRequest(image=frames[i % FRAMES]))
+                frame_id=i, request=omnipose_pb2.EstimateRequest(image=frames[i % FRAMES])
+            )
             i += 1
             time.sleep(0.05)
 
@@ -157,27 +175,33 @@ def test_unary_grpc_stream_id_and_stream_limit(video_server, walk) -> None:
     with grpc.insecure_channel(video_server.grpc_target) as channel:
         stub = omnipose_pb2_grpc.PoseEstimationStub(channel)
         for stream_id in ("a", "b"):
-            reply = stub.Estimate(omnipose_pb2.EstimateRequest(image=frames[0],
-                                                               stream_id=stream_id), timeout=60)
+            reply = stub.Estimate(
+                omnipose_pb2.EstimateRequest(image=frames[0], stream_id=stream_id), timeout=60
+            )
             assert reply.HasField("detector_ran") and reply.detector_ran
         with pytest.raises(grpc.RpcError) as error:  # --max-streams 2
-            stub.Estimate(omnipose_pb2.EstimateRequest(image=frames[0], stream_id="c"),
-                          timeout=60)
+            stub.Estimate(omnipose_pb2.EstimateRequest(image=frames[0], stream_id="c"), timeout=60)
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "limit is 2" in error.value.details()
         for stream_id in ("a", "b"):
-            stub.Estimate(omnipose_pb2.EstimateRequest(image=frames[1], stream_id=stream_id,
-                                                       end_stream=True), timeout=60)
+            stub.Estimate(
+                omnipose_pb2.EstimateRequest(image=frames[1], stream_id=stream_id, end_stream=True),
+                timeout=60,
+            )
     _wait_for_streams(video_server, 0)
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    ({"stream_id": "x" * 129}, "stream_id must be 1 to 128"),
-    ({"end_stream": "true"}, "end_stream needs the stream_id"),
-])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"stream_id": "x" * 129}, "stream_id must be 1 to 128"),
+        ({"end_stream": "true"}, "end_stream needs the stream_id"),
+    ],
+)
 def test_bad_stream_options_are_rejected(video_server, walk, data, message) -> None:
     frames, _ = walk
-    response = httpx.post(f"{video_server.http_url}/v1/pose", files={"image": frames[0]},
-                          data=data, timeout=60)
+    response = httpx.post(
+        f"{video_server.http_url}/v1/pose", files={"image": frames[0]}, data=data, timeout=60
+    )
     assert response.status_code == 422, response.text
     assert message in response.json()["error"]["message"]
