@@ -33,10 +33,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.detection import HogPersonDetector, PersonDetector
+from service.detection import Detections, HogPersonDetector, PersonDetector
 from service.loading import load_pose_model
 from service.persons import crop_persons
-from service.track_metrics import FramePeople, evaluate_sequence, load_ground_truth
+from service.track_metrics import (
+    MIN_SCORED_JOINTS,
+    FramePeople,
+    evaluate_sequence,
+    load_ground_truth,
+)
 from service.tracking import (
     TRACK_ID_KEY,
     PoseTracker,
@@ -57,7 +62,9 @@ def run_sequence(
     tracker = PoseTracker(np.asarray(estimator.keypoints.sigmas), options)
     out, detector_frames = [], 0
     started = time.perf_counter()
-    for image in frames:
+    for index, image in enumerate(frames):
+        if isinstance(detector, GroundTruthDetector):
+            detector.frame = index
         height, width = image.shape[:2]
         planned = tracker.plan(width, height)
         detector_ran = planned is None
@@ -72,8 +79,6 @@ def run_sequence(
         boxes, scores = planned
         persons = []
         if len(boxes):
-            from service.detection import Detections
-
             crops = crop_persons(estimator, image, Detections(boxes, scores))
             persons = estimator.decode(estimator.forward(crops.inputs), crops)
         tracked = [
@@ -130,6 +135,25 @@ def memory_run(sigmas: np.ndarray, frames: int) -> dict:
     return {"traced_bytes": sizes, "tracks_held": tracks}
 
 
+class GroundTruthDetector(PersonDetector):
+    """A perfect person detector for one sequence: the ground-truth boxes of the people with at
+    least MIN_SCORED_JOINTS joints in view, frame by frame. It separates what the tracker and
+    the pose model do from what a weak detector (HOG on rendered people) misses."""
+
+    name = "ground-truth"
+
+    def __init__(self, truth: list[FramePeople]) -> None:
+        self.truth, self.frame = truth, 0
+
+    def detect_batch(self, images_bgr):
+        out = []
+        for _ in images_bgr:
+            people = self.truth[self.frame]
+            keep = (people.keypoints[:, :, 2] > 0).sum(axis=1) >= MIN_SCORED_JOINTS
+            out.append(Detections(people.boxes[keep], np.full(int(keep.sum()), 0.9)))
+        return out
+
+
 def load_sequence(path: Path) -> tuple[list[np.ndarray], dict]:
     annotation = json.loads(path.read_text())
     frames = [
@@ -168,6 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also run the tracker alone for this many frames of people walking"
         " in and out, and print its traced memory along the way",
     )
+    parser.add_argument(
+        "--detector",
+        choices=("hog", "ground-truth"),
+        default="hog",
+        help="person detector: OpenCV HOG (what the service runs offline) or the sequences'"
+        " ground-truth boxes (a perfect detector)",
+    )
     parser.add_argument("--json", type=Path, help="write all figures here")
     args = parser.parse_args(argv)
 
@@ -198,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in paths:
             frames, annotation = load_sequence(path)
             truth = load_ground_truth(annotation)
+            if args.detector == "ground-truth":
+                detector = GroundTruthDetector(truth)
             predicted, counts = run_sequence(estimator, detector, frames, options)
             scores = evaluate_sequence(truth, predicted)
             crossing = set(annotation["info"]["crossing_track_ids"])
@@ -241,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         frames, annotation = load_sequence(path)
         truth = load_ground_truth(annotation)
+        if args.detector == "ground-truth":
+            detector = GroundTruthDetector(truth)
         timing: dict[str, list] = {"every": [], "guided": []}
         idf1 = {}
         for _ in range(args.repeats):
