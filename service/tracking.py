@@ -269,7 +269,9 @@ class _Track:
 class PoseTracker:
     """One video stream's tracking state. Call :meth:`plan` before a frame (which boxes to
     estimate, or None: run the detector) and :meth:`update` with the frame's persons after it.
-    Not thread-safe: a stream's frames are processed one after another."""
+    A stream's frames are processed one after another; a lock still guards the state, because
+    a frame cancelled by its deadline may finish its update on a worker thread while the next
+    frame plans."""
 
     def __init__(self, sigmas: np.ndarray, options: TrackingOptions | None = None) -> None:
         self.options = options or TrackingOptions()
@@ -283,6 +285,7 @@ class PoseTracker:
         self.frame_index = -1
         self._lost = True  # no track yet: detect
         self._guides: list[tuple[int, np.ndarray, float]] = []  # track id, box, box score
+        self._lock = threading.Lock()
 
     @property
     def num_tracks(self) -> int:
@@ -292,15 +295,17 @@ class PoseTracker:
     def plan(self, width: int, height: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Boxes (N x 4) and box scores for the next frame from the previous poses, or None when
         the detector must run (every ``detect_every`` frames, no track, or a track was lost)."""
-        next_index = self.frame_index + 1
-        if self._lost or not self._guides or next_index % self.options.detect_every == 0:
-            return None
-        return self._guided(width, height)
+        with self._lock:
+            next_index = self.frame_index + 1
+            if self._lost or not self._guides or next_index % self.options.detect_every == 0:
+                return None
+            return self._guided(width, height)
 
     def guided_boxes(self, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
         """The pose-guided boxes of the alive tracks (also used on detector frames, to keep the
         people the detector missed)."""
-        return self._guided(width, height)
+        with self._lock:
+            return self._guided(width, height)
 
     def _guided(self, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
         boxes, scores = [], []
@@ -322,6 +327,10 @@ class PoseTracker:
         a guided box) are removed by OKS-NMS, the rest get track ids (``extras["track_id"]``)
         and, when asked, smoothed keypoints (in place); the next frame's guided boxes are
         prepared. Returns the persons kept, in :attr:`FrameTracking.persons`."""
+        with self._lock:
+            return self._update(persons, detector_ran)
+
+    def _update(self, persons: list[PersonPose], detector_ran: bool) -> FrameTracking:
         o = self.options
         self.frame_index += 1
         persons = self._deduplicate(persons)
