@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from model.skeleton import COCO_KEYPOINTS
 from service.tracking import box_iou
 
 MATCH_IOU = 0.5
@@ -46,8 +47,17 @@ class TrackingScores:
     extra: dict = field(default_factory=dict)
 
 
-def evaluate_sequence(truth: list[FramePeople], predicted: list[FramePeople]) -> TrackingScores:
-    """Scores of one sequence's predictions against its ground truth (frames aligned)."""
+def evaluate_sequence(
+    truth: list[FramePeople], predicted: list[FramePeople], match: str = "iou"
+) -> TrackingScores:
+    """Scores of one sequence's predictions against its ground truth (frames aligned).
+
+    ``match``: "iou" pairs people by box IoU >= 0.5 (MOTChallenge); "oks" by keypoint OKS >=
+    0.5 against the ground truth's labelled joints, with the ground-truth box area as scale (a
+    pose tracker's own criterion, as PoseTrack matches by keypoints, indifferent to how a
+    pose's box is drawn)."""
+    if match not in ("iou", "oks"):
+        raise ValueError(f"match must be 'iou' or 'oks', got {match!r}")
     import motmetrics as mm  # imported lazily: pulls in pandas
 
     if len(truth) != len(predicted):
@@ -58,9 +68,12 @@ def evaluate_sequence(truth: list[FramePeople], predicted: list[FramePeople]) ->
     truth = [gt for gt, _ in truth]
     frame_ids = []
     for gt, pred in zip(truth, predicted, strict=True):
-        iou = box_iou(gt.boxes, pred.boxes) if len(gt.ids) and len(pred.ids) else np.zeros(
-            (len(gt.ids), len(pred.ids)))  # fmt: skip
-        distances = np.where(iou >= MATCH_IOU, 1.0 - iou, np.nan)
+        if match == "iou":
+            similarity = box_iou(gt.boxes, pred.boxes) if len(gt.ids) and len(pred.ids) else (
+                np.zeros((len(gt.ids), len(pred.ids))))  # fmt: skip
+        else:
+            similarity = _oks_matrix(gt, pred)
+        distances = np.where(similarity >= MATCH_IOU, 1.0 - similarity, np.nan)
         frame_ids.append(accumulator.update(gt.ids, pred.ids, distances))
     events = accumulator.mot_events
     matched = events[events.Type.isin(["MATCH", "SWITCH"])]
@@ -116,6 +129,21 @@ def evaluate_sequence(truth: list[FramePeople], predicted: list[FramePeople]) ->
         keypoint_error_px=mean(errors),
         frames=len(truth),
     )
+
+
+def _oks_matrix(gt: FramePeople, pred: FramePeople) -> np.ndarray:
+    """COCO OKS (ground-truth labelled joints, ground-truth box area) -> len(gt) x len(pred)."""
+    out = np.zeros((len(gt.ids), len(pred.ids)))
+    if not len(gt.ids) or not len(pred.ids):
+        return out
+    variances = (2.0 * np.asarray(COCO_KEYPOINTS.sigmas)) ** 2
+    for i, (box, truth) in enumerate(zip(gt.boxes, gt.keypoints, strict=True)):
+        labelled = truth[:, 2] > 0
+        area = max(float(box[2] * box[3]), 1.0)
+        d2 = ((pred.keypoints[:, :, :2] - truth[None, :, :2]) ** 2).sum(axis=2)
+        terms = np.exp(-d2 / variances[None] / (2.0 * area))
+        out[i] = terms[:, labelled].mean(axis=1) if labelled.any() else 0.0
+    return out
 
 
 def _scored(gt: FramePeople, pred: FramePeople) -> tuple[FramePeople, FramePeople]:

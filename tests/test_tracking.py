@@ -144,6 +144,18 @@ def test_swapped_identities_are_counted_as_switches() -> None:
     assert half.mota == pytest.approx(0.5) and half.idf1 == pytest.approx(2 / 3)
 
 
+def test_oks_matching_follows_keypoints_not_boxes(sequences: dict[str, dict]) -> None:
+    """Matching by OKS pairs poses by their joints: exact poses in boxes that overlap the
+    ground truth's poorly still match, a pose moved far away does not."""
+    truth = load_ground_truth(sequences["walk"])
+    narrow = [FramePeople([i + 10 for i in f.ids], f.boxes * [1, 1, 0.4, 1], f.keypoints.copy())
+              for f in truth]  # fmt: skip
+    assert evaluate_sequence(truth, narrow, match="iou").idf1 == 0.0
+    assert evaluate_sequence(truth, narrow, match="oks").idf1 == 1.0
+    moved = [FramePeople(f.ids, f.boxes, f.keypoints + np.array([60.0, 0.0, 0.0])) for f in narrow]
+    assert evaluate_sequence(truth, moved, match="oks").idf1 == 0.0
+
+
 def test_tracks_expire_and_state_stays_bounded() -> None:
     """1,500 frames of people who each stay 20 frames (75 people per slot): the tracker holds
     only recent tracks and its memory does not grow with the stream's length (the 5,000-frame
