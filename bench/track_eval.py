@@ -199,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         help="person detector: OpenCV HOG (what the service runs offline) or the sequences'"
         " ground-truth boxes (a perfect detector)",
     )
+    parser.add_argument(
+        "--modes",
+        default="every,every+smooth,guided,guided+smooth",
+        help="comma-separated subset of the modes to run",
+    )
     parser.add_argument("--json", type=Path, help="write all figures here")
     args = parser.parse_args(argv)
 
@@ -224,7 +229,13 @@ def main(argv: list[str] | None = None) -> int:
         "mode           MOTA   IDF1  IDsw  IDsw(non-crossing)  jitter px (gt)   kp err px"
         "  det frames  fps"
     )
+    wanted = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = sorted(set(wanted) - set(modes))
+    if unknown:
+        parser.error(f"unknown mode {', '.join(unknown)}; choose from {', '.join(modes)}")
     for name, options in modes.items():
+        if name not in wanted:
+            continue
         rows, seconds, frames_total, det_frames, non_crossing_switches = [], 0.0, 0, 0, 0
         oks_rows = []  # the same predictions matched by keypoints (OKS) instead of boxes
         for path in paths:
@@ -266,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{f['fps']:5.1f}   OKS-matched: MOTA {f['mota_oks']:.3f} IDF1 {f['idf1_oks']:.3f}"
               f" IDsw {f['id_switches_oks']}")  # fmt: skip
     for plain, smooth in (("every", "every+smooth"), ("guided", "guided+smooth")):
+        if plain not in report["modes"] or smooth not in report["modes"]:
+            continue
         a, b = report["modes"][plain], report["modes"][smooth]
         print(
             f"{plain}: smoothing cuts jitter {a['jitter_px'] / b['jitter_px']:.2f}x, keypoint"
