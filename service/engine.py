@@ -378,6 +378,11 @@ class PoseEngine:
         if not requests:
             raise InvalidRequest("the batch contains no images")
         for index, request in enumerate(requests):
+            if request.stream_id is not None:
+                raise InvalidRequest(
+                    f"images[{index}]: stream_id is for one frame per request (Estimate, POST"
+                    " /v1/pose) or the StreamEstimate stream, not for batches"
+                )
             try:
                 self._validate(request)
             except EngineError as exc:

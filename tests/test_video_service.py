@@ -205,3 +205,21 @@ def test_bad_stream_options_are_rejected(video_server, walk, data, message) -> N
     )
     assert response.status_code == 422, response.text
     assert message in response.json()["error"]["message"]
+
+
+def test_batches_refuse_stream_ids(video_server, walk) -> None:
+    """A batch's images run in parallel: they cannot be consecutive frames of one stream."""
+    frames, _ = walk
+    response = httpx.post(f"{video_server.http_url}/v1/pose/batch",
+                          files=[("images", frames[0]), ("images", frames[1])],
+                          data={"stream_id": "cam-1"}, timeout=60)  # fmt: skip
+    assert response.status_code == 422, response.text
+    assert "stream_id is for one frame per request" in response.json()["error"]["message"]
+    with grpc.insecure_channel(video_server.grpc_target) as channel:
+        stub = omnipose_pb2_grpc.PoseEstimationStub(channel)
+        batch = omnipose_pb2.EstimateBatchRequest(
+            images=[omnipose_pb2.EstimateRequest(image=frames[0], stream_id="cam-1")]
+        )
+        with pytest.raises(grpc.RpcError) as error:
+            stub.EstimateBatch(batch, timeout=60)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
