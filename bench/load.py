@@ -47,7 +47,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import service  # noqa: E402, F401  (the server's OpenMP wait policy, set before torch loads)
-from proto import omnipose_pb2, omnipose_pb2_grpc  # noqa: E402
+from omnipose_grpc import omnipose_pb2, omnipose_pb2_grpc  # noqa: E402
 
 
 @dataclass

@@ -47,6 +47,7 @@ from service.errors import (
     SHUTTING_DOWN,
     DeadlineExceeded,
     EngineError,
+    EngineOverloaded,
     EngineUnavailable,
     ErrorCode,
     InvalidRequest,
@@ -64,6 +65,14 @@ from service.resources import (
     measure_layouts,
 )
 from service.settings import ServiceSettings
+from service.tracking import (
+    PoseTracker,
+    StreamLimitError,
+    StreamRegistry,
+    TrackedStream,
+    TrackingOptions,
+    merge_guided,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +103,8 @@ class PoseEngine:
         self.state = "starting"  # starting -> ready -> draining -> stopped (or failed)
         self._failure = ""  # why start() failed, for the answers refused afterwards
         self.admission = Admission(settings, self.metrics)
+        self.streams = StreamRegistry(settings.max_streams, settings.stream_idle_s)
+        self._open_streams = 0  # bidirectional gRPC streams holding a tracker now
         self._pool = ThreadPoolExecutor(settings.cpu_workers, thread_name_prefix="omnipose-cpu")
         self._pose_batcher: DynamicBatcher | None = None
         self.layout: InstanceLayout | None = None  # pose model instances x threads, at start()
@@ -360,12 +371,64 @@ class PoseEngine:
             raise DeadlineExceeded("the request's deadline passed before it was answered") from None
 
     # -- public API ---------------------------------------------------------------------------
-    async def estimate(self, request: ImageRequest, timeout_s: float | None = None) -> ImageResult:
-        """Persons in one image. Raises an EngineError subclass for anything but a result."""
+    async def estimate(self, request: ImageRequest, timeout_s: float | None = None,
+                       stream: TrackedStream | None = None) -> ImageResult:
+        """Persons in one image. Raises an EngineError subclass for anything but a result.
+
+        Frames of a video stream (``stream``, from :meth:`open_stream`, or the client's
+        ``request.stream_id``) are tracked: one at a time, in the order they arrive."""
         deadline = self.deadline_from(timeout_s)
         self._validate(request)
-        with self._admission() as lease:
-            return await self._within(deadline, self._process(request, deadline, lease))
+        if stream is None and request.stream_id is not None:
+            try:
+                stream = self.streams.acquire(request.stream_id, self.new_stream)
+            except StreamLimitError as exc:
+                raise EngineOverloaded(str(exc)) from None
+            finally:
+                self._publish_stream_count()
+        try:
+            if stream is None:
+                with self._admission() as lease:
+                    return await self._within(deadline, self._process(request, deadline, lease))
+            async with stream.lock:
+                with self._admission() as lease:
+                    return await self._within(
+                        deadline, self._process(request, deadline, lease, stream.tracker))
+        finally:
+            if request.end_stream and request.stream_id is not None:
+                self.streams.release(request.stream_id)
+                self._publish_stream_count()
+
+    # -- video streams ------------------------------------------------------------------------
+    def new_stream(self) -> TrackedStream:
+        """Tracking state for one video stream, configured by the service settings."""
+        s = self.settings
+        options = TrackingOptions(
+            detect_every=s.track_detect_every, max_missed=s.track_max_missed,
+            smooth=s.track_smooth, min_cutoff=s.one_euro_min_cutoff, beta=s.one_euro_beta,
+        )
+        sigmas = np.asarray(self.pose_model.keypoints.sigmas)
+        return TrackedStream(PoseTracker(sigmas, options))
+
+    @contextlib.contextmanager
+    def open_stream(self) -> Iterator[TrackedStream]:
+        """A bidirectional stream's tracking state, released when the stream ends or is
+        cancelled (leaving the ``with``)."""
+        self._open_streams += 1
+        self._publish_stream_count()
+        try:
+            yield self.new_stream()
+        finally:
+            self._open_streams -= 1
+            self._publish_stream_count()
+
+    @property
+    def tracked_streams(self) -> int:
+        """Streams holding tracking state: open bidirectional streams and client stream_ids."""
+        return self._open_streams + len(self.streams)
+
+    def _publish_stream_count(self) -> None:
+        self.metrics.tracked_streams.set(self.tracked_streams)
 
     async def estimate_many(
         self, requests: Sequence[ImageRequest], timeout_s: float | None = None
@@ -382,6 +445,11 @@ class PoseEngine:
         if not requests:
             raise InvalidRequest("the batch contains no images")
         for index, request in enumerate(requests):
+            if request.stream_id is not None:
+                raise InvalidRequest(
+                    f"images[{index}]: stream_id is for one frame per request (Estimate, POST"
+                    " /v1/pose) or the StreamEstimate stream, not for batches"
+                )
             try:
                 self._validate(request)
             except EngineError as exc:
@@ -458,9 +526,12 @@ class PoseEngine:
             raise InvalidRequest(str(exc)) from None
 
     def _decode_poses(
-        self, heatmaps: torch.Tensor, crops: CropBatch, request: ImageRequest
+        self, heatmaps: torch.Tensor, crops: CropBatch, request: ImageRequest,
+        tracker: PoseTracker | None = None, detector_ran: bool = False,
     ) -> list[PersonPose]:
         persons = self.pose_model.estimator.decode(heatmaps, crops)
+        if tracker is not None:  # before the client's filters: tracks see every person
+            persons = tracker.update(persons, detector_ran).persons
         persons = [p for p in persons if p.score >= request.min_instance_score]
         persons.sort(key=lambda p: p.score, reverse=True)
         limit = min(request.max_persons or self.settings.max_persons, self.settings.max_persons)
@@ -482,7 +553,8 @@ class PoseEngine:
         return job.future.result()
 
     async def _process(
-        self, request: ImageRequest, deadline: float, lease: PixelLease
+        self, request: ImageRequest, deadline: float, lease: PixelLease,
+        tracker: PoseTracker | None = None,
     ) -> ImageResult:
         timings: dict[str, float] = {}
         started = time.perf_counter()
@@ -492,9 +564,15 @@ class PoseEngine:
         pixels = height * width
         self.admission.hold_pixels(lease, pixels)
 
+        detector_ran = False
+        guided = None if tracker is None or request.boxes is not None else tracker.plan(width,
+                                                                                         height)
         if request.boxes is not None:
             persons = self._client_persons(request, width, height)
+        elif guided is not None:  # a tracked frame between detector frames: pose-guided boxes
+            persons = Detections(*guided).top(self.settings.max_persons)
         else:
+            detector_ran = True
             self._check_deadline(deadline, "image decoding")
             mark = time.perf_counter()
             detections = await self._detect(image, deadline)
@@ -505,6 +583,10 @@ class PoseEngine:
                 self.settings.max_persons,
                 self.settings.whole_image_if_no_person,
             )
+            if tracker is not None:  # keep the tracked people the detector missed
+                persons = Detections(*merge_guided((persons.boxes, persons.scores),
+                                                   tracker.guided_boxes(width, height),
+                                                   self.settings.max_persons))
 
         crops = None
         if len(persons):
@@ -525,8 +607,11 @@ class PoseEngine:
             )
             self._observe(timings, "pose_inference", job.compute_s)
             mark = time.perf_counter()
-            poses = await self._in_pool(self._decode_poses, job.future.result(), crops, request)
+            poses = await self._in_pool(self._decode_poses, job.future.result(), crops, request,
+                                        tracker, detector_ran)
             self._observe(timings, "decode", time.perf_counter() - mark)
+        elif tracker is not None:  # nobody to estimate: tracks still age and expire
+            tracker.update([], detector_ran)
         self.metrics.persons_per_image.observe(len(poses))
 
         rendered = None
@@ -536,4 +621,5 @@ class PoseEngine:
             rendered = await self._in_pool(self._render, image, poses, min_score)
             self._observe(timings, "render", time.perf_counter() - mark)
         timings["total"] = round((time.perf_counter() - started) * 1000, 3)
-        return ImageResult(width, height, poses, timings, rendered)
+        return ImageResult(width, height, poses, timings, rendered,
+                           detector_ran=detector_ran if tracker is not None else None)

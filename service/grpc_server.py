@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from proto import omnipose_pb2, omnipose_pb2_grpc
+from omnipose_grpc import omnipose_pb2, omnipose_pb2_grpc
 from service.engine import PoseEngine
 from service.errors import (
     REQUEST_ID,
@@ -32,6 +32,7 @@ from service.errors import (
 )
 from service.metrics import ServiceMetrics
 from service.requests import ImageRequest, ImageResult
+from service.tracking import TRACK_ID_KEY, TrackedStream
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ def to_image_request(message: omnipose_pb2.EstimateRequest) -> ImageRequest:
         min_instance_score=message.min_instance_score,
         max_persons=message.max_persons or None,
         render=message.render,
+        stream_id=message.stream_id or None,
+        end_stream=message.end_stream,
     )
 
 
@@ -83,12 +86,13 @@ def to_response(result: ImageResult, engine: PoseEngine) -> omnipose_pb2.Estimat
                                                     strict=True)]
         persons.append(omnipose_pb2.Person(
             bbox=omnipose_pb2.Box(x=x, y=y, width=w, height=h, score=person.box_score),
-            score=person.score, keypoints=keypoints,
+            score=person.score, keypoints=keypoints, track_id=person.extras.get(TRACK_ID_KEY),
         ))
     return omnipose_pb2.EstimateResponse(
         width=result.width, height=result.height,
         model=omnipose_pb2.ModelRef(name=model.name, version=model.version),
         persons=persons, timings_ms=result.timings_ms, rendered_jpeg=result.rendered_jpeg or b"",
+        detector_ran=result.detector_ran,
     )
 
 
@@ -200,11 +204,13 @@ class PoseEstimationService(omnipose_pb2_grpc.PoseEstimationServicer):
         return await self._unary("GetModel", context, work)
 
     async def _frame(self, frame: omnipose_pb2.StreamFrame, context: grpc.aio.ServicerContext,
-                     request_id: str) -> omnipose_pb2.StreamResult:
+                     request_id: str, stream: TrackedStream) -> omnipose_pb2.StreamResult:
         """One frame's answer (its own task); errors become a FrameError so the stream goes on."""
         REQUEST_ID.set(request_id)  # this task's context only
         try:
-            result = await self.engine.estimate(to_image_request(frame.request), _timeout(context))
+            request = to_image_request(frame.request)
+            request.stream_id, request.end_stream = None, False  # the call is the stream
+            result = await self.engine.estimate(request, _timeout(context), stream)
         except Exception as exc:
             error = exc if isinstance(exc, EngineError) else internal_error(
                 f"StreamEstimate frame {frame.frame_id} failed")
@@ -229,6 +235,8 @@ class PoseEstimationService(omnipose_pb2_grpc.PoseEstimationServicer):
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         slots = asyncio.Semaphore(self.stream_max_inflight)
         pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()
+        opened = self.engine.open_stream()  # tracking state, freed when the call ends
+        stream = opened.__enter__()
 
         async def reader() -> None:
             try:
@@ -240,7 +248,7 @@ class PoseEstimationService(omnipose_pb2_grpc.PoseEstimationServicer):
                     except StopAsyncIteration:
                         return
                     pending.put_nowait(asyncio.create_task(self._frame(frame, context,
-                                                                        request_id)))
+                                                                        request_id, stream)))
             finally:
                 pending.put_nowait(None)
 
@@ -264,6 +272,7 @@ class PoseEstimationService(omnipose_pb2_grpc.PoseEstimationServicer):
                     task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reading
+            opened.__exit__(None, None, None)
             self._record("StreamEstimate", status.name, started)
 
 

@@ -79,6 +79,11 @@ class ServiceMetrics:
             "Decoded image pixels held by admitted requests (limit: max_inflight_pixels).",
             registry=r,
         )
+        self.tracked_streams = Gauge(
+            "omnipose_tracked_streams",
+            "Video streams holding tracking state (open gRPC streams and client stream_ids).",
+            registry=r,
+        )
         self.model_info = Info(
             "omnipose_model",
             "The loaded pose model: name, config, weights checksum, device, precision, detector.",

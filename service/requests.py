@@ -33,6 +33,9 @@ def _check_unit_interval(name: str, value: Any) -> None:
         raise InvalidRequest(f"{name} must be a number in [0, 1], got {value!r}")
 
 
+MAX_STREAM_ID_LENGTH = 128
+
+
 @dataclass
 class ImageRequest:
     """One image to estimate, with the client's options. ``boxes`` None means: detect people."""
@@ -47,6 +50,10 @@ class ImageRequest:
     min_instance_score: float = 0.0  # persons below it are left out
     max_persons: int | None = None  # keep the highest-scoring persons; capped by settings
     render: bool = False  # also return a JPEG with the skeletons drawn
+    # A video stream the client feeds frame by frame (REST, unary gRPC): its frames are tracked
+    # together; end_stream releases the stream's state after this frame.
+    stream_id: str | None = None
+    end_stream: bool = False
 
     def validate(self) -> None:
         """The option checks of every transport (REST's schema and gRPC's messages only type
@@ -62,6 +69,12 @@ class ImageRequest:
             bad = np.flatnonzero(~((scores >= 0) & (scores <= 1)))  # NaN fails both
             if len(bad):
                 raise InvalidRequest(f"box {bad[0]} score {scores[bad[0]]:g} is not in [0, 1]")
+        if self.stream_id is not None and not (
+                0 < len(self.stream_id) <= MAX_STREAM_ID_LENGTH and self.stream_id.isprintable()):
+            raise InvalidRequest(f"stream_id must be 1 to {MAX_STREAM_ID_LENGTH} printable"
+                                 f" characters, got {self.stream_id[:80]!r}")
+        if self.end_stream and self.stream_id is None:
+            raise InvalidRequest("end_stream needs the stream_id of the stream to end")
 
 
 @dataclass
@@ -73,3 +86,4 @@ class ImageResult:
     persons: list[PersonPose]
     timings_ms: dict[str, float]
     rendered_jpeg: bytes | None = None
+    detector_ran: bool | None = None  # frames of a tracked stream: whether the detector ran

@@ -48,6 +48,7 @@ from service.schemas import (
     PoseResponse,
     numeric_image_id,
 )
+from service.tracking import TRACK_ID_KEY
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +263,7 @@ def _to_request(data: bytes, options: PoseOptions, boxes: Any = None) -> ImageRe
         min_keypoint_score=options.min_keypoint_score,
         min_instance_score=options.min_instance_score,
         max_persons=options.max_persons, render=options.render,
+        stream_id=options.stream_id, end_stream=options.end_stream,
     )
 
 
@@ -340,12 +342,21 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
 
     def to_json(result: ImageResult, image_id: int | str) -> dict[str, Any]:
         spec = engine.pose_model.keypoints
-        return {
+        persons = []
+        for person in result.persons:
+            annotation = person.to_coco(image_id, spec)
+            if TRACK_ID_KEY in person.extras:  # an addition: COCO's fields stay as they are
+                annotation["track_id"] = person.extras[TRACK_ID_KEY]
+            persons.append(annotation)
+        body = {
             "image": {"width": result.width, "height": result.height},
             "model": model_ref(),
-            "persons": [person.to_coco(image_id, spec) for person in result.persons],
+            "persons": persons,
             "timings_ms": result.timings_ms,
         }
+        if result.detector_ran is not None:
+            body["detector_ran"] = result.detector_ran
+        return body
 
     async def answer(request: Request, work: Awaitable[Any],
                      build: Callable[[Any], Response]) -> Response:
@@ -376,12 +387,17 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
                                         description="Keep the top-scoring persons"),
         render: bool | None = Query(None, description="Return image/jpeg with skeletons drawn"),
         image_id: str | None = Query(None, description="image_id of the returned annotations"),
+        stream_id: str | None = Query(
+            None, description=PoseOptions.model_fields["stream_id"].description),
+        end_stream: bool | None = Query(
+            None, description=PoseOptions.model_fields["end_stream"].description),
         request_timeout: float | None = Header(
             None, alias=TIMEOUT_HEADER, description="Deadline in seconds (capped by the server)"),
     ) -> Response:
         query = {"boxes": boxes, "flip": flip, "min_keypoint_score": min_keypoint_score,
                  "min_instance_score": min_instance_score, "max_persons": max_persons,
-                 "render": render, "image_id": image_id}
+                 "render": render, "image_id": image_id, "stream_id": stream_id,
+                 "end_stream": end_stream}
         timeout = _timeout(request_timeout)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type == "multipart/form-data":

@@ -65,6 +65,9 @@ class PersonAnnotation(BaseModel):
     box_score: float = Field(..., description="Detector (or client) box score")
     named_keypoints: dict[str, NamedKeypoint] = Field(
         ..., description="The same keypoints keyed by joint name")
+    track_id: int | None = Field(
+        None, description="Video streams (stream_id): the person's identity, stable while they"
+                          " stay in view; absent on single images and unconfirmed tracks")
 
 
 class PoseResponse(BaseModel):
@@ -75,6 +78,9 @@ class PoseResponse(BaseModel):
         ..., description="Milliseconds per pipeline stage (image_decode, detection, preprocess,"
                          " queue_wait, pose_inference, decode, render) and total",
     )
+    detector_ran: bool | None = Field(
+        None, description="Video streams (stream_id): whether the person detector ran on this"
+                          " frame (false: boxes from the previous frame's keypoints)")
 
 
 class BatchPoseResponse(BaseModel):
@@ -144,6 +150,11 @@ class PoseOptions(BaseModel):
     max_persons: int | None = Field(None, description="Keep the top-scoring persons (at least 1)",
                                     json_schema_extra={"minimum": 1})
     render: bool = Field(False, description="Return an image/jpeg overlay instead of JSON")
+    stream_id: str | None = Field(
+        None, description="Frames sent under one stream_id (chosen by the client) are one video"
+                          " stream: persons carry track_id (docs/video.md)")
+    end_stream: bool = Field(False, description="With stream_id: forget the stream after this"
+                                                " frame")
     image_id: str | None = Field(
         None, max_length=200, description="Echoed as image_id in the annotations; a number of"
         " up to 15 ASCII digits becomes an integer id")

@@ -105,6 +105,29 @@ class ServiceSettings(BaseSettings):
         8, ge=1, description="Frames of one gRPC stream being processed at once; the server stops"
         " reading further frames until results are sent (flow control holds the client back)",
     )
+    # --- video streams (docs/video.md) -----------------------------------------------------
+    track_detect_every: int = Field(
+        5, ge=1, description="Tracked streams: run the detector on every Nth frame (and when a"
+        " track is lost); in between, boxes come from the previous frame's keypoints",
+    )
+    track_max_missed: int = Field(
+        30, ge=1, description="Frames a lost track is kept for re-identification, then dropped",
+    )
+    track_smooth: bool = Field(True, description="One-Euro keypoint smoothing on tracked streams")
+    one_euro_min_cutoff: float = Field(
+        1.0, gt=0, description="One-Euro minimum cutoff (Hz): lower is smoother, lags more",
+    )
+    one_euro_beta: float = Field(
+        0.01, ge=0, description="One-Euro speed coefficient of the joints' offsets from the"
+        " pose's centre: higher lags less on fast limb motion",
+    )
+    max_streams: int = Field(
+        64, ge=1, description="Client stream_ids (REST, unary gRPC) tracked at once; beyond:"
+        " 429 / RESOURCE_EXHAUSTED",
+    )
+    stream_idle_s: float = Field(
+        60.0, gt=0, description="A client stream_id without frames for this long is forgotten",
+    )
 
     # --- network -----------------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="Interface both servers bind to")

@@ -1,6 +1,7 @@
 """The gRPC API of a real server process with the generated stubs: every RPC, stream ordering
 and flow control, health and reflection, status codes for bad input and size limits, deadlines,
-request ids. Also checks that the checked-in generated modules match ``proto/omnipose.proto``."""
+request ids. Also checks that the checked-in modules of ``omnipose_grpc`` match
+``proto/omnipose.proto``."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from proto import omnipose_pb2 as pb
-from proto import omnipose_pb2_grpc
-from proto.generate import GENERATED, REPO_ROOT, generate
+from omnipose_grpc import omnipose_pb2 as pb
+from omnipose_grpc import omnipose_pb2_grpc
+from omnipose_grpc.generate import GENERATED, REPO_ROOT, generate
 from service.grpc_server import PoseEstimationService
 from service.metrics import ServiceMetrics
 from tests.conftest import (
@@ -65,10 +66,10 @@ def assert_still_serving(stub, images) -> None:
 
 def test_generated_modules_match_the_proto(tmp_path) -> None:
     for path in generate(tmp_path):
-        checked_in = REPO_ROOT / "proto" / path.name
+        checked_in = REPO_ROOT / "omnipose_grpc" / path.name
         assert path.name in GENERATED
         assert checked_in.read_bytes() == path.read_bytes(), (
-            f"proto/{path.name} is stale: run `python -m proto.generate`")
+            f"omnipose_grpc/{path.name} is stale: run `python -m omnipose_grpc.generate`")
 
 
 def test_health_and_reflection(channel: grpc.Channel) -> None:

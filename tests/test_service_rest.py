@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from proto import omnipose_pb2, omnipose_pb2_grpc
+from omnipose_grpc import omnipose_pb2, omnipose_pb2_grpc
 from service.engine import PoseEngine
 from service.metrics import ServiceMetrics
 from service.rest import create_app

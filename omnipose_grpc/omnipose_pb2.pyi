@@ -27,7 +27,7 @@ class BoxList(_message.Message):
     def __init__(self, boxes: _Optional[_Iterable[_Union[Box, _Mapping]]] = ...) -> None: ...
 
 class EstimateRequest(_message.Message):
-    __slots__ = ("image", "boxes", "flip", "min_keypoint_score", "min_instance_score", "max_persons", "render")
+    __slots__ = ("image", "boxes", "flip", "min_keypoint_score", "min_instance_score", "max_persons", "render", "stream_id", "end_stream")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     BOXES_FIELD_NUMBER: _ClassVar[int]
     FLIP_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,8 @@ class EstimateRequest(_message.Message):
     MIN_INSTANCE_SCORE_FIELD_NUMBER: _ClassVar[int]
     MAX_PERSONS_FIELD_NUMBER: _ClassVar[int]
     RENDER_FIELD_NUMBER: _ClassVar[int]
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    END_STREAM_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     boxes: BoxList
     flip: bool
@@ -42,7 +44,9 @@ class EstimateRequest(_message.Message):
     min_instance_score: float
     max_persons: int
     render: bool
-    def __init__(self, image: _Optional[bytes] = ..., boxes: _Optional[_Union[BoxList, _Mapping]] = ..., flip: _Optional[bool] = ..., min_keypoint_score: _Optional[float] = ..., min_instance_score: _Optional[float] = ..., max_persons: _Optional[int] = ..., render: _Optional[bool] = ...) -> None: ...
+    stream_id: str
+    end_stream: bool
+    def __init__(self, image: _Optional[bytes] = ..., boxes: _Optional[_Union[BoxList, _Mapping]] = ..., flip: _Optional[bool] = ..., min_keypoint_score: _Optional[float] = ..., min_instance_score: _Optional[float] = ..., max_persons: _Optional[int] = ..., render: _Optional[bool] = ..., stream_id: _Optional[str] = ..., end_stream: _Optional[bool] = ...) -> None: ...
 
 class Keypoint(_message.Message):
     __slots__ = ("name", "x", "y", "score")
@@ -57,14 +61,16 @@ class Keypoint(_message.Message):
     def __init__(self, name: _Optional[str] = ..., x: _Optional[float] = ..., y: _Optional[float] = ..., score: _Optional[float] = ...) -> None: ...
 
 class Person(_message.Message):
-    __slots__ = ("bbox", "score", "keypoints")
+    __slots__ = ("bbox", "score", "keypoints", "track_id")
     BBOX_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     KEYPOINTS_FIELD_NUMBER: _ClassVar[int]
+    TRACK_ID_FIELD_NUMBER: _ClassVar[int]
     bbox: Box
     score: float
     keypoints: _containers.RepeatedCompositeFieldContainer[Keypoint]
-    def __init__(self, bbox: _Optional[_Union[Box, _Mapping]] = ..., score: _Optional[float] = ..., keypoints: _Optional[_Iterable[_Union[Keypoint, _Mapping]]] = ...) -> None: ...
+    track_id: int
+    def __init__(self, bbox: _Optional[_Union[Box, _Mapping]] = ..., score: _Optional[float] = ..., keypoints: _Optional[_Iterable[_Union[Keypoint, _Mapping]]] = ..., track_id: _Optional[int] = ...) -> None: ...
 
 class ModelRef(_message.Message):
     __slots__ = ("name", "version")
@@ -75,7 +81,7 @@ class ModelRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class EstimateResponse(_message.Message):
-    __slots__ = ("width", "height", "model", "persons", "timings_ms", "rendered_jpeg")
+    __slots__ = ("width", "height", "model", "persons", "timings_ms", "rendered_jpeg", "detector_ran")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -89,13 +95,15 @@ class EstimateResponse(_message.Message):
     PERSONS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
     RENDERED_JPEG_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_RAN_FIELD_NUMBER: _ClassVar[int]
     width: int
     height: int
     model: ModelRef
     persons: _containers.RepeatedCompositeFieldContainer[Person]
     timings_ms: _containers.ScalarMap[str, float]
     rendered_jpeg: bytes
-    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., persons: _Optional[_Iterable[_Union[Person, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., rendered_jpeg: _Optional[bytes] = ...) -> None: ...
+    detector_ran: bool
+    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., persons: _Optional[_Iterable[_Union[Person, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., rendered_jpeg: _Optional[bytes] = ..., detector_ran: _Optional[bool] = ...) -> None: ...
 
 class EstimateBatchRequest(_message.Message):
     __slots__ = ("images",)

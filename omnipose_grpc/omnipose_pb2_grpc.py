@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto import omnipose_pb2 as proto_dot_omnipose__pb2
+from omnipose_grpc import omnipose_pb2 as omnipose__grpc_dot_omnipose__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/omnipose_pb2_grpc.py depends on'
+        + ' but the generated code in omnipose_grpc/omnipose_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class PoseEstimationStub:
         """
         self.Estimate = channel.unary_unary(
                 '/omnipose.v1.PoseEstimation/Estimate',
-                request_serializer=proto_dot_omnipose__pb2.EstimateRequest.SerializeToString,
-                response_deserializer=proto_dot_omnipose__pb2.EstimateResponse.FromString,
+                request_serializer=omnipose__grpc_dot_omnipose__pb2.EstimateRequest.SerializeToString,
+                response_deserializer=omnipose__grpc_dot_omnipose__pb2.EstimateResponse.FromString,
                 _registered_method=True)
         self.EstimateBatch = channel.unary_unary(
                 '/omnipose.v1.PoseEstimation/EstimateBatch',
-                request_serializer=proto_dot_omnipose__pb2.EstimateBatchRequest.SerializeToString,
-                response_deserializer=proto_dot_omnipose__pb2.EstimateBatchResponse.FromString,
+                request_serializer=omnipose__grpc_dot_omnipose__pb2.EstimateBatchRequest.SerializeToString,
+                response_deserializer=omnipose__grpc_dot_omnipose__pb2.EstimateBatchResponse.FromString,
                 _registered_method=True)
         self.StreamEstimate = channel.stream_stream(
                 '/omnipose.v1.PoseEstimation/StreamEstimate',
-                request_serializer=proto_dot_omnipose__pb2.StreamFrame.SerializeToString,
-                response_deserializer=proto_dot_omnipose__pb2.StreamResult.FromString,
+                request_serializer=omnipose__grpc_dot_omnipose__pb2.StreamFrame.SerializeToString,
+                response_deserializer=omnipose__grpc_dot_omnipose__pb2.StreamResult.FromString,
                 _registered_method=True)
         self.GetModel = channel.unary_unary(
                 '/omnipose.v1.PoseEstimation/GetModel',
-                request_serializer=proto_dot_omnipose__pb2.GetModelRequest.SerializeToString,
-                response_deserializer=proto_dot_omnipose__pb2.ModelDescription.FromString,
+                request_serializer=omnipose__grpc_dot_omnipose__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=omnipose__grpc_dot_omnipose__pb2.ModelDescription.FromString,
                 _registered_method=True)
 
 
@@ -74,9 +74,11 @@ class PoseEstimationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamEstimate(self, request_iterator, context):
-        """Video-style: frames in, results out in the order the frames were sent. The server reads a
-        bounded number of frames ahead, so a fast sender is held back by flow control. A bad frame
-        yields a StreamResult with an error and the stream goes on.
+        """Video: frames in, results out in the order the frames were sent. The frames are one video
+        stream: persons carry track ids, keypoints are smoothed, and the detector runs only every
+        few frames (see docs/video.md). The server reads a bounded number of frames ahead, so a
+        fast sender is held back by flow control. A bad frame yields a StreamResult with an error
+        and the stream goes on. The stream's tracking state is freed when it ends or is cancelled.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,23 +96,23 @@ def add_PoseEstimationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Estimate': grpc.unary_unary_rpc_method_handler(
                     servicer.Estimate,
-                    request_deserializer=proto_dot_omnipose__pb2.EstimateRequest.FromString,
-                    response_serializer=proto_dot_omnipose__pb2.EstimateResponse.SerializeToString,
+                    request_deserializer=omnipose__grpc_dot_omnipose__pb2.EstimateRequest.FromString,
+                    response_serializer=omnipose__grpc_dot_omnipose__pb2.EstimateResponse.SerializeToString,
             ),
             'EstimateBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.EstimateBatch,
-                    request_deserializer=proto_dot_omnipose__pb2.EstimateBatchRequest.FromString,
-                    response_serializer=proto_dot_omnipose__pb2.EstimateBatchResponse.SerializeToString,
+                    request_deserializer=omnipose__grpc_dot_omnipose__pb2.EstimateBatchRequest.FromString,
+                    response_serializer=omnipose__grpc_dot_omnipose__pb2.EstimateBatchResponse.SerializeToString,
             ),
             'StreamEstimate': grpc.stream_stream_rpc_method_handler(
                     servicer.StreamEstimate,
-                    request_deserializer=proto_dot_omnipose__pb2.StreamFrame.FromString,
-                    response_serializer=proto_dot_omnipose__pb2.StreamResult.SerializeToString,
+                    request_deserializer=omnipose__grpc_dot_omnipose__pb2.StreamFrame.FromString,
+                    response_serializer=omnipose__grpc_dot_omnipose__pb2.StreamResult.SerializeToString,
             ),
             'GetModel': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModel,
-                    request_deserializer=proto_dot_omnipose__pb2.GetModelRequest.FromString,
-                    response_serializer=proto_dot_omnipose__pb2.ModelDescription.SerializeToString,
+                    request_deserializer=omnipose__grpc_dot_omnipose__pb2.GetModelRequest.FromString,
+                    response_serializer=omnipose__grpc_dot_omnipose__pb2.ModelDescription.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,8 +140,8 @@ class PoseEstimation:
             request,
             target,
             '/omnipose.v1.PoseEstimation/Estimate',
-            proto_dot_omnipose__pb2.EstimateRequest.SerializeToString,
-            proto_dot_omnipose__pb2.EstimateResponse.FromString,
+            omnipose__grpc_dot_omnipose__pb2.EstimateRequest.SerializeToString,
+            omnipose__grpc_dot_omnipose__pb2.EstimateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -165,8 +167,8 @@ class PoseEstimation:
             request,
             target,
             '/omnipose.v1.PoseEstimation/EstimateBatch',
-            proto_dot_omnipose__pb2.EstimateBatchRequest.SerializeToString,
-            proto_dot_omnipose__pb2.EstimateBatchResponse.FromString,
+            omnipose__grpc_dot_omnipose__pb2.EstimateBatchRequest.SerializeToString,
+            omnipose__grpc_dot_omnipose__pb2.EstimateBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -192,8 +194,8 @@ class PoseEstimation:
             request_iterator,
             target,
             '/omnipose.v1.PoseEstimation/StreamEstimate',
-            proto_dot_omnipose__pb2.StreamFrame.SerializeToString,
-            proto_dot_omnipose__pb2.StreamResult.FromString,
+            omnipose__grpc_dot_omnipose__pb2.StreamFrame.SerializeToString,
+            omnipose__grpc_dot_omnipose__pb2.StreamResult.FromString,
             options,
             channel_credentials,
             insecure,
@@ -219,8 +221,8 @@ class PoseEstimation:
             request,
             target,
             '/omnipose.v1.PoseEstimation/GetModel',
-            proto_dot_omnipose__pb2.GetModelRequest.SerializeToString,
-            proto_dot_omnipose__pb2.ModelDescription.FromString,
+            omnipose__grpc_dot_omnipose__pb2.GetModelRequest.SerializeToString,
+            omnipose__grpc_dot_omnipose__pb2.ModelDescription.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,495 @@
+"""Video streams: person tracks, pose-guided boxes and One-Euro keypoint smoothing.
+
+Top-down video pipelines (PoseTrack-style systems, ultralytics' ``track`` mode) give every person
+a stable identity, skip the detector on most frames and smooth keypoints over time. This module
+holds one stream's state for that and nothing else; the engine runs the network.
+
+* **Association** reuses ultralytics' BYTETracker (Kalman-filtered boxes, two-stage matching of
+  high- then low-score detections) rather than a hand-written tracker. Its first-stage cost is
+  changed to mix box IoU with keypoint OKS between the track's last pose and the new one, which
+  keeps identities apart when two boxes overlap but the bodies differ.
+* The boxes given to the tracker are always the **pose extent** (confident joints, enlarged),
+  whether the frame's crops came from the detector or from the previous poses: one box
+  definition for the Kalman filter, whatever the source.
+* **Pose-guided boxes**: between detector frames each track's next crop box is its last pose
+  extent moved by the Kalman velocity. The detector runs every ``detect_every`` frames, when no
+  track is alive, or when a guided person came back with weak keypoints (a lost track).
+* **Smoothing**: One-Euro filters (Casiez et al., CHI 2012) per track, never shared: one on the
+  pose's centre (mean of its confident joints), one on the joints' offsets from it. A walking
+  person's steady translation then passes through the centre filter, which follows speed, and
+  the offsets filter can be slow (strong smoothing) without making the whole body lag.
+* **Bounded state**: tracks unseen for ``max_missed`` frames are dropped, filters with them;
+  :class:`StreamRegistry` bounds the number of client streams and expires idle ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from model.nms import oks_nms, oks_similarity
+from model.topdown import PersonPose
+
+TRACK_ID_KEY = "track_id"  # PersonPose.extras key of a person's track id
+MIN_ASPECT = 0.35  # pose boxes are at least this wide for their height (and the converse)
+
+
+@dataclass(frozen=True)
+class TrackingOptions:
+    """How one stream is tracked. Defaults are the measured ones (bench/track_eval.py)."""
+
+    detect_every: int = 5  # run the detector on every Nth frame (1: every frame)
+    max_missed: int = 30  # frames a lost track is kept for re-identification, then dropped
+    smooth: bool = True  # One-Euro keypoint filtering per track
+    min_cutoff: float = 1.0  # Hz; lower: smoother when still, more lag
+    beta: float = 0.01  # speed coefficient; higher: less lag when moving fast
+    centre_beta: float = 0.05  # the same for the pose's centre, which moves as the body walks
+    d_cutoff: float = 1.0  # Hz; cutoff of the speed estimate
+    fps: float = 25.0  # frame rate assumed by the filter (frames carry no timestamps)
+    keypoint_threshold: float = 0.2  # joints above it define a pose's extent
+    box_margin: float = 0.15  # pose extent grown by this fraction of its size on each side
+    # a person whose mean keypoint confidence is below it is not followed by a guided box (it
+    # has left the frame, or the crop holds no one), and the detector runs on the next frame
+    lost_confidence: float = 0.45
+    duplicate_oks: float = 0.5  # two poses of one frame this similar are one person
+    min_visible: float = 0.6  # a guided box mostly outside the image is dropped (leaving)
+    oks_weight: float = 0.5  # first-stage cost: (1 - w) x IoU distance + w x OKS distance
+
+    def __post_init__(self) -> None:
+        if self.detect_every < 1:
+            raise ValueError(f"detect_every must be at least 1, got {self.detect_every}")
+        if self.max_missed < 1:
+            raise ValueError(f"max_missed must be at least 1, got {self.max_missed}")
+        for name in ("min_cutoff", "d_cutoff", "fps"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+        for name in ("beta", "centre_beta"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(
+                    f"{name} must be a non-negative number, got {getattr(self, name)!r}"
+                )
+        if not 0 <= self.oks_weight <= 1:
+            raise ValueError(f"oks_weight must be in [0, 1], got {self.oks_weight!r}")
+
+
+# --- One-Euro filter ---------------------------------------------------------------------------
+def _smoothing_factor(cutoff: np.ndarray | float, dt: float) -> np.ndarray | float:
+    tau = 1.0 / (2.0 * math.pi * cutoff)
+    return 1.0 / (1.0 + tau / dt)
+
+
+class OneEuroFilter:
+    """One-Euro filter over an array of values (e.g. J x 2 keypoints), each filtered on its own:
+    a low-pass whose cutoff rises with the speed, so still joints stop jittering and fast ones
+    do not lag."""
+
+    def __init__(self, min_cutoff: float, beta: float, d_cutoff: float) -> None:
+        self.min_cutoff, self.beta, self.d_cutoff = min_cutoff, beta, d_cutoff
+        self._value: np.ndarray | None = None
+        self._speed: np.ndarray | None = None
+
+    def __call__(self, value: np.ndarray, dt: float) -> np.ndarray:
+        value = np.asarray(value, dtype=np.float64)
+        if self._value is None or self._speed is None:
+            self._value, self._speed = value.copy(), np.zeros_like(value)
+            return value.copy()
+        speed = (value - self._value) / dt
+        a_d = _smoothing_factor(self.d_cutoff, dt)
+        self._speed = a_d * speed + (1.0 - a_d) * self._speed
+        cutoff = self.min_cutoff + self.beta * np.abs(self._speed)
+        a = _smoothing_factor(cutoff, dt)
+        self._value = a * value + (1.0 - a) * self._value
+        return self._value.copy()
+
+
+# --- geometry ----------------------------------------------------------------------------------
+def pose_box(keypoints: np.ndarray, threshold: float, margin: float) -> np.ndarray | None:
+    """x, y, w, h of the confident joints' extent grown by ``margin`` x its size on each side
+    (joints sit inside the body: the head top, hands and feet lie beyond them), or None with
+    fewer than two confident joints."""
+    confident = keypoints[keypoints[:, 2] > threshold, :2]
+    if len(confident) < 2:
+        return None
+    low, high = confident.min(axis=0), confident.max(axis=0)
+    size = np.maximum(high - low, 1.0)
+    # A body seen from the side has its joints nearly in a line: keep the box at least
+    # MIN_ASPECT as wide as it is tall (and the other way round), around the joints' centre.
+    size = np.maximum(size, MIN_ASPECT * size[::-1])
+    centre = (low + high) / 2
+    half = size * (0.5 + margin)
+    return np.array([centre[0] - half[0], centre[1] - half[1], 2 * half[0], 2 * half[1]])
+
+
+def pose_confidence(person: PersonPose) -> float:
+    """Mean keypoint confidence: how sure the network is that the crop holds this pose."""
+    return float(np.mean(person.keypoints[:, 2])) if len(person.keypoints) else 0.0
+
+
+def _area(box: np.ndarray | None) -> float:
+    return 0.0 if box is None else float(box[2] * box[3])
+
+
+def clip_box(box: np.ndarray, width: int, height: int) -> np.ndarray | None:
+    """``box`` cut to the image, or None when too little of it (under 2 px a side) remains."""
+    x1, y1 = max(box[0], 0.0), max(box[1], 0.0)
+    x2, y2 = min(box[0] + box[2], float(width)), min(box[1] + box[3], float(height))
+    if x2 - x1 < 2 or y2 - y1 < 2:
+        return None
+    return np.array([x1, y1, x2 - x1, y2 - y1])
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU between x, y, w, h boxes ``a`` (N x 4) and ``b`` (M x 4) -> N x M."""
+    a, b = np.asarray(a, float).reshape(-1, 4), np.asarray(b, float).reshape(-1, 4)
+    ax2, ay2 = a[:, 0] + a[:, 2], a[:, 1] + a[:, 3]
+    bx2, by2 = b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
+    w = np.clip(np.minimum(ax2[:, None], bx2[None]) - np.maximum(a[:, None, 0], b[None, :, 0]),
+                0, None)  # fmt: skip
+    h = np.clip(np.minimum(ay2[:, None], by2[None]) - np.maximum(a[:, None, 1], b[None, :, 1]),
+                0, None)  # fmt: skip
+    inter = w * h
+    union = (a[:, 2] * a[:, 3])[:, None] + (b[:, 2] * b[:, 3])[None] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+# --- the tracker ---------------------------------------------------------------------------------
+class _PoseDetections:
+    """The results-like object ultralytics' trackers read: ``conf``, ``cls``, centre ``xywh``,
+    boolean indexing; it also carries the poses for the OKS cost."""
+
+    def __init__(self, boxes_xywh: np.ndarray, scores: np.ndarray, keypoints: np.ndarray) -> None:
+        self.boxes = np.asarray(boxes_xywh, dtype=np.float32).reshape(-1, 4)
+        self.conf = np.asarray(scores, dtype=np.float32).reshape(-1)
+        self.cls = np.zeros(len(self.conf), dtype=np.float32)
+        self.keypoints = keypoints
+
+    @property
+    def xywh(self) -> np.ndarray:
+        centre = self.boxes[:, :2] + self.boxes[:, 2:] / 2
+        return np.concatenate([centre, self.boxes[:, 2:]], axis=1)
+
+    @property
+    def xyxy(self) -> np.ndarray:
+        return np.concatenate([self.boxes[:, :2], self.boxes[:, :2] + self.boxes[:, 2:]], axis=1)
+
+    def __len__(self) -> int:
+        return len(self.conf)
+
+    def __getitem__(self, index: Any) -> _PoseDetections:
+        return _PoseDetections(self.boxes[index], self.conf[index], self.keypoints[index])
+
+
+def _byte_tracker_class() -> type:
+    """BYTETracker with an IoU + OKS first-stage cost (imported lazily: ultralytics is slow to
+    import and only streams need it)."""
+    from ultralytics.trackers.byte_tracker import BYTETracker
+    from ultralytics.trackers.utils import matching
+
+    class PoseByteTracker(BYTETracker):
+        def __init__(self, args: SimpleNamespace, sigmas: np.ndarray, oks_weight: float) -> None:
+            super().__init__(args)
+            self.sigmas = sigmas
+            self.oks_weight = oks_weight
+            self.poses: dict[int, np.ndarray] = {}  # track id -> its last pose (J x 3)
+            self.centres: dict[int, np.ndarray] = {}  # track id -> its last pose box centre
+
+        def init_track(self, results: _PoseDetections, img: Any = None) -> list:
+            tracks = super().init_track(results, img)
+            for track, keypoints in zip(tracks, results.keypoints, strict=True):
+                track.pose = keypoints
+            return tracks
+
+        def get_dists(self, tracks: list, detections: list) -> np.ndarray:
+            dists = matching.iou_distance(tracks, detections)
+            if self.oks_weight == 0 or not len(tracks) or not len(detections):
+                return dists
+            poses = np.stack([d.pose for d in detections])
+            areas = np.array([d.tlwh[2] * d.tlwh[3] for d in detections])
+            for i, track in enumerate(tracks):
+                last = self.poses.get(track.track_id)
+                if last is None:
+                    continue
+                # Compare poses where the Kalman filter expects the person now, not where it was:
+                # at walking speed a pose moves several of its joints' OKS tolerances per frame.
+                moved = last.copy()
+                moved[:, :2] += track.xywh[:2] - self.centres[track.track_id]
+                last_area = float(track.tlwh[2] * track.tlwh[3])
+                oks = oks_similarity(moved, poses, last_area, areas, self.sigmas, 0.2)
+                dists[i] = (1 - self.oks_weight) * dists[i] + self.oks_weight * (1.0 - oks)
+            return dists
+
+    return PoseByteTracker
+
+
+@dataclass
+class FrameTracking:
+    """What tracking did on one frame."""
+
+    detector_ran: bool
+    track_ids: list[int | None]  # per person kept, None: not (yet) a confirmed track
+    persons: list[PersonPose]  # the frame's persons after duplicate removal
+
+
+class PoseSmoother:
+    """One track's keypoint smoothing: the centre of the confident joints and the joints'
+    offsets from it, each through its own One-Euro filter."""
+
+    def __init__(self, options: TrackingOptions) -> None:
+        o = options
+        self.centre = OneEuroFilter(o.min_cutoff, o.centre_beta, o.d_cutoff)
+        self.offsets = OneEuroFilter(o.min_cutoff, o.beta, o.d_cutoff)
+        self.threshold = o.keypoint_threshold
+
+    def __call__(self, keypoints: np.ndarray, dt: float) -> np.ndarray:
+        """Smoothed copy of ``keypoints`` (J x 3; confidences unchanged)."""
+        xy = keypoints[:, :2]
+        confident = keypoints[:, 2] > self.threshold
+        centre = xy[confident].mean(axis=0) if confident.sum() >= 2 else xy.mean(axis=0)
+        out = keypoints.copy()
+        out[:, :2] = self.centre(centre, dt) + self.offsets(xy - centre, dt)
+        return out
+
+
+@dataclass
+class _Track:
+    filter: PoseSmoother | None
+    box_score: float
+    last_frame: int
+
+
+class PoseTracker:
+    """One video stream's tracking state. Call :meth:`plan` before a frame (which boxes to
+    estimate, or None: run the detector) and :meth:`update` with the frame's persons after it.
+    A stream's frames are processed one after another; a lock still guards the state, because
+    a frame cancelled by its deadline may finish its update on a worker thread while the next
+    frame plans."""
+
+    def __init__(self, sigmas: np.ndarray, options: TrackingOptions | None = None) -> None:
+        self.options = options or TrackingOptions()
+        o = self.options
+        args = SimpleNamespace(track_high_thresh=0.5, track_low_thresh=0.2,
+                               new_track_thresh=0.5, track_buffer=o.max_missed,
+                               match_thresh=0.8, fuse_score=False)  # fmt: skip
+        self._sigmas = np.asarray(sigmas, dtype=np.float64)
+        self._byte = _byte_tracker_class()(args, self._sigmas, o.oks_weight)
+        self._tracks: dict[int, _Track] = {}
+        self.frame_index = -1
+        self._lost = True  # no track yet: detect
+        self._guides: list[tuple[int, np.ndarray, float]] = []  # track id, box, box score
+        self._lock = threading.Lock()
+
+    @property
+    def num_tracks(self) -> int:
+        """Tracks held (alive or lost, not yet expired)."""
+        return len(self._tracks)
+
+    def plan(self, width: int, height: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Boxes (N x 4) and box scores for the next frame from the previous poses, or None when
+        the detector must run (every ``detect_every`` frames, no track, or a track was lost)."""
+        with self._lock:
+            next_index = self.frame_index + 1
+            if self._lost or not self._guides or next_index % self.options.detect_every == 0:
+                return None
+            return self._guided(width, height)
+
+    def guided_boxes(self, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+        """The pose-guided boxes of the alive tracks (also used on detector frames, to keep the
+        people the detector missed)."""
+        with self._lock:
+            return self._guided(width, height)
+
+    def _guided(self, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+        boxes, scores = [], []
+        velocities = {t.track_id: t.mean[4:6] for t in self._byte.tracked_stracks
+                      if t.mean is not None}  # fmt: skip
+        for track_id, box, score in self._guides:
+            moved = box.copy()
+            velocity = velocities.get(track_id)
+            if velocity is not None:
+                moved[:2] += velocity  # the Kalman filter's centre motion per frame
+            clipped = clip_box(moved, width, height)
+            if clipped is not None and _area(clipped) >= self.options.min_visible * _area(moved):
+                boxes.append(clipped)
+                scores.append(score)
+        return np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(scores, float)
+
+    def update(self, persons: list[PersonPose], detector_ran: bool) -> FrameTracking:
+        """Track this frame's persons: duplicates (one person estimated from a detector box and
+        a guided box) are removed by OKS-NMS, the rest get track ids (``extras["track_id"]``)
+        and, when asked, smoothed keypoints (in place); the next frame's guided boxes are
+        prepared. Returns the persons kept, in :attr:`FrameTracking.persons`."""
+        with self._lock:
+            return self._update(persons, detector_ran)
+
+    def _update(self, persons: list[PersonPose], detector_ran: bool) -> FrameTracking:
+        o = self.options
+        self.frame_index += 1
+        persons = self._deduplicate(persons)
+        boxes = np.zeros((len(persons), 4))
+        usable = np.zeros(len(persons), dtype=bool)
+        for i, person in enumerate(persons):
+            box = pose_box(person.keypoints, o.keypoint_threshold, o.box_margin)
+            if box is not None:
+                boxes[i], usable[i] = box, True
+        # The tracker scores a pose by its keypoint confidence: pose boxes, not detector
+        # boxes, are what it follows, and guided frames have no detector score.
+        confidence = np.array([pose_confidence(p) for p in persons], dtype=np.float64)
+        confidence = np.where(usable, confidence, 0.0)  # a pose without extent cannot be tracked
+        keypoints = np.stack([p.keypoints for p in persons]) if persons else np.zeros((0, 0, 3))
+        output = self._byte.update(_PoseDetections(boxes, confidence, keypoints))
+        # Ended tracks: ultralytics keeps up to 1,000 of them and drops them from its lost pool
+        # only on a later frame; drop them now and keep no history (flat memory).
+        removed = {t.track_id for t in self._byte.removed_stracks}
+        self._byte.lost_stracks = [t for t in self._byte.lost_stracks if t.track_id not in removed]
+        self._byte.removed_stracks = []
+
+        track_ids: list[int | None] = [None] * len(persons)
+        for row in output.reshape(-1, 8):
+            track_ids[int(row[7])] = int(row[4])
+        dt = 1.0 / o.fps
+        guides: list[tuple[int, np.ndarray, float]] = []
+        lost = False
+        for i, (person, track_id) in enumerate(zip(persons, track_ids, strict=True)):
+            keeps_going = usable[i] and confidence[i] >= o.lost_confidence
+            if track_id is None:
+                # Not a confirmed track yet: its pose still guides the next frame's box, so one
+                # detection is enough to start following someone.
+                if keeps_going:
+                    guides.append((-1 - i, boxes[i], person.box_score))
+                continue
+            person.extras[TRACK_ID_KEY] = track_id
+            track = self._tracks.get(track_id)
+            if track is None:
+                track = _Track(self._new_filter(), person.box_score, self.frame_index)
+                self._tracks[track_id] = track
+            track.last_frame = self.frame_index
+            if detector_ran:
+                track.box_score = person.box_score
+            self._byte.poses[track_id] = person.keypoints.copy()  # raw pose: association
+            self._byte.centres[track_id] = boxes[i, :2] + boxes[i, 2:] / 2
+            if track.filter is not None:
+                person.keypoints = track.filter(person.keypoints, dt)
+            if keeps_going:
+                guides.append((track_id, boxes[i], track.box_score))
+            else:
+                lost = True
+        # A track followed by a guided box last frame that has none now is lost too.
+        followed = {g[0] for g in self._guides if g[0] > 0}
+        if followed - {g[0] for g in guides}:
+            lost = True
+        self._guides = guides
+        self._lost = lost or not guides
+        self._expire()
+        return FrameTracking(detector_ran, track_ids, persons)
+
+    def _deduplicate(self, persons: list[PersonPose]) -> list[PersonPose]:
+        if len(persons) < 2:
+            return list(persons)
+        keypoints = np.stack([p.keypoints for p in persons])
+        areas = np.array([_area(pose_box(p.keypoints, self.options.keypoint_threshold, 0.0))
+                          for p in persons])  # fmt: skip
+        scores = np.array([pose_confidence(p) for p in persons])
+        keep = oks_nms(keypoints, scores, areas, self._sigmas, self.options.duplicate_oks,
+                       self.options.keypoint_threshold)  # fmt: skip
+        return [persons[i] for i in sorted(keep)]
+
+    def _new_filter(self) -> PoseSmoother | None:
+        return PoseSmoother(self.options) if self.options.smooth else None
+
+    def _expire(self) -> None:
+        """Drop the state of tracks unseen for longer than ``max_missed`` frames."""
+        horizon = self.frame_index - self.options.max_missed
+        for track_id in [k for k, t in self._tracks.items() if t.last_frame < horizon]:
+            del self._tracks[track_id]
+            self._byte.poses.pop(track_id, None)
+            self._byte.centres.pop(track_id, None)
+
+
+def merge_guided(
+    detected: tuple[np.ndarray, np.ndarray],
+    guided: tuple[np.ndarray, np.ndarray],
+    max_boxes: int,
+    iou: float = 0.3,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Detector boxes plus the guided boxes of tracks no detection covers (IoU <= ``iou``): a
+    detector that misses someone for a frame does not end the person's track. At most
+    ``max_boxes``, detections first."""
+    boxes, scores = detected
+    extra_boxes, extra_scores = guided
+    if len(extra_boxes):
+        if len(boxes):
+            covered = box_iou(extra_boxes, boxes).max(axis=1) > iou
+            extra_boxes, extra_scores = extra_boxes[~covered], extra_scores[~covered]
+        boxes = np.concatenate([boxes.reshape(-1, 4), extra_boxes])
+        scores = np.concatenate([scores.reshape(-1), extra_scores])
+    return boxes[:max_boxes], scores[:max_boxes]
+
+
+# --- client streams ------------------------------------------------------------------------------
+class StreamLimitError(RuntimeError):
+    """Too many client streams are open."""
+
+
+@dataclass
+class TrackedStream:
+    """One stream's tracker and the lock that keeps its frames one at a time, in order."""
+
+    tracker: PoseTracker
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class StreamRegistry:
+    """Tracking state of streams that clients feed frame by frame (REST or unary gRPC) under a
+    ``stream_id`` of their choosing: at most ``max_streams`` at once, each dropped after
+    ``idle_s`` seconds without a frame. Thread-safe."""
+
+    def __init__(self, max_streams: int, idle_s: float) -> None:
+        self.max_streams, self.idle_s = max_streams, idle_s
+        self._streams: OrderedDict[str, TrackedStream] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def __contains__(self, stream_id: str) -> bool:
+        return stream_id in self._streams
+
+    def acquire(self, stream_id: str, factory: Callable[[], TrackedStream]) -> TrackedStream:
+        """The stream's state, created with ``factory()`` when new; StreamLimitError when full."""
+        now = time.monotonic()
+        with self._lock:
+            self._expire(now)
+            stream = self._streams.get(stream_id)
+            if stream is None:
+                if len(self._streams) >= self.max_streams:
+                    raise StreamLimitError(
+                        f"{len(self._streams)} streams are open, the limit is {self.max_streams};"
+                        f" streams expire after {self.idle_s:g} s without frames"
+                    )
+                stream = factory()
+                self._streams[stream_id] = stream
+            stream.last_used = now
+            self._streams.move_to_end(stream_id)
+            return stream
+
+    def release(self, stream_id: str) -> bool:
+        """Forget a stream now (the client ended it); whether it existed."""
+        with self._lock:
+            return self._streams.pop(stream_id, None) is not None
+
+    def _expire(self, now: float) -> None:
+        while self._streams:
+            stream_id, stream = next(iter(self._streams.items()))
+            if now - stream.last_used <= self.idle_s:
+                break
+            del self._streams[stream_id]
