@@ -861,7 +861,8 @@ class PoseEngine:
 
     def _decode(self, data: bytes) -> np.ndarray:
         try:
-            return decode_image(data, self.settings.max_image_bytes, self.settings.max_image_pixels)
+            return decode_image(data, self.settings.max_image_bytes, self.settings.max_image_pixels,
+                                self.settings.exif_orientation)
         except ImageError as exc:
             code = _IMAGE_ERROR_CODES.get(exc.kind, ErrorCode.INVALID_IMAGE)
             raise InvalidRequest(str(exc), code) from None

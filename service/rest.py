@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -27,6 +26,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.boxes import BoxError, load_json
 from service.engine import (
     REQUEST_ID,
     EngineError,
@@ -307,7 +307,10 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
         title="OmniPose Serve",
         version="1.0",
         description="Multi-person 2D human pose estimation (OmniPose: HRNet + WASPv2), "
-                    "dynamically batched. Keypoints follow the COCO results format.",
+                    "dynamically batched. Keypoints follow the COCO results format. Images are "
+                    "turned upright as their EXIF orientation tag says (phone photos) unless "
+                    "the service's exif_orientation setting is off: client boxes, returned "
+                    "boxes and keypoints, and image width/height all refer to the upright image.",
     )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
 
@@ -465,9 +468,9 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
         per_image_boxes: list[Any] = [None] * len(uploads)
         if options.boxes is not None:
             try:
-                per_image_boxes = json.loads(options.boxes)
-            except ValueError as exc:
-                raise InvalidRequest(f"boxes is not valid JSON ({exc})") from None
+                per_image_boxes = load_json(options.boxes)
+            except BoxError as exc:
+                raise InvalidRequest(str(exc)) from None
             if not isinstance(per_image_boxes, list) or len(per_image_boxes) != len(uploads):
                 raise InvalidRequest(f"boxes must be a JSON list with one entry (a box list or"
                                      f" null) per image: {len(uploads)} entries")

@@ -77,6 +77,10 @@ class ServiceSettings(BaseSettings):
         " RESOURCE_EXHAUSTED. Bounds memory: about 3 bytes per pixel. A request alone in the"
         " engine is never refused for it. Must be at least max_image_pixels",
     )
+    exif_orientation: bool = Field(
+        True, description="Turn images upright as their EXIF orientation tag says (phone"
+        " photos); boxes and keypoints then refer to the upright image. Off: the pixels as stored",
+    )
     max_images_per_batch: int = Field(16, ge=1, description="Most images in one batch request")
     max_persons: int = Field(
         100, ge=1, description="Most persons estimated per image: detections beyond it are"
