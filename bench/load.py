@@ -100,8 +100,8 @@ class RawModel:
     def __init__(self, args: argparse.Namespace) -> None:
         import torch
 
-        from service.engine import configure_threads
         from service.loading import load_pose_model
+        from service.resources import configure_threads
         from service.settings import ServiceSettings
 
         settings = ServiceSettings(config=args.config, device=args.device,

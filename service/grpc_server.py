@@ -21,18 +21,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from omnipose_grpc import omnipose_pb2, omnipose_pb2_grpc
-from service.engine import (
+from service.engine import PoseEngine
+from service.errors import (
     REQUEST_ID,
     EngineError,
     EngineOverloaded,
     ErrorCode,
-    ImageRequest,
-    ImageResult,
-    PoseEngine,
     internal_error,
     request_id_from,
 )
 from service.metrics import ServiceMetrics
+from service.requests import ImageRequest, ImageResult
 
 log = logging.getLogger(__name__)
 

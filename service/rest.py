@@ -27,19 +27,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.boxes import BoxError, load_json
-from service.engine import (
+from service.engine import PoseEngine
+from service.errors import (
     REQUEST_ID,
     EngineError,
     EngineOverloaded,
     ErrorCode,
-    ImageRequest,
-    ImageResult,
     InvalidRequest,
-    PoseEngine,
     new_request_id,
     request_id_from,
 )
 from service.metrics import ServiceMetrics
+from service.requests import ImageRequest, ImageResult
 from service.schemas import (
     BatchPoseResponse,
     ErrorResponse,

@@ -37,9 +37,10 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
-from service.engine import PoseEngine, configure_threads
+from service.engine import PoseEngine
 from service.grpc_server import GrpcServer
 from service.metrics import ServiceMetrics
+from service.resources import configure_threads
 from service.rest import create_app
 from service.settings import ServiceSettings
 

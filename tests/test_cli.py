@@ -19,7 +19,8 @@ import service.loading
 from model.checkpoint import save_checkpoint
 from model.configs import get_config
 from model.network import build_model
-from service.cli import image_id_for, main
+from omnipose_cli.main import main
+from omnipose_cli.predict import image_id_for
 from service.server import add_settings_arguments, settings_from_args
 from tests.samples import BUS_JPG, ZIDANE_JPG
 

@@ -29,28 +29,29 @@ from torch import nn
 from model.configs import get_config
 from model.topdown import TopDownPoseEstimator
 from model.transforms import IMAGENET_MEAN, IMAGENET_STD
+from service.batcher import DynamicBatcher, _Chunk
 from service.boxes import BoxError
 from service.detection import Detections, NoDetector, PersonDetector
-from service.engine import (
+from service.engine import PoseEngine
+from service.errors import (
     REQUEST_ID,
     DeadlineExceeded,
-    DynamicBatcher,
     EngineError,
     EngineOverloaded,
     EngineUnavailable,
     ErrorCode,
-    ImageRequest,
     InvalidRequest,
-    PoseEngine,
-    _Chunk,
+)
+from service.loading import LoadedPoseModel
+from service.metrics import STAGES, ServiceMetrics
+from service.persons import client_persons, crop_persons, detected_persons
+from service.requests import ImageRequest
+from service.resources import (
     available_cpus,
     cgroup_cpu_limit,
     configure_threads,
     read_cgroup_cpu_limit,
 )
-from service.loading import LoadedPoseModel
-from service.metrics import STAGES, ServiceMetrics
-from service.persons import client_persons, crop_persons, detected_persons
 from service.settings import ServiceSettings
 
 CONFIG = get_config("coco-w18-128x96")
@@ -472,7 +473,7 @@ def test_batcher_fails_only_the_culprit_and_drops_the_rest_of_it(caplog) -> None
         batcher.stop()
         return results, depth
 
-    with caplog.at_level(logging.ERROR, logger="service.engine"):
+    with caplog.at_level(logging.ERROR, logger="service.errors"):
         (a, poison, b), depth = asyncio.run(scenario())
     assert calls == [[("a", 0, 2), ("poison", 0, 2)], [("a", 0, 2)], [("poison", 0, 2)],
                      [("b", 0, 2)]]

@@ -12,9 +12,9 @@ import httpx
 import numpy as np
 import pytest
 
+from omnipose_cli.main import main as cli_main
 from omnipose_grpc import omnipose_pb2 as pb
 from omnipose_grpc import omnipose_pb2_grpc
-from service.cli import main as cli_main
 from tests.conftest import ServerProcess
 from tests.samples import BUS_JPG
 from tests.test_images import jpeg_with_orientation

@@ -16,7 +16,7 @@ from setuptools import find_packages
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Import names owned by other distributions that users commonly install next to ours.
 FOREIGN_NAMES = {"proto", "google", "grpc", "tests", "bench", "docker", "helm", "docs"}
-OURS = {"model", "service", "training", "omnipose_grpc"}
+OURS = {"model", "service", "training", "omnipose_grpc", "omnipose_cli"}
 
 
 def packaged_top_level_names() -> set[str]:

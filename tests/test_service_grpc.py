@@ -302,7 +302,7 @@ def test_unexpected_errors_answer_only_a_request_id(caplog) -> None:
 
     service = PoseEstimationService(ExplodingEngine(), ServiceMetrics(), 1)
     context = RecordingContext()
-    with caplog.at_level(logging.ERROR, logger="service.engine"), \
+    with caplog.at_level(logging.ERROR, logger="service.errors"), \
             pytest.raises(AbortedCall):
         asyncio.run(service.Estimate(estimate_request(b"image", []), context))
     request_id = dict(context.trailing_metadata)["x-request-id"]

@@ -1,14 +1,13 @@
-"""The ``omnipose`` command: predict, info, serve, and the training commands.
+"""``omnipose predict``: estimate poses in image files and write COCO-format results.
 
-User errors (a bad image, a wrong weights file, malformed boxes) end with a one-line message on
-stderr and a non-zero exit status, never a traceback.
+Runs the same model, detector, person selection and crops as the service, in one process without
+batching across requests.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,26 +15,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from model.checkpoint import CheckpointError
+from omnipose_cli.errors import CliError
 from service.boxes import BoxError, parse_boxes
-from service.detection import DETECTOR_KINDS, DetectorError, build_detector
-from service.images import ImageError, read_image_file
+from service.detection import DETECTOR_KINDS, build_detector
+from service.images import read_image_file
 from service.persons import client_persons, crop_persons, detected_persons
 from service.schemas import numeric_image_id
 
-EXIT_USER_ERROR = 2
-USER_ERRORS = (ImageError, CheckpointError, DetectorError, BoxError, ValueError, OSError)
 
-log = logging.getLogger("omnipose")
-
-
-class CliError(Exception):
-    """A problem with what the user asked for; printed as one line."""
-
-
-# --------------------------------------------------------------------------------------------
-# predict
-# --------------------------------------------------------------------------------------------
 def load_boxes_file(path: Path, images: Sequence[Path]) -> dict[Path, np.ndarray]:
     """Boxes per image from ``--boxes``: a list (one image) or an object keyed by file name."""
     try:
@@ -77,8 +64,9 @@ def run_predict(args: argparse.Namespace) -> int:
 
     images = [Path(p) for p in args.images]
     boxes_by_image = load_boxes_file(Path(args.boxes), images) if args.boxes else {}
-    loaded = load_pose_model(args.weights, args.config, args.device, args.precision, args.flip,
-                             args.flip_shift)
+    loaded = load_pose_model(
+        args.weights, args.config, args.device, args.precision, args.flip, args.flip_shift
+    )
     if not loaded.trained:
         banner = "!" * 78
         print(f"{banner}\n{UNTRAINED_WARNING}\n{banner}", file=sys.stderr)
@@ -107,8 +95,12 @@ def run_predict(args: argparse.Namespace) -> int:
                 raise CliError(f"{path.name}: {exc}") from None
         else:
             assert detector is not None
-            persons = detected_persons(detector.detect(image_bgr), image_bgr.shape,
-                                       args.max_persons, args.whole_image_if_no_person)
+            persons = detected_persons(
+                detector.detect(image_bgr),
+                image_bgr.shape,
+                args.max_persons,
+                args.whole_image_if_no_person,
+            )
         crops = crop_persons(loaded.estimator, image_bgr, persons)
         poses = loaded.estimator.decode(loaded.estimator.forward(crops.inputs), crops)
         image_id = image_id_for(path, position)
@@ -127,111 +119,68 @@ def run_predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
-    print(f"wrote {len(results)} annotation(s) for {len(images)} image(s) to {out}",
-          file=sys.stderr)
+    print(
+        f"wrote {len(results)} annotation(s) for {len(images)} image(s) to {out}", file=sys.stderr
+    )
     return 0
 
 
 def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "predict", help="estimate poses in image files and write COCO-format results",
+        "predict",
+        help="estimate poses in image files and write COCO-format results",
         description="Detect people, estimate their keypoints and write COCO results JSON.",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
     p.add_argument("--weights", help="pose checkpoint (default: the embedded default model)")
     p.add_argument("--config", help="model config, e.g. coco-w48-384x288 (see `omnipose info`)")
-    p.add_argument("--detector", choices=DETECTOR_KINDS, default="hog",
-                   help="person detector (default: hog, OpenCV's offline people detector)")
+    p.add_argument(
+        "--detector",
+        choices=DETECTOR_KINDS,
+        default="hog",
+        help="person detector (default: hog, OpenCV's offline people detector)",
+    )
     p.add_argument("--detector-weights", help="local ultralytics YOLO weights for --detector yolo")
     p.add_argument("--min-box-score", type=float, default=0.25, help="minimum person box score")
-    p.add_argument("--boxes", help="JSON: a list of [x,y,w,h] boxes (one image) or an object"
-                   " mapping image file names to such lists; skips detection")
-    p.add_argument("--whole-image-if-no-person", action="store_true",
-                   help="use the whole image as one person box when none is detected")
-    p.add_argument("--max-persons", type=int, default=100,
-                   help="most persons per image: detections beyond it are dropped, lowest score"
-                   " first; more --boxes than this is an error")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
-                   help="flip test: average with the mirrored crop (default on)")
-    p.add_argument("--flip-shift", action=argparse.BooleanOptionalAction, default=False,
-                   help="flip test: shift the mirrored heatmaps one pixel, as HRNet does"
-                   " (default off, as the published OmniPose)")
-    p.add_argument("--exif-orientation", action=argparse.BooleanOptionalAction, default=True,
-                   help="turn images upright as their EXIF orientation says (default on); boxes"
-                   " and keypoints then refer to the upright image")
+    p.add_argument(
+        "--boxes",
+        help="JSON: a list of [x,y,w,h] boxes (one image) or an object"
+        " mapping image file names to such lists; skips detection",
+    )
+    p.add_argument(
+        "--whole-image-if-no-person",
+        action="store_true",
+        help="use the whole image as one person box when none is detected",
+    )
+    p.add_argument(
+        "--max-persons",
+        type=int,
+        default=100,
+        help="most persons per image: detections beyond it are dropped, lowest score"
+        " first; more --boxes than this is an error",
+    )
+    p.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="flip test: average with the mirrored crop (default on)",
+    )
+    p.add_argument(
+        "--flip-shift",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="flip test: shift the mirrored heatmaps one pixel, as HRNet does"
+        " (default off, as the published OmniPose)",
+    )
+    p.add_argument(
+        "--exif-orientation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="turn images upright as their EXIF orientation says (default on); boxes"
+        " and keypoints then refer to the upright image",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
     p.add_argument("--out", required=True, help="results JSON file (COCO results format)")
     p.add_argument("--render", metavar="DIR", help="also write each image with skeletons drawn")
     p.set_defaults(func=run_predict)
-
-
-# --------------------------------------------------------------------------------------------
-# info
-# --------------------------------------------------------------------------------------------
-def run_info(args: argparse.Namespace) -> int:
-    from model.complexity import count_macs, count_parameters
-    from model.configs import CONFIGS, get_config
-    from model.network import build_model
-
-    def order(name: str) -> tuple:
-        return CONFIGS[name].dataset, -CONFIGS[name].width, name
-
-    names = args.configs or sorted(CONFIGS, key=order)
-    print(f"{'config':<20} {'joints':>6} {'input':>9} {'heatmap':>8} {'params':>12} {'GMACs':>7}")
-    for name in names:
-        config = get_config(name)
-        network = build_model(config)
-        macs = count_macs(network, config.input_size)
-        h, w = config.input_size
-        hh, hw = config.heatmap_size
-        print(f"{name:<20} {config.num_joints:>6} {f'{h}x{w}':>9} {f'{hh}x{hw}':>8}"
-              f" {count_parameters(network):>12,} {macs / 1e9:>7.2f}")
-    return 0
-
-
-def add_info_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("info", help="list model configurations with parameters and MACs")
-    p.add_argument("configs", nargs="*", metavar="CONFIG", help="configs to show (default: all)")
-    p.set_defaults(func=run_info)
-
-
-# --------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    from service.server import add_serve_parser
-    from training.cli import add_eval_parser, add_export_parser, add_train_parser
-    from training.synth import add_synth_parser
-
-    parser = argparse.ArgumentParser(
-        prog="omnipose", description="OmniPose multi-person pose estimation: predict, serve, train."
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_predict_parser(subparsers)
-    add_info_parser(subparsers)
-    add_serve_parser(subparsers)
-    add_synth_parser(subparsers)
-    add_train_parser(subparsers)
-    add_eval_parser(subparsers)
-    add_export_parser(subparsers)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        return int(args.func(args) or 0)
-    except (CliError, *USER_ERRORS) as exc:
-        print(f"omnipose {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
