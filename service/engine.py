@@ -31,6 +31,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import PurePath
 from typing import Any, TypeVar
 
 import numpy as np
@@ -67,6 +68,23 @@ NO_DETECTOR = (
     "this deployment has no person detector: send the person boxes with the request"
     " (boxes), or run the service with whole_image_if_no_person"
 )
+
+
+# Checkpoint metadata that describes how the weights were made, not what they serve: the training
+# recipe names data locations, hosts and schedules. Clients get the model's identity (name and
+# weights checksum) instead.
+PRIVATE_METADATA_KEYS = frozenset({"training", "recipe", "args", "optimizer", "data"})
+
+
+def public_description(description: dict) -> dict:
+    """A model description fit for any client: no server file paths, no training recipe."""
+    public = {key: value for key, value in description.items() if key != "weights_path"}
+    public["metadata"] = {
+        key: value for key, value in description.get("metadata", {}).items()
+        if key not in PRIVATE_METADATA_KEYS
+        and not (isinstance(value, str) and PurePath(value).is_absolute())
+    }
+    return public
 
 
 class PoseEngine:
@@ -212,7 +230,7 @@ class PoseEngine:
         """What /v1/models and GetModel report."""
         if self.pose_model is None or self.detector is None:
             raise EngineUnavailable("the model is still loading")
-        description = self.pose_model.describe()
+        description = public_description(self.pose_model.describe())
         description["detector"] = self.detector.name
         description["max_batch_size"] = self.settings.max_batch_size
         return description

@@ -37,6 +37,7 @@ from service.errors import (
     new_request_id,
     request_id_from,
 )
+from service.http_server import InflightRequests, TransportGuard
 from service.metrics import ServiceMetrics
 from service.requests import ImageRequest, ImageResult
 from service.schemas import (
@@ -247,6 +248,15 @@ def _merge_options(query: dict[str, Any], form: FormData | None,
         raise InvalidRequest(_validation_message(exc.errors())) from None
 
 
+def _reject_unknown_query(request: Request, known: dict[str, Any]) -> None:
+    """Unknown query parameters are errors, as unknown form fields are: a misspelt option
+    (``min_keypoint_scor``) must not be silently ignored."""
+    unknown = sorted(set(request.query_params) - set(known))
+    if unknown:
+        raise InvalidRequest(f"unknown query parameter(s) {', '.join(map(repr, unknown))};"
+                             f" known: {', '.join(sorted(known))}")
+
+
 def _image_id(options: PoseOptions) -> int | str:
     """A numeric image_id is a COCO integer id; anything else is echoed as a string."""
     if options.image_id is None:
@@ -311,6 +321,10 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
                     "the service's exif_orientation setting is off: client boxes, returned "
                     "boxes and keypoints, and image width/height all refer to the upright image.",
     )
+    # Inside RequestContextMiddleware (added last, so outermost): the guard's answers get a
+    # request id and are counted like any other.
+    app.state.inflight = InflightRequests()
+    app.add_middleware(TransportGuard, inflight=app.state.inflight)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
 
     @app.exception_handler(EngineError)
@@ -385,6 +399,7 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
         query = {"boxes": boxes, "flip": flip, "min_keypoint_score": min_keypoint_score,
                  "min_instance_score": min_instance_score, "max_persons": max_persons,
                  "render": render, "image_id": image_id}
+        _reject_unknown_query(request, query)
         timeout = _timeout(request_timeout)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type == "multipart/form-data":
@@ -444,6 +459,7 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
         query = {"boxes": boxes, "flip": flip, "min_keypoint_score": min_keypoint_score,
                  "min_instance_score": min_instance_score, "max_persons": max_persons,
                  "image_id": image_id}
+        _reject_unknown_query(request, query)
         timeout = _timeout(request_timeout)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type != "multipart/form-data":

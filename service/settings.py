@@ -100,6 +100,21 @@ class ServiceSettings(BaseSettings):
     host: str = Field("0.0.0.0", description="Interface both servers bind to")
     http_port: int = Field(8000, ge=0, le=65535, description="REST (FastAPI) port")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port")
+    http_max_connections: int = Field(
+        1000, ge=1, description="Open HTTP connections served at once; a request on a connection"
+        " beyond it is answered 503 before its body is read",
+    )
+    http_header_timeout_s: float = Field(
+        10.0, gt=0, description="Time a client has to send a request line and headers (from"
+        " connecting, or from a request's first byte); beyond: 408 and the connection closes",
+    )
+    http_keepalive_timeout_s: float = Field(
+        5.0, gt=0, description="Idle keep-alive HTTP connections close after this many seconds"
+    )
+    http_max_header_bytes: int = Field(
+        16384, ge=1024, description="Largest HTTP request line plus headers (a long URL counts);"
+        " beyond: 431",
+    )
     warmup: bool = Field(True, description="Run warm-up passes before reporting ready")
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="Time to finish in-flight work on SIGTERM"

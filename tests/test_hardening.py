@@ -4,7 +4,13 @@ connections, and shutdown. Each test here failed on the service before the harde
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import grpc
@@ -15,10 +21,10 @@ import pytest
 from omnipose_cli.main import main as cli_main
 from omnipose_grpc import omnipose_pb2 as pb
 from omnipose_grpc import omnipose_pb2_grpc
-from tests.conftest import ServerProcess
+from tests.conftest import REPO_ROOT, ServerProcess, running_server
 from tests.samples import BUS_JPG
 from tests.test_images import jpeg_with_orientation
-from tests.test_service_rest import assert_error, assert_still_serving, pose
+from tests.test_service_rest import assert_error, assert_still_serving, pose, wait_for_inflight
 
 pytestmark = pytest.mark.slow
 
@@ -123,3 +129,225 @@ def test_absurd_boxes_get_invalid_argument_over_grpc(server: ServerProcess, imag
         omnipose_pb2_grpc.PoseEstimationStub(channel).Estimate(request, timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "box 0" in info.value.details()
+
+
+# --- defect 6 and 7: connection limits, timeouts, malformed HTTP --------------------------------
+HEADER_TIMEOUT_S = 1.0
+MAX_CONNECTIONS = 4
+MAX_HEADER_BYTES = 4096
+
+
+@pytest.fixture(scope="module")
+def guarded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    args = [
+        "--detector",
+        "none",
+        "--http-header-timeout-s",
+        str(HEADER_TIMEOUT_S),
+        "--http-keepalive-timeout-s",
+        "1",
+        "--http-max-connections",
+        str(MAX_CONNECTIONS),
+        "--http-max-header-bytes",
+        str(MAX_HEADER_BYTES),
+    ]
+    with running_server(tmp_path_factory.mktemp("guarded"), "guarded", args) as process:
+        yield process
+
+
+def connect(server: ServerProcess) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.http_port), timeout=10)
+
+
+def read_until_closed(sock: socket.socket, limit_s: float = 10.0) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took."""
+    started, chunks = time.monotonic(), []
+    sock.settimeout(limit_s)
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks), time.monotonic() - started
+
+
+def json_error(raw: bytes) -> tuple[int, dict]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    assert b"application/json" in head.lower(), head
+    return status, json.loads(body)["error"]
+
+
+def test_silent_connection_gets_408_and_is_closed(guarded_server: ServerProcess) -> None:
+    with connect(guarded_server) as sock:
+        raw, waited = read_until_closed(sock)
+    status, error = json_error(raw)
+    assert status == 408 and "did not arrive" in error["message"]
+    assert waited < HEADER_TIMEOUT_S + 3
+
+
+def test_slowloris_request_head_is_cut_off(guarded_server: ServerProcess) -> None:
+    """Bytes that keep trickling do not extend the time allowed for the request head."""
+    with connect(guarded_server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        with contextlib.suppress(OSError):
+            for i in range(40):
+                time.sleep(0.1)
+                sock.sendall(f"X-Slow-{i}: y\r\n".encode())
+        raw, _ = read_until_closed(sock)
+    assert time.monotonic() - started < HEADER_TIMEOUT_S + 3
+    assert json_error(raw)[0] == 408
+
+
+def test_idle_keepalive_connection_is_closed(guarded_server: ServerProcess) -> None:
+    with connect(guarded_server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw, waited = read_until_closed(sock)
+    assert raw.startswith(b"HTTP/1.1 200") and b'"ok"' in raw
+    assert waited < 5  # the keep-alive timeout (1 s) closed it, not the client
+
+
+def test_connections_over_the_limit_get_503_before_their_body_is_read(
+    guarded_server: ServerProcess, images
+) -> None:
+    holders = []
+    try:
+        for _ in range(MAX_CONNECTIONS):  # complete heads, bodies never sent: connections held
+            sock = connect(guarded_server)
+            sock.sendall(
+                b"POST /v1/pose HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                b"Content-Length: 1000000\r\n\r\n"
+            )
+            holders.append(sock)
+        time.sleep(0.3)
+        with connect(guarded_server) as sock:
+            sock.sendall(
+                b"POST /v1/pose HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                b"Content-Length: 50000000\r\n\r\n" + b"\0" * 1000
+            )
+            raw, _ = read_until_closed(sock)
+        status, error = json_error(raw)
+        assert status == 503 and "too many open connections" in error["message"]
+    finally:
+        for sock in holders:
+            sock.close()
+    time.sleep(0.3)
+    assert httpx.get(f"{guarded_server.http_url}/healthz", timeout=10).status_code == 200
+
+
+def test_over_long_url_gets_431_in_the_json_shape(guarded_server: ServerProcess) -> None:
+    response = httpx.get(
+        f"{guarded_server.http_url}/healthz", params={"x": "a" * 10_000}, timeout=10
+    )
+    assert response.status_code == 431
+    assert "over 4096 bytes" in response.json()["error"]["message"]
+
+
+def test_malformed_request_line_gets_400_in_the_json_shape(guarded_server) -> None:
+    with connect(guarded_server) as sock:
+        sock.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+        raw, _ = read_until_closed(sock)
+    status, error = json_error(raw)
+    assert status == 400 and "not valid HTTP" in error["message"]
+
+
+# --- defect 4: shutdown past the grace period ---------------------------------------------------
+def test_requests_past_the_shutdown_grace_get_json_503_and_new_ones_are_answered(
+    tmp_path, images
+) -> None:
+    """A batcher that waits 60 s for a full batch keeps requests in flight past a 2 s grace."""
+    args = [
+        "--detector",
+        "none",
+        "--max-batch-size",
+        "16",
+        "--max-queue-delay-ms",
+        "60000",
+        "--shutdown-grace-s",
+        "2",
+    ]
+    with running_server(tmp_path, "grace", args) as server:
+        with ThreadPoolExecutor(3) as pool:
+            clients = [httpx.Client(base_url=server.http_url, timeout=60) for _ in range(2)]
+            inflight = [pool.submit(pose, c, images.bus, boxes=images.bus_boxes) for c in clients]
+            wait_for_inflight(server, 2)
+            server.process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            # During the grace the port still answers, with the common error shape.
+            late = httpx.get(f"{server.http_url}/readyz", timeout=10)
+            assert late.status_code == 503
+            refused = pose(
+                httpx.Client(base_url=server.http_url, timeout=10),
+                images.bus,
+                boxes=images.bus_boxes,
+            )
+            assert_error(refused, 503)
+            for future in inflight:
+                assert_error(future.result(timeout=30), 503, "grace period")
+        assert server.process.wait(30) == 0
+    log = server.log()
+    assert "Exception in ASGI application" not in log and "Traceback" not in log, log
+
+
+# --- defect 7: leaks and wrong codes -------------------------------------------------------------
+def test_model_description_leaks_no_server_path_or_training_recipe(http: httpx.Client) -> None:
+    response = http.get("/v1/models")
+    assert response.status_code == 200
+    text = response.text
+    assert "weights_path" not in response.json()
+    assert str(REPO_ROOT) not in text and "/model/weights/" not in text
+    assert "training" not in response.json()["metadata"] and "recipe" not in text
+    assert response.json()["version"]  # the identity of the weights is still given
+
+
+@pytest.mark.parametrize("method", ["Estimate", "EstimateBatch", "GetModel"])
+def test_malformed_protobuf_gets_invalid_argument(server: ServerProcess, method: str) -> None:
+    before = server.metric(
+        "omnipose_requests_total", transport="grpc", endpoint=method, status="INVALID_ARGUMENT"
+    )
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        call = channel.unary_unary(f"/omnipose.v1.PoseEstimation/{method}")
+        with pytest.raises(grpc.RpcError) as info:
+            call(b"\x0a\xff\xff\xff\xff\xff", timeout=10)  # a length prefix past the end
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed protobuf" in info.value.details()
+    assert "Traceback" not in info.value.details() and "Error" not in info.value.details()
+    after = server.metric(
+        "omnipose_requests_total", transport="grpc", endpoint=method, status="INVALID_ARGUMENT"
+    )
+    assert after == before + 1
+
+
+def test_malformed_stream_frame_gets_invalid_argument(server: ServerProcess) -> None:
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        call = channel.stream_stream("/omnipose.v1.PoseEstimation/StreamEstimate")
+        with pytest.raises(grpc.RpcError) as info:
+            list(call(iter([b"\x12\xff\xff\xff\xff\xff"]), timeout=10))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "StreamFrame" in info.value.details()
+
+
+def test_grpc_deadline_expiries_are_counted_as_deadline_exceeded(slow_server, images) -> None:
+    def count(status: str) -> float:
+        return slow_server.metric(
+            "omnipose_requests_total", transport="grpc", endpoint="Estimate", status=status
+        )
+
+    before = count("DEADLINE_EXCEEDED"), count("CANCELLED")
+    request = pb.EstimateRequest(image=images.bus)
+    request.boxes.boxes.append(pb.Box(x=20, y=110, width=110, height=330))
+    with grpc.insecure_channel(slow_server.grpc_target) as channel:
+        stub = omnipose_pb2_grpc.PoseEstimationStub(channel)
+        for _ in range(4):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Estimate(request, timeout=0.3)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            wait_for_inflight(slow_server, 0)
+    time.sleep(0.5)
+    assert (count("DEADLINE_EXCEEDED"), count("CANCELLED")) == (before[0] + 4, before[1])
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/pose", "/v1/pose/batch"])
+def test_unknown_query_parameters_get_422(http: httpx.Client, images, endpoint: str) -> None:
+    field = "image" if endpoint == "/v1/pose" else "images"
+    files = {field: ("bus.jpg", images.bus, "image/jpeg")}
+    response = http.post(endpoint, files=files, params={"min_keypoint_scor": "0.5"})
+    assert_error(response, 422, "min_keypoint_scor", "unknown")
