@@ -52,7 +52,7 @@ from service.errors import (
     ErrorCode,
     InvalidRequest,
 )
-from service.images import ImageError, decode_image, encode_jpeg
+from service.images import ImageError, ImageHeader, decode_pixels, encode_jpeg, read_header
 from service.loading import LoadedPoseModel, load_pose_model
 from service.metrics import ServiceMetrics
 from service.persons import client_persons, crop_persons, detected_persons
@@ -391,10 +391,18 @@ class PoseEngine:
         if time.monotonic() >= deadline:
             raise DeadlineExceeded(f"the request's deadline passed during {stage}")
 
-    def _decode(self, data: bytes) -> np.ndarray:
+    def _read_header(self, data: bytes) -> ImageHeader:
+        settings = self.settings
         try:
-            return decode_image(data, self.settings.max_image_bytes, self.settings.max_image_pixels,
-                                self.settings.exif_orientation)
+            return read_header(data, settings.max_image_bytes, settings.max_image_pixels,
+                               settings.exif_orientation)
+        except ImageError as exc:
+            code = IMAGE_ERROR_CODES.get(exc.kind, ErrorCode.INVALID_IMAGE)
+            raise InvalidRequest(str(exc), code) from None
+
+    def _decode(self, data: bytes, header: ImageHeader) -> np.ndarray:
+        try:
+            return decode_pixels(data, header)
         except ImageError as exc:
             code = IMAGE_ERROR_CODES.get(exc.kind, ErrorCode.INVALID_IMAGE)
             raise InvalidRequest(str(exc), code) from None
@@ -438,11 +446,18 @@ class PoseEngine:
     ) -> ImageResult:
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        image = await self._in_pool(self._decode, request.data)
+        # The decoded size is budgeted from the header, before the pixels exist: every image,
+        # also each one of a batch, fits max_inflight_pixels before it is decoded.
+        header = self._read_header(request.data)
+        pixels = header.pixels
+        await self.admission.reserve_pixels(lease, pixels)
+        try:
+            image = await self._in_pool(self._decode, request.data, header)
+        except BaseException:
+            self.admission.release_pixels(lease, pixels)
+            raise
         self._observe(timings, "image_decode", time.perf_counter() - started)
         height, width = image.shape[:2]
-        pixels = height * width
-        self.admission.hold_pixels(lease, pixels)
 
         if request.boxes is not None:
             persons = self._client_persons(request, width, height)

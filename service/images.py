@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -80,14 +81,24 @@ def _orientation(header: Image.Image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def decode_image(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES,
-                 max_pixels: int = DEFAULT_MAX_PIXELS,
-                 exif_orientation: bool = True) -> np.ndarray:
-    """Decode encoded image bytes to a BGR uint8 array (H x W x 3), enforcing the limits.
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the header says, before any pixel is decoded: enough to budget the decoded size."""
 
-    With ``exif_orientation`` (the default) the result is the upright image the EXIF tag
-    describes (phone photos); without it, the pixels as stored.
-    """
+    format: str
+    width: int  # as stored
+    height: int
+    orientation: int  # EXIF 1-8; 1 when ignored or absent
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def read_header(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES,
+                max_pixels: int = DEFAULT_MAX_PIXELS,
+                exif_orientation: bool = True) -> ImageHeader:
+    """Check the encoded bytes and their header against the limits; decodes no pixel."""
     if not data:
         raise ImageError("the image is empty (0 bytes)")
     if len(data) > max_bytes:
@@ -118,13 +129,29 @@ def decode_image(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES,
             f"the image is {width}x{height} = {width * height} pixels, over the limit of"
             f" {max_pixels} pixels", kind="too_large",
         )
+    return ImageHeader(fmt, width, height, orientation)
+
+
+def decode_pixels(data: bytes, header: ImageHeader) -> np.ndarray:
+    """Decode bytes whose header :func:`read_header` accepted; upright per ``header``."""
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
-    if image is None or image.shape[0] != height or image.shape[1] != width:
-        raise ImageError(f"the {fmt} image is truncated or corrupt and cannot be decoded")
-    if orientation == 1:
+    if image is None or image.shape[0] != header.height or image.shape[1] != header.width:
+        raise ImageError(f"the {header.format} image is truncated or corrupt and cannot be decoded")
+    if header.orientation == 1:
         return image
-    return np.ascontiguousarray(apply_exif_orientation(image, orientation))
+    return np.ascontiguousarray(apply_exif_orientation(image, header.orientation))
+
+
+def decode_image(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES,
+                 max_pixels: int = DEFAULT_MAX_PIXELS,
+                 exif_orientation: bool = True) -> np.ndarray:
+    """Decode encoded image bytes to a BGR uint8 array (H x W x 3), enforcing the limits.
+
+    With ``exif_orientation`` (the default) the result is the upright image the EXIF tag
+    describes (phone photos); without it, the pixels as stored.
+    """
+    return decode_pixels(data, read_header(data, max_bytes, max_pixels, exif_orientation))
 
 
 def read_image_file(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES,
