@@ -311,15 +311,26 @@ class PoseEngine:
             raise DeadlineExceeded("the request's deadline passed before it was answered") from None
 
     # -- public API ---------------------------------------------------------------------------
-    async def estimate(self, request: ImageRequest, timeout_s: float | None = None) -> ImageResult:
-        """Persons in one image. Raises an EngineError subclass for anything but a result."""
+    def admit(self) -> contextlib.AbstractContextManager[PixelLease]:
+        """Hold a request slot for the ``with`` block (or refuse: 503 / 429) before the request
+        is even read, so a transport can refuse before receiving its bytes; pass the lease to
+        :meth:`estimate` or :meth:`estimate_many`."""
+        return self._admission()
+
+    async def estimate(self, request: ImageRequest, timeout_s: float | None = None,
+                       admitted: PixelLease | None = None) -> ImageResult:
+        """Persons in one image. Raises an EngineError subclass for anything but a result.
+        ``admitted``: the lease of an :meth:`admit` block the caller already holds."""
         deadline = self.deadline_from(timeout_s)
         self._validate(request)
+        if admitted is not None:
+            return await self._within(deadline, self._process(request, deadline, admitted))
         with self._admission() as lease:
             return await self._within(deadline, self._process(request, deadline, lease))
 
     async def estimate_many(
-        self, requests: Sequence[ImageRequest], timeout_s: float | None = None
+        self, requests: Sequence[ImageRequest], timeout_s: float | None = None,
+        admitted: PixelLease | None = None,
     ) -> list[ImageResult]:
         """Several images as one admitted request, answered in order; the first error fails all
         (its message names the image by index) and cancels the rest."""
@@ -337,6 +348,8 @@ class PoseEngine:
                 self._validate(request)
             except EngineError as exc:
                 raise exc.prefixed(f"images[{index}]") from None
+        if admitted is not None:
+            return await self._within(deadline, self._process_all(requests, deadline, admitted))
         with self._admission() as lease:
             return await self._within(deadline, self._process_all(requests, deadline, lease))
 

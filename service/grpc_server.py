@@ -345,7 +345,8 @@ class GrpcServer:
         settings = engine.settings
         limit = settings.grpc_max_message_bytes
         self.engine = engine
-        self.server = grpc.aio.server(options=[
+        self.server = grpc.aio.server(maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
+                                      options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
         ])

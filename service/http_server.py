@@ -205,13 +205,27 @@ class TransportGuard:
             )
             return
         started = False
+        body_read = not _has_body(scope)
+
+        async def tracking_receive() -> Message:
+            nonlocal body_read
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body_read = True
+            return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                if not body_read:
+                    # Answered (refused) before its body was read: the rest of the body must
+                    # not be taken for the next request, so the connection closes after this.
+                    headers = [*message.get("headers", ()), (b"connection", b"close")]
+                    message = {**message, "headers": headers}
             await send(message)
 
-        task = asyncio.ensure_future(self.app(scope, receive, tracking_send))
+        task = asyncio.ensure_future(self.app(scope, tracking_receive, tracking_send))
         self.inflight.running.add(task)
         try:
             await task
@@ -224,6 +238,16 @@ class TransportGuard:
                 await _send_json(send, 503, "unavailable", self.inflight.abort_message, close=True)
         finally:
             self.inflight.running.discard(task)
+
+
+def _has_body(scope: Scope) -> bool:
+    """Whether the request announces a body (HTTP/1.1: a non-zero length, or chunked)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            return value.strip() not in (b"0", b"")
+        if name == b"transfer-encoding":
+            return True
+    return False
 
 
 async def _send_json(send: Send, status: int, code: str, message: str, close: bool) -> None:

@@ -81,6 +81,16 @@ class ServiceSettings(BaseSettings):
         True, description="Turn images upright as their EXIF orientation tag says (phone"
         " photos); boxes and keypoints then refer to the upright image. Off: the pixels as stored",
     )
+    max_inflight_body_bytes: int = Field(
+        256 * 1024 * 1024, ge=1, description="HTTP request body bytes held in memory by requests"
+        " in progress (reserved from Content-Length before reading); beyond: 429. A request"
+        " alone is never refused for it",
+    )
+    grpc_max_concurrent_rpcs: int = Field(
+        128, ge=1, description="gRPC calls handled at once (streams count as one); beyond:"
+        " RESOURCE_EXHAUSTED before the message is read. With grpc_max_message_bytes it bounds"
+        " the memory gRPC requests can hold",
+    )
     max_images_per_batch: int = Field(16, ge=1, description="Most images in one batch request")
     max_persons: int = Field(
         100, ge=1, description="Most persons estimated per image: detections beyond it are"
