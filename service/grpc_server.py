@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from omnipose_grpc import omnipose_pb2, omnipose_pb2_grpc
+from service.auth import GrpcKeyInterceptor, KeyChecker, load_key_digests
 from service.engine import PoseEngine
 from service.errors import (
     REQUEST_ID,
@@ -35,6 +36,7 @@ from service.errors import (
 )
 from service.metrics import ServiceMetrics
 from service.requests import ImageRequest, ImageResult
+from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +339,21 @@ class PoseEstimationService(omnipose_pb2_grpc.PoseEstimationServicer):
 
 
 # --- server ----------------------------------------------------------------------------------
+def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | None:
+    """TLS from the mounted PEM files (mTLS when a client CA is given); None: plaintext."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    try:
+        pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
+        client_ca = (settings.grpc_tls_client_ca_file.read_bytes()
+                     if settings.grpc_tls_client_ca_file else None)
+    except OSError as exc:
+        raise OSError(f"cannot read the TLS files: {exc}") from None
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+
 class GrpcServer:
     """The grpc.aio server with the pose service, health (grpc.health.v1) and reflection."""
 
@@ -345,20 +362,32 @@ class GrpcServer:
         settings = engine.settings
         limit = settings.grpc_max_message_bytes
         self.engine = engine
-        self.server = grpc.aio.server(maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
-                                      options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-        ])
+        checker = KeyChecker(load_key_digests(settings.api_key_sha256, settings.api_keys_file))
+        interceptors = (
+            [GrpcKeyInterceptor(checker, settings.reflection_access)] if checker.enabled else []
+        )
+        self.server = grpc.aio.server(
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ],
+        )
         self.service = PoseEstimationService(engine, metrics or engine.metrics,
                                              settings.stream_max_inflight)
         self.server.add_generic_rpc_handlers((pose_service_handler(self.service),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        if settings.reflection_access != "off":
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.port = self.server.add_insecure_port(address)
+        credentials = server_credentials(settings)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
         if self.port == 0:
             raise OSError(f"cannot bind the gRPC server to {address}")
 

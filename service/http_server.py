@@ -146,10 +146,17 @@ def guarded_protocol(limits: HttpLimits) -> type[H11Protocol]:
 
 
 def uvicorn_config(
-    app: ASGIApp, limits: HttpLimits, log_level: str, graceful_timeout_s: float
+    app: ASGIApp,
+    limits: HttpLimits,
+    log_level: str,
+    graceful_timeout_s: float,
+    tls_cert_file: str | None = None,
+    tls_key_file: str | None = None,
 ) -> uvicorn.Config:
     return uvicorn.Config(
         app,
+        ssl_certfile=tls_cert_file,
+        ssl_keyfile=tls_key_file,
         lifespan="off",
         log_level=log_level,
         access_log=log_level == "debug",

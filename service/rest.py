@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.admission import PixelLease
+from service.auth import KeyChecker, http_path_needs_key, load_key_digests, presented_key
 from service.boxes import BoxError, load_json
 from service.engine import PoseEngine
 from service.errors import (
@@ -187,6 +188,34 @@ class RequestContextMiddleware:
                 time.perf_counter() - started)
 
 
+# --- authentication --------------------------------------------------------------------------
+class ApiKeyMiddleware:
+    """401 for requests without an accepted API key (``Authorization: Bearer`` or
+    ``X-API-Key``), except health, readiness and what the settings leave open. Pure ASGI: the
+    refusal comes before any of the body is read."""
+
+    def __init__(self, app: ASGIApp, checker: KeyChecker, settings: Any) -> None:
+        self.app = app
+        self.checker = checker
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not http_path_needs_key(
+                scope["path"], self.settings.metrics_access, self.settings.docs_access):
+            await self.app(scope, receive, send)
+            return
+        headers = {name: value.decode("latin-1") for name, value in scope.get("headers", ())
+                   if name in (b"authorization", b"x-api-key")}
+        key = presented_key(headers.get(b"authorization"), headers.get(b"x-api-key"))
+        if self.checker.accepts(key):
+            await self.app(scope, receive, send)
+            return
+        response = error_response(
+            401, "unauthenticated", "a valid API key is required: send 'Authorization: Bearer"
+            " <key>' or 'X-API-Key: <key>'", {"WWW-Authenticate": "Bearer", "Connection": "close"})
+        await response(scope, receive, send)
+
+
 # --- request parsing -------------------------------------------------------------------------
 def _merge_options(query: dict[str, Any], fields: list[tuple[str, str]] | None) -> PoseOptions:
     """Query parameters, overridden by same-named form fields; unknown form fields are errors."""
@@ -263,7 +292,10 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
     """The FastAPI app over ``engine``; ``metrics`` defaults to the engine's."""
     metrics = metrics or engine.metrics
     settings = engine.settings
+    docs = settings.docs_access != "off"
     app = FastAPI(
+        docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
         title="OmniPose Serve",
         version="1.0",
         description="Multi-person 2D human pose estimation (OmniPose: HRNet + WASPv2), "
@@ -276,6 +308,9 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
     # request id and are counted like any other.
     app.state.inflight = InflightRequests()
     app.add_middleware(TransportGuard, inflight=app.state.inflight)
+    checker = KeyChecker(load_key_digests(settings.api_key_sha256, settings.api_keys_file))
+    if checker.enabled:  # before anything reads a body: a request without a key costs nothing
+        app.add_middleware(ApiKeyMiddleware, checker=checker, settings=settings)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
 
     @app.exception_handler(EngineError)
@@ -496,9 +531,12 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
             return JSONResponse({"status": "ready"})
         return error_response(503, str(ErrorCode.UNAVAILABLE), f"not ready: {engine.state}")
 
-    @app.get("/metrics", response_class=Response, summary="Prometheus metrics (text format)",
-             responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
-    async def prometheus_metrics() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    if settings.metrics_access != "off":
+        text = {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}
+
+        @app.get("/metrics", response_class=Response, summary="Prometheus metrics (text format)",
+                 responses={200: text})
+        async def prometheus_metrics() -> Response:
+            return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

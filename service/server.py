@@ -37,6 +37,7 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
+from service.auth import AuthConfigError
 from service.engine import PoseEngine
 from service.grpc_server import GrpcServer
 from service.http_server import HttpLimits, InflightRequests, uvicorn_config
@@ -140,10 +141,17 @@ async def serve(settings: ServiceSettings) -> int:
     try:
         http_socket = _bind(settings.host, settings.http_port)
         grpc_server = GrpcServer(engine, settings.host, settings.grpc_port, metrics)
+    except AuthConfigError as exc:
+        log.error("invalid API key settings: %s", exc)
+        return 2
     except (OSError, RuntimeError) as exc:
         log.error("cannot listen: %s", exc)
         return 1
-    app = create_app(engine, metrics)
+    try:
+        app = create_app(engine, metrics)
+    except AuthConfigError as exc:
+        log.error("invalid API key settings: %s", exc)
+        return 2
     limits = HttpLimits(
         max_connections=settings.http_max_connections,
         header_timeout_s=settings.http_header_timeout_s,
@@ -151,7 +159,17 @@ async def serve(settings: ServiceSettings) -> int:
         max_header_bytes=settings.http_max_header_bytes,
     )
     # uvicorn's own grace only has to close connections whose answers are already written.
-    http_server = _UvicornServer(uvicorn_config(app, limits, settings.log_level, 5.0))
+    tls = settings.tls_cert_file is not None
+    http_server = _UvicornServer(uvicorn_config(
+        app, limits, settings.log_level, 5.0,
+        str(settings.tls_cert_file) if tls else None, str(settings.tls_key_file) if tls else None,
+    ))
+    if tls:
+        try:
+            http_server.config.load()  # reads the certificate now: a bad file is a clear error
+        except (OSError, ValueError) as exc:
+            log.error("cannot use the TLS certificate files: %s", exc)
+            return 1
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

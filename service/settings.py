@@ -125,11 +125,44 @@ class ServiceSettings(BaseSettings):
         16384, ge=1024, description="Largest HTTP request line plus headers (a long URL counts);"
         " beyond: 431",
     )
+    # --- security ----------------------------------------------------------------------------
+    api_key_sha256: str | None = Field(
+        None, description="Accepted API keys as SHA-256 hex digests, comma-separated; with"
+        " api_keys_file unset too, no key is required",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="File of accepted API keys (a mounted Secret): one key, or"
+        " sha256:<hex digest>, per line",
+    )
+    metrics_access: Literal["open", "auth", "off"] = Field(
+        "open", description="/metrics: open, auth (API key required when keys are set) or off"
+    )
+    docs_access: Literal["open", "auth", "off"] = Field(
+        "open", description="/docs and /openapi.json: open, auth or off"
+    )
+    reflection_access: Literal["open", "auth", "off"] = Field(
+        "open", description="gRPC server reflection: open, auth or off"
+    )
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate (chain) for TLS on both ports; needs tls_key_file"
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    grpc_tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle: gRPC requires client certificates it signed (mTLS)"
+    )
     warmup: bool = Field(True, description="Run warm-up passes before reporting ready")
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="Time to finish in-flight work on SIGTERM"
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
+
+    @model_validator(mode="after")
+    def _tls_files_come_together(self) -> ServiceSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.grpc_tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("grpc_tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
+        return self
 
     @model_validator(mode="after")
     def _pixel_budget_holds_one_image(self) -> ServiceSettings:
