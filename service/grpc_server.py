@@ -221,6 +221,10 @@ class PoseEstimationService(omnipose_pb2_grpc.PoseEstimationServicer):
             return await work()
         except EngineError as exc:
             status = GRPC_STATUS.get(exc.code, grpc.StatusCode.INTERNAL)
+            if _cancellation_status(context) == grpc.StatusCode.DEADLINE_EXCEEDED:
+                # gRPC already ended the call at its deadline: there is no one to answer.
+                status = grpc.StatusCode.DEADLINE_EXCEEDED
+                raise asyncio.CancelledError from None
             metadata = id_metadata + (((RETRY_AFTER_KEY, str(exc.retry_after_s)),)
                                       if isinstance(exc, EngineOverloaded) else ())
             await context.abort(status, exc.message, trailing_metadata=metadata)

@@ -35,6 +35,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 log = logging.getLogger(__name__)
 
 OVER_CONNECTION_LIMIT = "omnipose.over_connection_limit"  # key in the ASGI scope's state
+# An early answer (an error before the body was read) drains a body up to this size so the
+# connection stays usable; a larger one is left unread and the connection closes.
+DRAIN_BYTES = 1024 * 1024
+DRAIN_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -225,9 +229,9 @@ class TransportGuard:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                if not body_read:
-                    # Answered (refused) before its body was read: the rest of the body must
-                    # not be taken for the next request, so the connection closes after this.
+                if not body_read and not await _drain_small_body(scope, tracking_receive):
+                    # Answered (refused) before a large body was read: the rest of it must not
+                    # be read, nor taken for the next request, so the connection closes.
                     headers = [*message.get("headers", ()), (b"connection", b"close")]
                     message = {**message, "headers": headers}
             await send(message)
@@ -245,6 +249,23 @@ class TransportGuard:
                 await _send_json(send, 503, "unavailable", self.inflight.abort_message, close=True)
         finally:
             self.inflight.running.discard(task)
+
+
+async def _drain_small_body(scope: Scope, receive: Receive) -> bool:
+    """Read and drop the rest of a small body (at most DRAIN_BYTES declared) so an early answer
+    reaches the client: closing a socket with unread data makes the kernel reset the connection,
+    and the client may lose the answer. Large or chunked bodies are not read (False)."""
+    length = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)
+    if length is None or not length.strip().isdigit() or int(length) > DRAIN_BYTES:
+        return False
+    try:
+        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return message["type"] == "http.request"
+    except TimeoutError:
+        return False
 
 
 def _has_body(scope: Scope) -> bool:

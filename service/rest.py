@@ -212,7 +212,7 @@ class ApiKeyMiddleware:
             return
         response = error_response(
             401, "unauthenticated", "a valid API key is required: send 'Authorization: Bearer"
-            " <key>' or 'X-API-Key: <key>'", {"WWW-Authenticate": "Bearer", "Connection": "close"})
+            " <key>' or 'X-API-Key: <key>'", {"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
 
 
@@ -306,11 +306,11 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
     )
     # Inside RequestContextMiddleware (added last, so outermost): the guard's answers get a
     # request id and are counted like any other.
-    app.state.inflight = InflightRequests()
-    app.add_middleware(TransportGuard, inflight=app.state.inflight)
     checker = KeyChecker(load_key_digests(settings.api_key_sha256, settings.api_keys_file))
     if checker.enabled:  # before anything reads a body: a request without a key costs nothing
         app.add_middleware(ApiKeyMiddleware, checker=checker, settings=settings)
+    app.state.inflight = InflightRequests()
+    app.add_middleware(TransportGuard, inflight=app.state.inflight)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
 
     @app.exception_handler(EngineError)

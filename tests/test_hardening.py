@@ -468,3 +468,19 @@ def test_grpc_calls_beyond_the_limit_are_refused(admission_server, images) -> No
         finally:
             for call in idle:
                 call.cancel()
+
+
+def test_early_answer_drains_a_small_body_and_keeps_the_connection(guarded_server) -> None:
+    """An error answered before the body is read (here an unknown query parameter) reads and
+    drops a small body, so the answer is not lost to a reset and the connection is reusable."""
+    body = b"\xff\xd8" + b"\0" * 200_000
+    head = (
+        "POST /v1/pose?nope=1 HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with connect(guarded_server) as sock:
+        sock.sendall(head + body + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw, _ = read_until_closed(sock)
+    first, _, second = raw.partition(b"HTTP/1.1 200")
+    assert first.startswith(b"HTTP/1.1 422") and b"nope" in first
+    assert b'"ok"' in second
