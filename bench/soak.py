@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from omnipose_grpc import omnipose_pb2 as pb  # noqa: E402
 from omnipose_grpc import omnipose_pb2_grpc  # noqa: E402
 
+KEEPALIVE_EXPIRY_S = 2.0
 BOXES = [[20.0, 110.0, 110.0, 330.0], [250.0, 110.0, 100.0, 320.0]]
 
 
@@ -140,8 +141,12 @@ def worker(
     index: int, http_url: str, grpc_target: str, image: bytes, stop: threading.Event, tally: Tally
 ) -> None:
     rng = random.Random(index)
+    # Idle connections are dropped before the server's keep-alive timeout (5 s) closes them:
+    # otherwise a request sent just as the server closes the connection is lost (the race
+    # every HTTP/1.1 client must avoid; proxies likewise keep their upstream idle timeout lower).
+    limits = httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S)
     with (
-        httpx.Client(base_url=http_url, timeout=60) as client,
+        httpx.Client(base_url=http_url, timeout=60, limits=limits) as client,
         grpc.insecure_channel(grpc_target) as channel,
     ):
         rest = rest_operations(client, image)
