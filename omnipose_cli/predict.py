@@ -85,7 +85,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if render_dir:
         render_dir.mkdir(parents=True, exist_ok=True)
     for position, path in enumerate(images, start=1):
-        image_bgr = read_image_file(path)
+        image_bgr = read_image_file(path, exif_orientation=args.exif_orientation)
         height, width = image_bgr.shape[:2]
         if path in boxes_by_image:
             try:
@@ -171,6 +171,13 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
         default=False,
         help="flip test: shift the mirrored heatmaps one pixel, as HRNet does"
         " (default off, as the published OmniPose)",
+    )
+    p.add_argument(
+        "--exif-orientation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="turn images upright as their EXIF orientation says (default on); boxes"
+        " and keypoints then refer to the upright image",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument(

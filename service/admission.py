@@ -13,7 +13,7 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from service.errors import EngineOverloaded, InvalidRequest
 from service.metrics import ServiceMetrics
@@ -25,6 +25,7 @@ class PixelLease:
     """Decoded pixels one admitted request holds against ``max_inflight_pixels``."""
 
     held: int = 0
+    released: asyncio.Event = field(default_factory=asyncio.Event)  # set when ``held`` drops
 
 
 class Admission:
@@ -101,8 +102,28 @@ class Admission:
         self.inflight_pixels += pixels
         self.metrics.inflight_pixels.set(self.inflight_pixels)
 
+    async def reserve_pixels(self, lease: PixelLease, pixels: int) -> None:
+        """Count an image's pixels (from its header, before decoding) against the budget.
+
+        Pixels held by other requests over the budget: refused (429), as in
+        :meth:`hold_pixels`. A request alone whose own images would pass the budget (a large
+        batch) waits for its earlier images to release theirs instead, so the budget bounds a
+        batch too; one image alone always fits (``max_image_pixels <= max_inflight_pixels``).
+        """
+        budget = self.settings.max_inflight_pixels
+        while (
+            lease.held > 0
+            and self.inflight_pixels - lease.held == 0
+            and self.inflight_pixels + pixels > budget
+        ):
+            lease.released.clear()
+            await lease.released.wait()
+        self.hold_pixels(lease, pixels)
+
     def release_pixels(self, lease: PixelLease, pixels: int) -> None:
         pixels = min(pixels, lease.held)
+        if pixels:
+            lease.released.set()
         lease.held -= pixels
         self.inflight_pixels -= pixels
         self.metrics.inflight_pixels.set(self.inflight_pixels)

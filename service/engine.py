@@ -31,6 +31,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import PurePath
 from typing import Any, TypeVar
 
 import numpy as np
@@ -52,7 +53,7 @@ from service.errors import (
     ErrorCode,
     InvalidRequest,
 )
-from service.images import ImageError, decode_image, encode_jpeg
+from service.images import ImageError, ImageHeader, decode_pixels, encode_jpeg, read_header
 from service.loading import LoadedPoseModel, load_pose_model
 from service.metrics import ServiceMetrics
 from service.persons import client_persons, crop_persons, detected_persons
@@ -84,6 +85,23 @@ NO_DETECTOR = (
     "this deployment has no person detector: send the person boxes with the request"
     " (boxes), or run the service with whole_image_if_no_person"
 )
+
+
+# Checkpoint metadata that describes how the weights were made, not what they serve: the training
+# recipe names data locations, hosts and schedules. Clients get the model's identity (name and
+# weights checksum) instead.
+PRIVATE_METADATA_KEYS = frozenset({"training", "recipe", "args", "optimizer", "data"})
+
+
+def public_description(description: dict) -> dict:
+    """A model description fit for any client: no server file paths, no training recipe."""
+    public = {key: value for key, value in description.items() if key != "weights_path"}
+    public["metadata"] = {
+        key: value for key, value in description.get("metadata", {}).items()
+        if key not in PRIVATE_METADATA_KEYS
+        and not (isinstance(value, str) and PurePath(value).is_absolute())
+    }
+    return public
 
 
 class PoseEngine:
@@ -240,7 +258,7 @@ class PoseEngine:
         """What /v1/models and GetModel report."""
         if self.pose_model is None or self.detector is None:
             raise EngineUnavailable("the model is still loading")
-        description = self.pose_model.describe()
+        description = public_description(self.pose_model.describe())
         description["detector"] = self.detector.name
         description["max_batch_size"] = self.settings.max_batch_size
         if self.layout is not None:
@@ -371,12 +389,20 @@ class PoseEngine:
             raise DeadlineExceeded("the request's deadline passed before it was answered") from None
 
     # -- public API ---------------------------------------------------------------------------
+    def admit(self) -> contextlib.AbstractContextManager[PixelLease]:
+        """Hold a request slot for the ``with`` block (or refuse: 503 / 429) before the request
+        is even read, so a transport can refuse before receiving its bytes; pass the lease to
+        :meth:`estimate` or :meth:`estimate_many`."""
+        return self._admission()
+
     async def estimate(self, request: ImageRequest, timeout_s: float | None = None,
-                       stream: TrackedStream | None = None) -> ImageResult:
+                       stream: TrackedStream | None = None,
+                       admitted: PixelLease | None = None) -> ImageResult:
         """Persons in one image. Raises an EngineError subclass for anything but a result.
 
         Frames of a video stream (``stream``, from :meth:`open_stream`, or the client's
-        ``request.stream_id``) are tracked: one at a time, in the order they arrive."""
+        ``request.stream_id``) are tracked: one at a time, in the order they arrive.
+        ``admitted``: the lease of an :meth:`admit` block the caller already holds."""
         deadline = self.deadline_from(timeout_s)
         self._validate(request)
         if stream is None and request.stream_id is not None:
@@ -388,16 +414,23 @@ class PoseEngine:
                 self._publish_stream_count()
         try:
             if stream is None:
-                with self._admission() as lease:
-                    return await self._within(deadline, self._process(request, deadline, lease))
+                return await self._process_admitted(request, deadline, admitted, None)
             async with stream.lock:
-                with self._admission() as lease:
-                    return await self._within(
-                        deadline, self._process(request, deadline, lease, stream.tracker))
+                return await self._process_admitted(request, deadline, admitted, stream.tracker)
         finally:
             if request.end_stream and request.stream_id is not None:
                 self.streams.release(request.stream_id)
                 self._publish_stream_count()
+
+    async def _process_admitted(self, request: ImageRequest, deadline: float,
+                                admitted: PixelLease | None,
+                                tracker: PoseTracker | None) -> ImageResult:
+        """Process under the caller's admission lease, or under one held for this call."""
+        if admitted is not None:
+            return await self._within(deadline,
+                                      self._process(request, deadline, admitted, tracker))
+        with self._admission() as lease:
+            return await self._within(deadline, self._process(request, deadline, lease, tracker))
 
     # -- video streams ------------------------------------------------------------------------
     def new_stream(self) -> TrackedStream:
@@ -431,7 +464,8 @@ class PoseEngine:
         self.metrics.tracked_streams.set(self.tracked_streams)
 
     async def estimate_many(
-        self, requests: Sequence[ImageRequest], timeout_s: float | None = None
+        self, requests: Sequence[ImageRequest], timeout_s: float | None = None,
+        admitted: PixelLease | None = None,
     ) -> list[ImageResult]:
         """Several images as one admitted request, answered in order; the first error fails all
         (its message names the image by index) and cancels the rest."""
@@ -454,6 +488,8 @@ class PoseEngine:
                 self._validate(request)
             except EngineError as exc:
                 raise exc.prefixed(f"images[{index}]") from None
+        if admitted is not None:
+            return await self._within(deadline, self._process_all(requests, deadline, admitted))
         with self._admission() as lease:
             return await self._within(deadline, self._process_all(requests, deadline, lease))
 
@@ -508,9 +544,18 @@ class PoseEngine:
         if time.monotonic() >= deadline:
             raise DeadlineExceeded(f"the request's deadline passed during {stage}")
 
-    def _decode(self, data: bytes) -> np.ndarray:
+    def _read_header(self, data: bytes) -> ImageHeader:
+        settings = self.settings
         try:
-            return decode_image(data, self.settings.max_image_bytes, self.settings.max_image_pixels)
+            return read_header(data, settings.max_image_bytes, settings.max_image_pixels,
+                               settings.exif_orientation)
+        except ImageError as exc:
+            code = IMAGE_ERROR_CODES.get(exc.kind, ErrorCode.INVALID_IMAGE)
+            raise InvalidRequest(str(exc), code) from None
+
+    def _decode(self, data: bytes, header: ImageHeader) -> np.ndarray:
+        try:
+            return decode_pixels(data, header)
         except ImageError as exc:
             code = IMAGE_ERROR_CODES.get(exc.kind, ErrorCode.INVALID_IMAGE)
             raise InvalidRequest(str(exc), code) from None
@@ -558,11 +603,18 @@ class PoseEngine:
     ) -> ImageResult:
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        image = await self._in_pool(self._decode, request.data)
+        # The decoded size is budgeted from the header, before the pixels exist: every image,
+        # also each one of a batch, fits max_inflight_pixels before it is decoded.
+        header = self._read_header(request.data)
+        pixels = header.pixels
+        await self.admission.reserve_pixels(lease, pixels)
+        try:
+            image = await self._in_pool(self._decode, request.data, header)
+        except BaseException:
+            self.admission.release_pixels(lease, pixels)
+            raise
         self._observe(timings, "image_decode", time.perf_counter() - started)
         height, width = image.shape[:2]
-        pixels = height * width
-        self.admission.hold_pixels(lease, pixels)
 
         detector_ran = False
         guided = None if tracker is None or request.boxes is not None else tracker.plan(width,

@@ -17,26 +17,32 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from omnipose_grpc import omnipose_pb2, omnipose_pb2_grpc
+from service.auth import GrpcKeyInterceptor, KeyChecker, load_key_digests
 from service.engine import PoseEngine
 from service.errors import (
     REQUEST_ID,
     EngineError,
     EngineOverloaded,
     ErrorCode,
+    InvalidRequest,
     internal_error,
     request_id_from,
 )
 from service.metrics import ServiceMetrics
 from service.requests import ImageRequest, ImageResult
+from service.settings import ServiceSettings
 from service.tracking import TRACK_ID_KEY, TrackedStream
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+DEADLINE_SLACK_S = 0.05
 
 SERVICE_NAME = omnipose_pb2.DESCRIPTOR.services_by_name["PoseEstimation"].full_name
 GRPC_STATUS = {
@@ -131,6 +137,63 @@ def _timeout(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else max(remaining, 1e-3)
 
 
+def _cancellation_status(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """Why gRPC cancelled the handler: the call's deadline passed, or the client cancelled."""
+    remaining = context.time_remaining()
+    # gRPC core cancels a call at its deadline a little before time_remaining() reaches 0.
+    if remaining is not None and remaining <= DEADLINE_SLACK_S:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
+def parse_message(message_type: type[T], data: bytes) -> T:
+    """Our own deserialisation, so bytes that are not a valid ``message_type`` are the client's
+    INVALID_ARGUMENT with a clean message (grpc's would be UNKNOWN with a Python traceback)."""
+    try:
+        return message_type.FromString(data)
+    except DecodeError:
+        raise InvalidRequest(
+            f"the request is not a valid {message_type.DESCRIPTOR.full_name} message"
+            " (malformed protobuf)") from None
+
+
+def pose_service_handler(service: PoseEstimationService) -> grpc.GenericRpcHandler:
+    """The PoseEstimation methods with raw-bytes requests parsed by :func:`parse_message`."""
+    methods = omnipose_pb2.DESCRIPTOR.services_by_name["PoseEstimation"].methods_by_name
+
+    def response_serializer(message: Message) -> bytes:
+        return message.SerializeToString()
+
+    def unary(name: str) -> grpc.RpcMethodHandler:
+        request_type = GetMessageClass(methods[name].input_type)
+        implementation = getattr(service, name)
+
+        async def handler(data: bytes, context: grpc.aio.ServicerContext) -> Message:
+            try:
+                request = parse_message(request_type, data)
+            except InvalidRequest as exc:
+                service.record_refused(name, exc)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+            return await implementation(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            handler, request_deserializer=None, response_serializer=response_serializer)
+
+    async def stream(request_iterator: AsyncIterator[bytes],
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
+        async def frames() -> AsyncIterator[omnipose_pb2.StreamFrame]:
+            async for data in request_iterator:
+                yield parse_message(omnipose_pb2.StreamFrame, data)
+
+        async for result in service.StreamEstimate(frames(), context):
+            yield result
+
+    handlers = {name: unary(name) for name in ("Estimate", "EstimateBatch", "GetModel")}
+    handlers["StreamEstimate"] = grpc.stream_stream_rpc_method_handler(
+        stream, request_deserializer=None, response_serializer=response_serializer)
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
 # --- the service -----------------------------------------------------------------------------
 class PoseEstimationService(omnipose_pb2_grpc.PoseEstimationServicer):
     """omnipose.v1.PoseEstimation over the shared engine."""
@@ -139,6 +202,11 @@ class PoseEstimationService(omnipose_pb2_grpc.PoseEstimationServicer):
         self.engine = engine
         self.metrics = metrics
         self.stream_max_inflight = stream_max_inflight
+
+    def record_refused(self, method: str, error: EngineError) -> None:
+        """Count a call refused before it reached the method (e.g. an unparsable message)."""
+        status = GRPC_STATUS.get(error.code, grpc.StatusCode.INTERNAL)
+        self.metrics.requests.labels("grpc", method, status.name).inc()
 
     def _record(self, method: str, status: str, started: float) -> None:
         self.metrics.requests.labels("grpc", method, status).inc()
@@ -157,11 +225,15 @@ class PoseEstimationService(omnipose_pb2_grpc.PoseEstimationServicer):
             return await work()
         except EngineError as exc:
             status = GRPC_STATUS.get(exc.code, grpc.StatusCode.INTERNAL)
+            if _cancellation_status(context) == grpc.StatusCode.DEADLINE_EXCEEDED:
+                # gRPC already ended the call at its deadline: there is no one to answer.
+                status = grpc.StatusCode.DEADLINE_EXCEEDED
+                raise asyncio.CancelledError from None
             metadata = id_metadata + (((RETRY_AFTER_KEY, str(exc.retry_after_s)),)
                                       if isinstance(exc, EngineOverloaded) else ())
             await context.abort(status, exc.message, trailing_metadata=metadata)
         except asyncio.CancelledError:
-            status = grpc.StatusCode.CANCELLED
+            status = _cancellation_status(context)
             raise
         except Exception:
             status = grpc.StatusCode.INTERNAL
@@ -258,8 +330,11 @@ class PoseEstimationService(omnipose_pb2_grpc.PoseEstimationServicer):
                 yield await task
                 slots.release()
             await reading  # surfaces a failed read (e.g. a malformed message)
+        except EngineError as exc:  # a frame that is not a StreamFrame message
+            status = GRPC_STATUS.get(exc.code, grpc.StatusCode.INTERNAL)
+            await context.abort(status, exc.message)
         except asyncio.CancelledError:
-            status = grpc.StatusCode.CANCELLED
+            status = _cancellation_status(context)
             raise
         except Exception:
             status = grpc.StatusCode.INTERNAL
@@ -277,6 +352,21 @@ class PoseEstimationService(omnipose_pb2_grpc.PoseEstimationServicer):
 
 
 # --- server ----------------------------------------------------------------------------------
+def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | None:
+    """TLS from the mounted PEM files (mTLS when a client CA is given); None: plaintext."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    try:
+        pair = (settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())
+        client_ca = (settings.grpc_tls_client_ca_file.read_bytes()
+                     if settings.grpc_tls_client_ca_file else None)
+    except OSError as exc:
+        raise OSError(f"cannot read the TLS files: {exc}") from None
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+
 class GrpcServer:
     """The grpc.aio server with the pose service, health (grpc.health.v1) and reflection."""
 
@@ -285,19 +375,32 @@ class GrpcServer:
         settings = engine.settings
         limit = settings.grpc_max_message_bytes
         self.engine = engine
-        self.server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-        ])
+        checker = KeyChecker(load_key_digests(settings.api_key_sha256, settings.api_keys_file))
+        interceptors = (
+            [GrpcKeyInterceptor(checker, settings.reflection_access)] if checker.enabled else []
+        )
+        self.server = grpc.aio.server(
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ],
+        )
         self.service = PoseEstimationService(engine, metrics or engine.metrics,
                                              settings.stream_max_inflight)
-        omnipose_pb2_grpc.add_PoseEstimationServicer_to_server(self.service, self.server)
+        self.server.add_generic_rpc_handlers((pose_service_handler(self.service),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        if settings.reflection_access != "off":
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.port = self.server.add_insecure_port(address)
+        credentials = server_credentials(settings)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
         if self.port == 0:
             raise OSError(f"cannot bind the gRPC server to {address}")
 

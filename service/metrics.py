@@ -84,6 +84,12 @@ class ServiceMetrics:
             "Video streams holding tracking state (open gRPC streams and client stream_ids).",
             registry=r,
         )
+        self.inflight_body_bytes = Gauge(
+            "omnipose_inflight_body_bytes",
+            "HTTP request body bytes held by requests in progress (limit:"
+            " max_inflight_body_bytes).",
+            registry=r,
+        )
         self.model_info = Info(
             "omnipose_model",
             "The loaded pose model: name, config, weights checksum, device, precision, detector.",

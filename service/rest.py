@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Header, Query, Request
@@ -23,10 +22,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
-from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.admission import PixelLease
+from service.auth import KeyChecker, http_path_needs_key, load_key_digests, presented_key
+from service.boxes import BoxError, load_json
 from service.engine import PoseEngine
 from service.errors import (
     REQUEST_ID,
@@ -37,6 +38,7 @@ from service.errors import (
     new_request_id,
     request_id_from,
 )
+from service.http_server import InflightRequests, TransportGuard
 from service.metrics import ServiceMetrics
 from service.requests import ImageRequest, ImageResult
 from service.schemas import (
@@ -49,6 +51,15 @@ from service.schemas import (
     numeric_image_id,
 )
 from service.tracking import TRACK_ID_KEY
+from service.uploads import (
+    BodyBudget,
+    BodyLease,
+    ClientDisconnected,
+    body_too_large,
+    declared_length,
+    read_multipart,
+    read_raw_body,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +75,6 @@ HTTP_STATUS = {
 }
 CLIENT_CLOSED_REQUEST = 499  # nginx's convention: the client went away before the answer
 MULTIPART_OVERHEAD_BYTES = 1024 * 1024  # form fields and part headers around the image bytes
-MAX_FORM_FIELDS = 100
 TIMEOUT_HEADER = "X-Request-Timeout"
 REQUEST_ID_HEADER = "X-Request-Id"
 UNIT_INTERVAL_DOC = {"minimum": 0, "maximum": 1}  # documented here, enforced by the engine
@@ -179,73 +189,53 @@ class RequestContextMiddleware:
                 time.perf_counter() - started)
 
 
+# --- authentication --------------------------------------------------------------------------
+class ApiKeyMiddleware:
+    """401 for requests without an accepted API key (``Authorization: Bearer`` or
+    ``X-API-Key``), except health, readiness and what the settings leave open. Pure ASGI: the
+    refusal comes before any of the body is read."""
+
+    def __init__(self, app: ASGIApp, checker: KeyChecker, settings: Any) -> None:
+        self.app = app
+        self.checker = checker
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not http_path_needs_key(
+                scope["path"], self.settings.metrics_access, self.settings.docs_access):
+            await self.app(scope, receive, send)
+            return
+        headers = {name: value.decode("latin-1") for name, value in scope.get("headers", ())
+                   if name in (b"authorization", b"x-api-key")}
+        key = presented_key(headers.get(b"authorization"), headers.get(b"x-api-key"))
+        if self.checker.accepts(key):
+            await self.app(scope, receive, send)
+            return
+        response = error_response(
+            401, "unauthenticated", "a valid API key is required: send 'Authorization: Bearer"
+            " <key>' or 'X-API-Key: <key>'", {"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
 # --- request parsing -------------------------------------------------------------------------
-def _body_too_large(limit: int, length: int | None = None) -> InvalidRequest:
-    size = f"{length} bytes, " if length is not None else ""
-    return InvalidRequest(f"the request body is {size}over the limit of {limit} bytes",
-                          ErrorCode.PAYLOAD_TOO_LARGE)
-
-
-def _limited(request: Request, limit: int) -> Request:
-    """``request`` with its body capped at ``limit`` bytes.
-
-    A declared Content-Length over the limit is refused before anything is read; a chunked
-    upload declares none, so the bytes are also counted as they arrive and reading stops with
-    413 as soon as they pass the limit, before they pile up in memory or temporary files.
-    """
-    length = request.headers.get("content-length")
-    if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
-        raise _body_too_large(limit, int(length))
-    receive = request.receive
-    received = 0
-
-    async def counting_receive() -> Message:
-        nonlocal received
-        message = await receive()
-        if message["type"] == "http.request":
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise _body_too_large(limit)
-        return message
-
-    return Request(request.scope, counting_receive)
-
-
-async def _read_form(request: Request, max_files: int, too_many_files: EngineError) -> FormData:
-    """The multipart form, at most ``max_files`` files (more: ``too_many_files``)."""
-    try:
-        return await request.form(max_files=max_files, max_fields=MAX_FORM_FIELDS)
-    except EngineError:  # the body limit
-        raise
-    except StarletteHTTPException as exc:  # starlette's own checks, with a message for users
-        detail = str(exc.detail)
-        if detail.startswith("Too many files"):
-            raise too_many_files from None
-        raise InvalidRequest(f"the multipart body cannot be parsed: {detail}") from None
-    except ValueError as exc:  # python-multipart's parse errors
-        raise InvalidRequest(f"the multipart body cannot be parsed: {exc}") from None
-    except OSError:  # spooling to disk failed: ours, not the client's (500)
-        raise
-    except Exception:  # e.g. no boundary in the content type
-        raise InvalidRequest("the multipart body cannot be parsed (is the boundary in the"
-                             " content type?)") from None
-
-
-def _merge_options(query: dict[str, Any], form: FormData | None,
-                   file_fields: set[str]) -> PoseOptions:
+def _merge_options(query: dict[str, Any], fields: list[tuple[str, str]] | None) -> PoseOptions:
     """Query parameters, overridden by same-named form fields; unknown form fields are errors."""
     values = {k: v for k, v in query.items() if v is not None}
-    if form is not None:
-        for key, value in form.multi_items():
-            if key in file_fields:
-                continue
-            if isinstance(value, UploadFile):
-                raise InvalidRequest(f"form field {key!r} must be a value, not a file")
-            values[key] = value
+    for key, value in fields or ():
+        values[key] = value
     try:
         return PoseOptions.model_validate(values)
     except ValidationError as exc:
         raise InvalidRequest(_validation_message(exc.errors())) from None
+
+
+def _reject_unknown_query(request: Request, known: dict[str, Any]) -> None:
+    """Unknown query parameters are errors, as unknown form fields are: a misspelt option
+    (``min_keypoint_scor``) must not be silently ignored."""
+    unknown = sorted(set(request.query_params) - set(known))
+    if unknown:
+        raise InvalidRequest(f"unknown query parameter(s) {', '.join(map(repr, unknown))};"
+                             f" known: {', '.join(sorted(known))}")
 
 
 def _image_id(options: PoseOptions) -> int | str:
@@ -304,12 +294,25 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
     """The FastAPI app over ``engine``; ``metrics`` defaults to the engine's."""
     metrics = metrics or engine.metrics
     settings = engine.settings
+    docs = settings.docs_access != "off"
     app = FastAPI(
+        docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
         title="OmniPose Serve",
         version="1.0",
         description="Multi-person 2D human pose estimation (OmniPose: HRNet + WASPv2), "
-                    "dynamically batched. Keypoints follow the COCO results format.",
+                    "dynamically batched. Keypoints follow the COCO results format. Images are "
+                    "turned upright as their EXIF orientation tag says (phone photos) unless "
+                    "the service's exif_orientation setting is off: client boxes, returned "
+                    "boxes and keypoints, and image width/height all refer to the upright image.",
     )
+    # Inside RequestContextMiddleware (added last, so outermost): the guard's answers get a
+    # request id and are counted like any other.
+    checker = KeyChecker(load_key_digests(settings.api_key_sha256, settings.api_keys_file))
+    if checker.enabled:  # before anything reads a body: a request without a key costs nothing
+        app.add_middleware(ApiKeyMiddleware, checker=checker, settings=settings)
+    app.state.inflight = InflightRequests()
+    app.add_middleware(TransportGuard, inflight=app.state.inflight)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
 
     @app.exception_handler(EngineError)
@@ -335,6 +338,26 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    body_budget = BodyBudget(settings.max_inflight_body_bytes, metrics.inflight_body_bytes.set,
+                             engine.admission.retry_after_s)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _client_gone(request: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+    @contextlib.asynccontextmanager
+    async def admitted(request: Request,
+                       body_limit: int) -> AsyncIterator[tuple[PixelLease, BodyLease]]:
+        """Admission before bytes: a body declared over ``body_limit`` (413), a full queue
+        (429), a draining or loading engine (503) and a full body budget (429) are all refused
+        before a byte of the body is read."""
+        length = declared_length(request.scope["headers"])
+        if length is not None and length > body_limit:
+            raise body_too_large(body_limit, length)
+        with engine.admit() as lease, body_budget.lease() as body:
+            body_budget.take(body, length or 0)
+            yield lease, body
 
     def model_ref() -> dict[str, str]:
         model = engine.pose_model
@@ -398,40 +421,44 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
                  "min_instance_score": min_instance_score, "max_persons": max_persons,
                  "render": render, "image_id": image_id, "stream_id": stream_id,
                  "end_stream": end_stream}
+        _reject_unknown_query(request, query)
         timeout = _timeout(request_timeout)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type == "multipart/form-data":
-            one_file = InvalidRequest("the multipart body must hold exactly one file, the 'image'"
-                                      " field; use /v1/pose/batch for several images")
-            form = await _read_form(
-                _limited(request, settings.max_image_bytes + MULTIPART_OVERHEAD_BYTES), 1,
-                one_file)
-            uploads = form.getlist("image")
-            if not uploads:
-                raise InvalidRequest("the multipart body has no 'image' file field")
-            if len(uploads) > 1 or not isinstance(uploads[0], UploadFile):
-                raise one_file
-            data = await uploads[0].read()
-            options = _merge_options(query, form, {"image"})
-        elif content_type.startswith("image/"):
-            data = await _limited(request, settings.max_image_bytes).body()
-            options = _merge_options(query, None, set())
-        else:
+        multipart = content_type == "multipart/form-data"
+        if not (multipart or content_type.startswith("image/")):
             raise InvalidRequest(
                 f"unsupported content type {content_type or '(none)'!r}: send the image as"
                 " multipart/form-data field 'image' or as a raw body with an image/* type",
                 ErrorCode.UNSUPPORTED_MEDIA_TYPE,
             )
-        image_request = _to_request(data, options, options.boxes)
-        image_id = _image_id(options)
+        body_limit = settings.max_image_bytes + (MULTIPART_OVERHEAD_BYTES if multipart else 0)
+        async with admitted(request, body_limit) as (lease, body):
+            if multipart:
+                one_file = InvalidRequest("the multipart body must hold exactly one file, the"
+                                          " 'image' field; use /v1/pose/batch for several images")
+                form = await read_multipart(
+                    request.receive, request.headers["content-type"], body, body_budget,
+                    body_limit, file_field="image", max_files=1,
+                    file_limit=settings.max_image_bytes, too_many_files=one_file)
+                if not form.files:
+                    raise InvalidRequest("the multipart body has no 'image' file field")
+                data = form.files[0][1]
+                options = _merge_options(query, form.fields)
+            else:
+                data = await read_raw_body(request.receive, body, body_budget,
+                                           settings.max_image_bytes)
+                options = _merge_options(query, None)
+            image_request = _to_request(data, options, options.boxes)
+            image_id = _image_id(options)
 
-        def build(result: ImageResult) -> Response:
-            if options.render:
-                return Response(result.rendered_jpeg, media_type="image/jpeg",
-                                headers={"X-Persons": str(len(result.persons))})
-            return JSONResponse(to_json(result, image_id))
+            def build(result: ImageResult) -> Response:
+                if options.render:
+                    return Response(result.rendered_jpeg, media_type="image/jpeg",
+                                    headers={"X-Persons": str(len(result.persons))})
+                return JSONResponse(to_json(result, image_id))
 
-        return await answer(request, engine.estimate(image_request, timeout), build)
+            return await answer(
+                request, engine.estimate(image_request, timeout, admitted=lease), build)
 
     @app.post(
         "/v1/pose/batch",
@@ -457,6 +484,7 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
         query = {"boxes": boxes, "flip": flip, "min_keypoint_score": min_keypoint_score,
                  "min_instance_score": min_instance_score, "max_persons": max_persons,
                  "image_id": image_id}
+        _reject_unknown_query(request, query)
         timeout = _timeout(request_timeout)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type != "multipart/form-data":
@@ -468,39 +496,38 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
         too_many = InvalidRequest(f"more than {limit} images in one batch, over the limit of"
                                   f" {limit}", ErrorCode.PAYLOAD_TOO_LARGE)
         body_limit = limit * settings.max_image_bytes + MULTIPART_OVERHEAD_BYTES
-        form = await _read_form(_limited(request, body_limit), limit, too_many)
-        uploads = form.getlist("images")
-        if not uploads:
-            raise InvalidRequest("the multipart body has no 'images' file fields")
-        if not all(isinstance(u, UploadFile) for u in uploads):
-            raise InvalidRequest("every 'images' field must be a file")
-        options = _merge_options(query, form, {"images"})
-        if options.render:
-            raise InvalidRequest("render is only available on /v1/pose (one image)")
-        per_image_boxes: list[Any] = [None] * len(uploads)
-        if options.boxes is not None:
-            try:
-                per_image_boxes = json.loads(options.boxes)
-            except ValueError as exc:
-                raise InvalidRequest(f"boxes is not valid JSON ({exc})") from None
-            if not isinstance(per_image_boxes, list) or len(per_image_boxes) != len(uploads):
-                raise InvalidRequest(f"boxes must be a JSON list with one entry (a box list or"
-                                     f" null) per image: {len(uploads)} entries")
-        requests = []
-        for index, (upload, image_boxes) in enumerate(zip(uploads, per_image_boxes, strict=True)):
-            try:
-                requests.append(_to_request(await upload.read(), options, image_boxes))
-            except EngineError as exc:
-                raise exc.prefixed(f"images[{index}]") from None
-        first_id = _image_id(options)
+        async with admitted(request, body_limit) as (lease, body):
+            form = await read_multipart(
+                request.receive, request.headers["content-type"], body, body_budget, body_limit,
+                file_field="images", max_files=limit, file_limit=settings.max_image_bytes,
+                too_many_files=too_many)
+            uploads = [data for _, data in form.files]
+            if not uploads:
+                raise InvalidRequest("the multipart body has no 'images' file fields")
+            options = _merge_options(query, form.fields)
+            if options.render:
+                raise InvalidRequest("render is only available on /v1/pose (one image)")
+            per_image_boxes: list[Any] = [None] * len(uploads)
+            if options.boxes is not None:
+                try:
+                    per_image_boxes = load_json(options.boxes)
+                except BoxError as exc:
+                    raise InvalidRequest(str(exc)) from None
+                if not isinstance(per_image_boxes, list) or len(per_image_boxes) != len(uploads):
+                    raise InvalidRequest(f"boxes must be a JSON list with one entry (a box list"
+                                         f" or null) per image: {len(uploads)} entries")
+            requests = [_to_request(data, options, image_boxes)
+                        for data, image_boxes in zip(uploads, per_image_boxes, strict=True)]
+            first_id = _image_id(options)
 
-        def build(results: list[ImageResult]) -> Response:
-            ids = [first_id + i if isinstance(first_id, int) else first_id
-                   for i in range(len(results))]
-            return JSONResponse({"results": [to_json(r, i) for r, i in zip(results, ids,
-                                                                           strict=True)]})
+            def build(results: list[ImageResult]) -> Response:
+                ids = [first_id + i if isinstance(first_id, int) else first_id
+                       for i in range(len(results))]
+                return JSONResponse({"results": [to_json(r, i) for r, i in zip(results, ids,
+                                                                               strict=True)]})
 
-        return await answer(request, engine.estimate_many(requests, timeout), build)
+            return await answer(
+                request, engine.estimate_many(requests, timeout, admitted=lease), build)
 
     @app.get("/v1/models", response_model=ModelDescription,
              responses={503: _error_doc("The model is still loading")},
@@ -520,9 +547,12 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
             return JSONResponse({"status": "ready"})
         return error_response(503, str(ErrorCode.UNAVAILABLE), f"not ready: {engine.state}")
 
-    @app.get("/metrics", response_class=Response, summary="Prometheus metrics (text format)",
-             responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
-    async def prometheus_metrics() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    if settings.metrics_access != "off":
+        text = {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}
+
+        @app.get("/metrics", response_class=Response, summary="Prometheus metrics (text format)",
+                 responses={200: text})
+        async def prometheus_metrics() -> Response:
+            return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

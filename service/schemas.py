@@ -111,7 +111,6 @@ class ModelDescription(BaseModel):
     keypoints: KeypointsInfo
     input_size: list[int] = Field(..., description="Network input (height, width)")
     heatmap_size: list[int] = Field(..., description="Heatmap (height, width)")
-    weights_path: str | None
     weights_sha256: str | None
     trained: bool = Field(..., description="False: random weights, keypoints are meaningless")
     device: str
@@ -123,7 +122,9 @@ class ModelDescription(BaseModel):
     flip_shift: bool = Field(..., description="Flipped heatmaps shifted one pixel (HRNet style)")
     detector: str
     max_batch_size: int
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="What the checkpoint says about the model (config,"
+        " joints, metrics); never server paths or the training recipe")
 
 
 class HealthResponse(BaseModel):

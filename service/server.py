@@ -2,9 +2,9 @@
 
 Life cycle: both servers listen at once (``/healthz`` answers while the model loads), the engine
 loads and warms up, then readiness turns on (``/readyz`` 200, gRPC health SERVING). On SIGTERM or
-SIGINT readiness turns off, new requests are refused with 503/UNAVAILABLE, both servers stop
-accepting and finish in-flight calls within ``shutdown_grace_s``, the engine stops, and the
-process exits 0.
+SIGINT readiness turns off, new requests are refused with 503/UNAVAILABLE (the HTTP listener
+stays open to say so), in-flight calls finish within ``shutdown_grace_s`` (those still running
+then are answered 503/UNAVAILABLE), both servers close, the engine stops, and the process exits 0.
 
 ``python -m service.server --help`` lists the flags; the ``omnipose serve`` subcommand has the
 same ones (``add_serve_parser``). Every flag is a :class:`ServiceSettings` field, which can also
@@ -31,8 +31,10 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
+from service.auth import AuthConfigError
 from service.engine import PoseEngine
 from service.grpc_server import GrpcServer
+from service.http_server import HttpLimits, InflightRequests, uvicorn_config
 from service.metrics import ServiceMetrics
 from service.resources import configure_threads
 from service.rest import create_app
@@ -133,14 +135,35 @@ async def serve(settings: ServiceSettings) -> int:
     try:
         http_socket = _bind(settings.host, settings.http_port)
         grpc_server = GrpcServer(engine, settings.host, settings.grpc_port, metrics)
+    except AuthConfigError as exc:
+        log.error("invalid API key settings: %s", exc)
+        return 2
     except (OSError, RuntimeError) as exc:
         log.error("cannot listen: %s", exc)
         return 1
-    http_server = _UvicornServer(uvicorn.Config(
-        create_app(engine, metrics), lifespan="off", log_level=settings.log_level,
-        access_log=settings.log_level == "debug",
-        timeout_graceful_shutdown=int(max(1, settings.shutdown_grace_s)),
+    try:
+        app = create_app(engine, metrics)
+    except AuthConfigError as exc:
+        log.error("invalid API key settings: %s", exc)
+        return 2
+    limits = HttpLimits(
+        max_connections=settings.http_max_connections,
+        header_timeout_s=settings.http_header_timeout_s,
+        keepalive_timeout_s=settings.http_keepalive_timeout_s,
+        max_header_bytes=settings.http_max_header_bytes,
+    )
+    # uvicorn's own grace only has to close connections whose answers are already written.
+    tls = settings.tls_cert_file is not None
+    http_server = _UvicornServer(uvicorn_config(
+        app, limits, settings.log_level, 5.0,
+        str(settings.tls_cert_file) if tls else None, str(settings.tls_key_file) if tls else None,
     ))
+    if tls:
+        try:
+            http_server.config.load()  # reads the certificate now: a bad file is a clear error
+        except (OSError, ValueError) as exc:
+            log.error("cannot use the TLS certificate files: %s", exc)
+            return 1
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -178,14 +201,35 @@ async def serve(settings: ServiceSettings) -> int:
     stopping.cancel()
     engine.begin_drain()
     await grpc_server.enter_drain()
+    # The HTTP listener stays open while in-flight work drains: new requests get a JSON 503
+    # (draining) instead of "connection refused". Whatever is still running when the grace
+    # ends is answered 503 too, then the listener closes.
+    grace = settings.shutdown_grace_s
+    grpc_stopped = asyncio.create_task(grpc_server.stop(grace))
+    if not await _drained(engine, app.state.inflight, grace):
+        aborted = await app.state.inflight.abort(
+            f"the service is shutting down and its grace period ({grace:g} s) ended before"
+            " this request was answered; retry on another replica")
+        log.warning("grace period over: answered %d in-flight HTTP requests 503", aborted)
     http_server.should_exit = True
-    await asyncio.gather(http_task, grpc_server.stop(settings.shutdown_grace_s),
-                         return_exceptions=True)
-    if not await engine.wait_idle(settings.shutdown_grace_s):
+    await asyncio.gather(http_task, grpc_stopped, return_exceptions=True)
+    if not await engine.wait_idle(1.0):
         log.warning("%d requests still running after the grace period", engine.inflight)
     await engine.close()
     log.info("stopped")
     return exit_code
+
+
+async def _drained(engine: PoseEngine, inflight: InflightRequests, timeout: float) -> bool:
+    """Wait until no request is admitted in the engine or being handled over HTTP (uploads not
+    yet admitted included); False if ``timeout`` ran out first."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while engine.inflight or len(inflight):
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
 
 
 def _force_exit() -> None:

@@ -91,6 +91,20 @@ class ServiceSettings(BaseSettings):
         " RESOURCE_EXHAUSTED. Bounds memory: about 3 bytes per pixel. A request alone in the"
         " engine is never refused for it. Must be at least max_image_pixels",
     )
+    exif_orientation: bool = Field(
+        True, description="Turn images upright as their EXIF orientation tag says (phone"
+        " photos); boxes and keypoints then refer to the upright image. Off: the pixels as stored",
+    )
+    max_inflight_body_bytes: int = Field(
+        256 * 1024 * 1024, ge=1, description="HTTP request body bytes held in memory by requests"
+        " in progress (reserved from Content-Length before reading); beyond: 429. A request"
+        " alone is never refused for it",
+    )
+    grpc_max_concurrent_rpcs: int = Field(
+        128, ge=1, description="gRPC calls handled at once (streams count as one); beyond:"
+        " RESOURCE_EXHAUSTED before the message is read. With grpc_max_message_bytes it bounds"
+        " the memory gRPC requests can hold",
+    )
     max_images_per_batch: int = Field(16, ge=1, description="Most images in one batch request")
     max_persons: int = Field(
         100, ge=1, description="Most persons estimated per image: detections beyond it are"
@@ -133,11 +147,59 @@ class ServiceSettings(BaseSettings):
     host: str = Field("0.0.0.0", description="Interface both servers bind to")
     http_port: int = Field(8000, ge=0, le=65535, description="REST (FastAPI) port")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port")
+    http_max_connections: int = Field(
+        1000, ge=1, description="Open HTTP connections served at once; a request on a connection"
+        " beyond it is answered 503 before its body is read",
+    )
+    http_header_timeout_s: float = Field(
+        10.0, gt=0, description="Time a client has to send a request line and headers (from"
+        " connecting, or from a request's first byte); beyond: 408 and the connection closes",
+    )
+    http_keepalive_timeout_s: float = Field(
+        5.0, gt=0, description="Idle keep-alive HTTP connections close after this many seconds"
+    )
+    http_max_header_bytes: int = Field(
+        16384, ge=1024, description="Largest HTTP request line plus headers (a long URL counts);"
+        " beyond: 431",
+    )
+    # --- security ----------------------------------------------------------------------------
+    api_key_sha256: str | None = Field(
+        None, description="Accepted API keys as SHA-256 hex digests, comma-separated; with"
+        " api_keys_file unset too, no key is required",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="File of accepted API keys (a mounted Secret): one key, or"
+        " sha256:<hex digest>, per line",
+    )
+    metrics_access: Literal["open", "auth", "off"] = Field(
+        "open", description="/metrics: open, auth (API key required when keys are set) or off"
+    )
+    docs_access: Literal["open", "auth", "off"] = Field(
+        "open", description="/docs and /openapi.json: open, auth or off"
+    )
+    reflection_access: Literal["open", "auth", "off"] = Field(
+        "open", description="gRPC server reflection: open, auth or off"
+    )
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate (chain) for TLS on both ports; needs tls_key_file"
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    grpc_tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle: gRPC requires client certificates it signed (mTLS)"
+    )
     warmup: bool = Field(True, description="Run warm-up passes before reporting ready")
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="Time to finish in-flight work on SIGTERM"
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
+
+    @model_validator(mode="after")
+    def _tls_files_come_together(self) -> ServiceSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.grpc_tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("grpc_tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
+        return self
 
     @model_validator(mode="after")
     def _pixel_budget_holds_one_image(self) -> ServiceSettings:

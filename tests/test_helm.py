@@ -311,7 +311,10 @@ def test_probes_and_ports_follow_the_settings(variant: str) -> None:
     for probe_name, path in expected_paths.items():
         probe = container[probe_name]
         if mode == "http" or probe_name == "livenessProbe":
-            assert probe["httpGet"] == {"path": path, "port": "http"}, probe_name
+            expected = {"path": path, "port": "http"}
+            if "OMNIPOSE_TLS_CERT_FILE" in env:
+                expected["scheme"] = "HTTPS"
+            assert probe["httpGet"] == expected, probe_name
         else:
             assert "httpGet" not in probe and probe["grpc"]["port"] == ports["grpc"], probe_name
     startup = container["startupProbe"]
@@ -547,6 +550,31 @@ def test_weights_modes() -> None:
         }
     )
     assert configmap_env(explicit)["OMNIPOSE_WEIGHTS"] == "/models/v2/x.pt"
+
+
+def test_api_keys_and_tls_come_from_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The security variant mounts both Secrets read-only and points the settings at them."""
+    objects = render(variant_values("security"))
+    settings = settings_from(configmap_env(objects), monkeypatch)
+    assert str(settings.api_keys_file) == "/etc/omnipose/auth/api-keys"
+    assert str(settings.tls_cert_file) == "/etc/omnipose/tls/tls.crt"
+    assert str(settings.tls_key_file) == "/etc/omnipose/tls/tls.key"
+    assert str(settings.grpc_tls_client_ca_file) == "/etc/omnipose/tls/ca.crt"
+    assert (settings.metrics_access, settings.docs_access) == ("auth", "off")
+    mounts = {m["name"]: m for m in server_container(objects)["volumeMounts"]}
+    assert mounts["api-keys"] == {"name": "api-keys", "mountPath": "/etc/omnipose/auth",
+                                  "readOnly": True}
+    assert mounts["tls"]["mountPath"] == "/etc/omnipose/tls" and mounts["tls"]["readOnly"]
+    volumes = {v["name"]: v for v in pod_spec(objects)["volumes"]}
+    assert volumes["api-keys"]["secret"]["secretName"] == "omnipose-api-keys"
+    assert volumes["tls"]["secret"]["secretName"] == "omnipose-tls"
+    plain = render()
+    assert "OMNIPOSE_API_KEYS_FILE" not in configmap_env(plain)
+    assert "tls" not in {v["name"] for v in pod_spec(plain)["volumes"]}
+    with pytest.raises(Exception, match="grpc cannot probe a TLS port"):
+        render({"tls": {"existingSecret": "omnipose-tls"}, "probes": {"mode": "grpc"}})
+    with pytest.raises(Exception, match=r"tls\.clientCA needs"):
+        render({"tls": {"clientCA": True}})
 
 
 def test_notes_render() -> None:

@@ -84,3 +84,50 @@ def test_file_errors_name_the_file(tmp_path) -> None:
         read_image_file(empty)
     with pytest.raises(ImageError, match=r"missing\.jpg: cannot read file"):
         read_image_file(tmp_path / "missing.jpg")
+
+
+def jpeg_with_orientation(image_bgr: np.ndarray, orientation: int) -> bytes:
+    """A JPEG of the stored pixels ``image_bgr`` whose EXIF tag says ``orientation``."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    rgb = Image.fromarray(np.ascontiguousarray(image_bgr[:, :, ::-1]))
+    rgb.save(buffer, format="JPEG", quality=95, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+def asymmetric_image(width: int = 64, height: int = 40) -> np.ndarray:
+    """No mirror or rotation maps it onto itself: any wrong orientation step shows."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    return np.stack([xs * 4, ys * 6, (xs + 2 * ys) % 256], axis=-1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_gives_the_upright_image(orientation: int) -> None:
+    """All 8 orientations, against Pillow's own ``exif_transpose`` of the same stored pixels."""
+    from PIL import ImageOps
+
+    data = jpeg_with_orientation(asymmetric_image(), orientation)
+    stored = decode_image(data, exif_orientation=False)
+    assert stored.shape == (40, 64, 3)
+    upright = decode_image(data)
+    reference = Image.fromarray(stored)
+    reference.getexif()[0x0112] = orientation
+    expected = np.asarray(ImageOps.exif_transpose(reference))
+    assert upright.shape == expected.shape
+    assert upright.shape[:2] == ((64, 40) if orientation >= 5 else (40, 64))
+    np.testing.assert_array_equal(upright, expected)
+
+
+def test_rotated_decompression_bomb_is_refused_from_the_header() -> None:
+    """The orientation does not let a huge canvas past the header check."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="JPEG", exif=exif.tobytes())
+    data = bytearray(buffer.getvalue())
+    sof = data.index(b"\xff\xc0")  # baseline frame header: height and width follow the precision
+    data[sof + 5 : sof + 9] = struct.pack(">HH", 7_000, 8_000)
+    with pytest.raises(ImageError, match="over the limit") as info:
+        decode_image(bytes(data), max_pixels=40_000_000)
+    assert info.value.kind == "too_large"

@@ -342,6 +342,7 @@ def test_unexpected_errors_answer_only_a_request_id(caplog) -> None:
         raise RuntimeError("secret: /srv/weights/model.pt is corrupt")
 
     engine.estimate = explode
+    engine.state = "ready"  # admission (before the body is read) needs no model: estimate fails
     app = create_app(engine)
 
     async def call() -> httpx.Response:

@@ -75,12 +75,30 @@ toJson prints them in full (40000000, 0.25) and prints booleans as true/false. S
 {{- if and (ne .Values.weights.mode "none") (not (hasKey $settings "weights")) }}
 {{- $_ := set $settings "weights" (include "omnipose.weightsFile" .) }}
 {{- end }}
+{{- if and .Values.auth.existingSecret (not (hasKey $settings "api_keys_file")) }}
+{{- $_ := set $settings "api_keys_file" (printf "%s/%s" .Values.auth.mountPath .Values.auth.key) }}
+{{- end }}
+{{- if .Values.tls.existingSecret }}
+{{- if not (hasKey $settings "tls_cert_file") }}
+{{- $_ := set $settings "tls_cert_file" (printf "%s/tls.crt" .Values.tls.mountPath) }}
+{{- $_ := set $settings "tls_key_file" (printf "%s/tls.key" .Values.tls.mountPath) }}
+{{- end }}
+{{- if and .Values.tls.clientCA (not (hasKey $settings "grpc_tls_client_ca_file")) }}
+{{- $_ := set $settings "grpc_tls_client_ca_file" (printf "%s/ca.crt" .Values.tls.mountPath) }}
+{{- end }}
+{{- end }}
 {{- toJson $settings }}
 {{- end }}
 
 {{/* Fail early on combinations a schema cannot express. */}}
 {{- define "omnipose.validate" -}}
 {{- $settings := .Values.settings }}
+{{- if and .Values.tls.existingSecret (eq .Values.probes.mode "grpc") }}
+{{- fail "probes.mode grpc cannot probe a TLS port (the kubelet's gRPC probe has no TLS): use probes.mode http with tls.existingSecret" }}
+{{- end }}
+{{- if and .Values.tls.clientCA (not .Values.tls.existingSecret) }}
+{{- fail "tls.clientCA needs tls.existingSecret (a Secret with tls.crt, tls.key and ca.crt)" }}
+{{- end }}
 {{- $grace := add (int (ceil (default 30 $settings.shutdown_grace_s))) (int .Values.lifecycle.preStopSleepSeconds) }}
 {{- if le (int .Values.terminationGracePeriodSeconds) $grace }}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must exceed settings.shutdown_grace_s + lifecycle.preStopSleepSeconds (%d), or in-flight requests are killed on shutdown" (int .Values.terminationGracePeriodSeconds) $grace) }}
@@ -127,6 +145,9 @@ grpc:
 httpGet:
   path: {{ .path }}
   port: http
+  {{- if $settings.tls_cert_file }}
+  scheme: HTTPS
+  {{- end }}
 {{- end }}
 periodSeconds: {{ .probe.periodSeconds }}
 timeoutSeconds: {{ .probe.timeoutSeconds }}

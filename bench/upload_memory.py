@@ -1,0 +1,187 @@
+"""Memory under a flood of large uploads: admission before bytes, measured.
+
+Starts a server (``--max-queue-size``, default 4), then ``--clients`` (default 48) clients at once
+each upload one ``--body-mib`` (default 20) MiB raw image body over REST, streaming it in 256 KiB
+pieces and watching for an early answer. Prints the server's RSS before, its peak during the
+flood (sampled every 20 ms from /proc) and the growth, the answers by status, and for every
+refused request how many body bytes the client had sent when the refusal arrived: a refusal
+that comes after a few hundred KiB of a 20 MiB body was made without reading the body (what
+the kernel's socket buffers took is all that moved).
+
+    .venv/bin/python bench/upload_memory.py                  # 48 x 20 MiB against a queue of 4
+
+The issue's target: RSS growth at most 300 MB, every refusal before the body is read.
+Linux only (reads /proc). The machine may be shared: the RSS figures are the server's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUS = next(REPO_ROOT.glob(".venv/lib/python3.11/site-packages/ultralytics/assets/bus.jpg"), None)
+PIECE = 256 * 1024
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def upload(port: int, body: bytes, boxes: str) -> tuple[int, int]:
+    """One raw-body upload; returns (status, body bytes sent when the answer arrived)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+    head = (
+        f"POST /v1/pose?boxes={boxes} HTTP/1.1\r\nHost: bench\r\nContent-Type: image/jpeg\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    sent = 0
+    answer = b""
+    with sock:
+        sock.sendall(head)
+        while sent < len(body):
+            readable, writable, _ = select.select([sock], [sock], [], 60)
+            if readable:
+                break
+            if writable:
+                try:
+                    sent += sock.send(body[sent : sent + PIECE])
+                except OSError:
+                    break
+        sock.settimeout(120)
+        with contextlib.suppress(OSError):
+            while b"\r\n" not in answer and (chunk := sock.recv(65536)):
+                answer += chunk
+    status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1") else 0
+    return status, sent
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=48)
+    parser.add_argument("--body-mib", type=float, default=20.0)
+    parser.add_argument("--max-queue-size", type=int, default=4)
+    parser.add_argument("--config", default="coco-w18-128x96")
+    args = parser.parse_args()
+
+    http_port, grpc_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIPOSE_")}
+    env.update(YOLO_OFFLINE="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service.server",
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            str(http_port),
+            "--grpc-port",
+            str(grpc_port),
+            "--config",
+            args.config,
+            "--device",
+            "cpu",
+            "--detector",
+            "none",
+            "--log-level",
+            "warning",
+            "--max-queue-size",
+            str(args.max_queue_size),
+            "--max-image-bytes",
+            str(int(args.body_mib * 1024 * 1024) + 1),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{http_port}/readyz").status_code == 200:
+                    break
+            time.sleep(0.3)
+        else:
+            print("server not ready", file=sys.stderr)
+            return 1
+        image = BUS.read_bytes() if BUS else b"\xff\xd8"
+        body = image + b"\0" * (int(args.body_mib * 1024 * 1024) - len(image))
+        boxes = json.dumps([[50, 400, 200, 500]]).replace(" ", "")
+        upload(http_port, image, boxes)  # warm the path once
+        time.sleep(1)
+        before = rss_mb(server.pid)
+        peak = before
+        results: list[tuple[int, int]] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, rss_mb(server.pid))
+                time.sleep(0.02)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        threads = [
+            threading.Thread(target=lambda: results.append(upload(http_port, body, boxes)))
+            for _ in range(args.clients)
+        ]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.monotonic() - started
+        done.set()
+        sampler.join()
+        statuses = Counter(status for status, _ in results)
+        refused = [sent for status, sent in results if status == 429]
+        total = len(body)
+        print(
+            f"{args.clients} clients x {args.body_mib:g} MiB against max_queue_size"
+            f" {args.max_queue_size} ({elapsed:.1f} s)"
+        )
+        print(
+            f"server RSS: before {before:.0f} MB, peak {peak:.0f} MB, growth {peak - before:.0f}"
+            " MB (target <= 300)"
+        )
+        print("answers:", dict(sorted(statuses.items())))
+        if refused:
+            print(
+                f"refused: {len(refused)}; body sent when refused: median"
+                f" {statistics.median(refused) / 1024:.0f} KiB, max {max(refused) / 1024:.0f} KiB"
+                f" of {total / 1024:.0f} KiB"
+            )
+        ok = peak - before <= 300 and all(sent < total for sent in refused)
+        return 0 if ok and statuses.get(0, 0) == 0 else 1
+    finally:
+        server.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(60)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
