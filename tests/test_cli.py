@@ -208,9 +208,10 @@ def test_predict_loads_the_authors_training_checkpoint_layout(tmp_path) -> None:
     out = tmp_path / "results.json"
     env = {**os.environ, "YOLO_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "predict", str(BUS_JPG), "--weights", str(weights),
+        [sys.executable, "-m", "omnipose_cli", "predict", str(BUS_JPG), "--weights", str(weights),
          "--config", "coco-w8-128x96", "--detector", "none", "--boxes",
-         str(tmp_path / "boxes.json"), "--device", "cpu", "--out", str(out)],
+         str(tmp_path / "boxes.json"), "--device", "cpu", "--precision", "fp32",
+         "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=300, cwd=Path(__file__).parents[1],
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -234,7 +235,7 @@ def test_predict_loads_the_authors_training_checkpoint_layout(tmp_path) -> None:
 
 def test_info_shows_the_head(tmp_path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "info", "coco-w48-384x288-waspv1", "coco-w8-96x64"],
+        [sys.executable, "-m", "omnipose_cli", "info", "coco-w48-384x288-waspv1", "coco-w8-96x64"],
         capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
