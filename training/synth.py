@@ -1056,21 +1056,28 @@ def _annotations(render: SceneRender) -> list[dict]:
         if render.areas[i] < MIN_KEYPOINT_AREA:
             keypoints = np.zeros_like(keypoints)  # too small to label, as in COCO
         rle = mask_utils.encode(np.asfortranarray((render.id_map == i).astype(np.uint8)))
-        flat: list[float | int] = []
-        for x, y, v in keypoints:
-            flat += [round(float(x), 2), round(float(y), 2), int(v)]
         annotations.append(
             {
-                "category_id": 1,
-                "bbox": [float(b) for b in render.boxes[i]],
-                "area": float(render.areas[i]),
-                "iscrowd": 0,
-                "num_keypoints": int((keypoints[:, 2] > 0).sum()),
-                "keypoints": flat,
+                **_person_annotation(render, i, keypoints),
                 "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode()},
             }
         )
     return annotations
+
+
+def _person_annotation(render: SceneRender, i: int, keypoints: np.ndarray) -> dict:
+    """The COCO fields of person ``i`` that images and sequences share (keypoints as given)."""
+    flat: list[float | int] = []
+    for x, y, v in keypoints:
+        flat += [round(float(x), 2), round(float(y), 2), int(v)]
+    return {
+        "category_id": 1,
+        "bbox": [float(b) for b in render.boxes[i]],
+        "area": float(render.areas[i]),
+        "iscrowd": 0,
+        "num_keypoints": int((keypoints[:, 2] > 0).sum()),
+        "keypoints": flat,
+    }
 
 
 def synthesize_image(
@@ -1370,20 +1377,7 @@ def _sequence_annotations(render: SceneRender) -> list[dict | None]:
         if render.areas[i] <= 0:
             out.append(None)
             continue
-        keypoints = render.keypoints[i]
-        flat: list[float | int] = []
-        for x, y, v in keypoints:
-            flat += [round(float(x), 2), round(float(y), 2), int(v)]
-        out.append(
-            {
-                "category_id": 1,
-                "bbox": [float(b) for b in render.boxes[i]],
-                "area": float(render.areas[i]),
-                "iscrowd": 0,
-                "num_keypoints": int((keypoints[:, 2] > 0).sum()),
-                "keypoints": flat,
-            }
-        )
+        out.append(_person_annotation(render, i, render.keypoints[i]))
     return out
 
 
