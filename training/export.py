@@ -12,7 +12,10 @@ import datetime
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from model.checkpoint import load_model, save_checkpoint
+from model.configs import ModelConfig
 
 PUBLISHED_SOURCE = "published checkpoint (no project metadata)"
 
@@ -60,9 +63,17 @@ def export_model(
     without it the file's own config is used, or one inferred from tensor shapes.
     Raises ``model.checkpoint.CheckpointError`` with a one-line message on unusable input.
     """
+    model, config, metadata = _load_with_export_metadata(weights, config_name)
+    save_checkpoint(out, model, config, metadata)
+    return metadata
+
+
+def _load_with_export_metadata(
+    weights: str | Path, config_name: str | None
+) -> tuple[nn.Module, ModelConfig, dict[str, Any]]:
+    """The network, its config and the serving metadata, for either export format."""
     model, config, loaded = load_model(weights, config_name, "cpu")
     assert loaded is not None  # a path was given
-    is_project_file = loaded.config is not None
     metadata = build_export_metadata(
         loaded.metadata,
         config.name,
@@ -71,10 +82,9 @@ def export_model(
         config.heatmap_size,
         Path(weights),
         loaded.sha256,
-        is_project_file,
+        loaded.config is not None,  # a project file, not a published one
     )
-    save_checkpoint(out, model, config, metadata)
-    return metadata
+    return model, config, metadata
 
 
 def export_onnx_model(
@@ -86,18 +96,7 @@ def export_onnx_model(
     from model.checkpoint import atomic_write_bytes
     from model.onnx_runtime import export_onnx, max_difference
 
-    model, config, loaded = load_model(weights, config_name, "cpu")
-    assert loaded is not None  # a path was given
-    metadata = build_export_metadata(
-        loaded.metadata,
-        config.name,
-        config.keypoints,
-        config.input_size,
-        config.heatmap_size,
-        Path(weights),
-        loaded.sha256,
-        loaded.config is not None,
-    )
+    model, config, metadata = _load_with_export_metadata(weights, config_name)
     graph = export_onnx(model, config.input_size, metadata)
     difference = max_difference(model, graph, config.input_size)
     atomic_write_bytes(out, graph)
