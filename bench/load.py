@@ -31,8 +31,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -47,6 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import service  # noqa: E402, F401  (the server's OpenMP wait policy, set before torch loads)
+from bench.local_server import local_server  # noqa: E402
 from omnipose_grpc import omnipose_pb2, omnipose_pb2_grpc  # noqa: E402
 
 
@@ -170,50 +169,23 @@ class RawModel:
 
 
 # --- server ----------------------------------------------------------------------------------
-def free_port() -> int:
-    with contextlib.closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def started_server(args: argparse.Namespace):
-    http_port, grpc_port = free_port(), free_port()
-    command = [sys.executable, "-m", "service.server", "--host", "127.0.0.1",
-               "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-               "--config", args.config, "--device", args.device, "--log-level", "warning",
-               "--max-batch-size", str(args.max_batch_size),
-               "--max-queue-delay-ms", str(args.max_queue_delay_ms),
-               "--max-queue-size", str(max(64, 2 * max(args.levels))),
-               "--detector", "hog" if args.detect else "none",
-               *(["--no-flip-test"] if args.no_flip else []),
-               "--precision", args.precision,
-               *(["--torch-threads", str(args.torch_threads)] if args.torch_threads else []),
-               *(["--model-instances", str(args.model_instances)]
-                 if args.model_instances else []),
-               *(["--weights", args.weights] if args.weights else []),
-               *args.server_arg]
-    env = {**os.environ, "YOLO_OFFLINE": "1"}
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env)
-    try:
-        url = f"http://127.0.0.1:{http_port}"
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"server exited with {process.returncode}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise SystemExit("server not ready after 120 s")
-            time.sleep(0.2)
-        yield url, f"127.0.0.1:{grpc_port}", process.pid
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    """The server under test, started with this run's settings: (http url, grpc target, pid)."""
+    server_args = ["--config", args.config, "--device", args.device, "--log-level", "warning",
+                   "--max-batch-size", str(args.max_batch_size),
+                   "--max-queue-delay-ms", str(args.max_queue_delay_ms),
+                   "--max-queue-size", str(max(64, 2 * max(args.levels))),
+                   "--detector", "hog" if args.detect else "none",
+                   *(["--no-flip-test"] if args.no_flip else []),
+                   "--precision", args.precision,
+                   *(["--torch-threads", str(args.torch_threads)] if args.torch_threads else []),
+                   *(["--model-instances", str(args.model_instances)]
+                     if args.model_instances else []),
+                   *(["--weights", args.weights] if args.weights else []),
+                   *args.server_arg]
+    with local_server(server_args, {**os.environ, "YOLO_OFFLINE": "1"}) as server:
+        yield server.http_url, server.grpc_target, server.pid
 
 
 def process_cpu_s(pid: int | None) -> float:

@@ -15,13 +15,9 @@ Linux only (reads /proc). The machine may be shared: RSS is the server's own.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -35,24 +31,12 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.local_server import local_server, rss_mb  # noqa: E402
 from omnipose_grpc import omnipose_pb2 as pb  # noqa: E402
 from omnipose_grpc import omnipose_pb2_grpc  # noqa: E402
 
 KEEPALIVE_EXPIRY_S = 2.0
 BOXES = [[20.0, 110.0, 110.0, 330.0], [250.0, 110.0, 100.0, 320.0]]
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def sample_image() -> bytes:
@@ -180,45 +164,12 @@ def main() -> int:
     parser.add_argument("--config", default="coco-w18-128x96")
     args = parser.parse_args()
 
-    http_port, grpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIPOSE_")}
     env.update(YOLO_OFFLINE="1")
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service.server",
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            str(http_port),
-            "--grpc-port",
-            str(grpc_port),
-            "--config",
-            args.config,
-            "--device",
-            "cpu",
-            "--detector",
-            "hog",
-            "--max-queue-size",
-            "16",
-            "--log-level",
-            "error",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-    )
-    http_url, grpc_target = f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{http_url}/readyz").status_code == 200:
-                    break
-            time.sleep(0.3)
-        else:
-            print("server not ready", file=sys.stderr)
-            return 1
+    server_args = ["--config", args.config, "--device", "cpu", "--detector", "hog",
+                   "--max-queue-size", "16", "--log-level", "error"]
+    with local_server(server_args, env) as server:
+        http_url, grpc_target = server.http_url, server.grpc_target
         image, tally, stop = sample_image(), Tally(), threading.Event()
         threads = [
             threading.Thread(target=worker, args=(i, http_url, grpc_target, image, stop, tally))
@@ -263,10 +214,6 @@ def main() -> int:
             f" ({growth:+.1f}%)"
         )
         return 0 if lost == 0 and server_5xx == 0 and growth < 10 else 1
-    finally:
-        server.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            server.wait(60)
 
 
 if __name__ == "__main__":

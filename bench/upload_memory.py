@@ -21,34 +21,21 @@ import contextlib
 import json
 import os
 import select
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
-import httpx
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from bench.local_server import local_server, rss_mb  # noqa: E402
+
 BUS = next(REPO_ROOT.glob(".venv/lib/python3.11/site-packages/ultralytics/assets/bus.jpg"), None)
 PIECE = 256 * 1024
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def upload(port: int, body: bytes, boxes: str) -> tuple[int, int]:
@@ -87,46 +74,13 @@ def main() -> int:
     parser.add_argument("--config", default="coco-w18-128x96")
     args = parser.parse_args()
 
-    http_port, grpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIPOSE_")}
     env.update(YOLO_OFFLINE="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service.server",
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            str(http_port),
-            "--grpc-port",
-            str(grpc_port),
-            "--config",
-            args.config,
-            "--device",
-            "cpu",
-            "--detector",
-            "none",
-            "--log-level",
-            "warning",
-            "--max-queue-size",
-            str(args.max_queue_size),
-            "--max-image-bytes",
-            str(int(args.body_mib * 1024 * 1024) + 1),
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{http_port}/readyz").status_code == 200:
-                    break
-            time.sleep(0.3)
-        else:
-            print("server not ready", file=sys.stderr)
-            return 1
+    server_args = ["--config", args.config, "--device", "cpu", "--detector", "none",
+                   "--log-level", "warning", "--max-queue-size", str(args.max_queue_size),
+                   "--max-image-bytes", str(int(args.body_mib * 1024 * 1024) + 1)]
+    with local_server(server_args, env) as server:
+        http_port = server.http_port
         image = BUS.read_bytes() if BUS else b"\xff\xd8"
         body = image + b"\0" * (int(args.body_mib * 1024 * 1024) - len(image))
         boxes = json.dumps([[50, 400, 200, 500]]).replace(" ", "")
@@ -177,10 +131,6 @@ def main() -> int:
             )
         ok = peak - before <= 300 and all(sent < total for sent in refused)
         return 0 if ok and statuses.get(0, 0) == 0 else 1
-    finally:
-        server.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            server.wait(60)
 
 
 if __name__ == "__main__":
