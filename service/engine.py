@@ -405,6 +405,16 @@ class PoseEngine:
         ``admitted``: the lease of an :meth:`admit` block the caller already holds."""
         deadline = self.deadline_from(timeout_s)
         self._validate(request)
+        if admitted is not None:
+            return await self._estimate_admitted(request, deadline, stream, admitted)
+        with self._admission() as lease:
+            return await self._estimate_admitted(request, deadline, stream, lease)
+
+    async def _estimate_admitted(self, request: ImageRequest, deadline: float,
+                                 stream: TrackedStream | None,
+                                 lease: PixelLease) -> ImageResult:
+        """One admitted image. A client ``stream_id`` is looked up only now, so a refused request
+        registers no stream; a tracked frame waits for its stream within its own deadline."""
         if stream is None and request.stream_id is not None:
             try:
                 stream = self.streams.acquire(request.stream_id, self.new_stream)
@@ -414,27 +424,25 @@ class PoseEngine:
                 self._publish_stream_count()
         try:
             if stream is None:
-                return await self._process_admitted(request, deadline, admitted, None)
-            async with stream.lock:
-                return await self._process_admitted(request, deadline, admitted, stream.tracker)
+                return await self._within(deadline, self._process(request, deadline, lease))
+            return await self._within(
+                deadline, self._process_in_stream(request, deadline, lease, stream))
         finally:
             if request.end_stream and request.stream_id is not None:
                 self.streams.release(request.stream_id)
                 self._publish_stream_count()
 
-    async def _process_admitted(self, request: ImageRequest, deadline: float,
-                                admitted: PixelLease | None,
-                                tracker: PoseTracker | None) -> ImageResult:
-        """Process under the caller's admission lease, or under one held for this call."""
-        if admitted is not None:
-            return await self._within(deadline,
-                                      self._process(request, deadline, admitted, tracker))
-        with self._admission() as lease:
-            return await self._within(deadline, self._process(request, deadline, lease, tracker))
+    async def _process_in_stream(self, request: ImageRequest, deadline: float,
+                                 lease: PixelLease, stream: TrackedStream) -> ImageResult:
+        """A tracked frame, after the stream's earlier frames (each plans from the last)."""
+        async with stream.lock:
+            return await self._process(request, deadline, lease, stream.tracker)
 
     # -- video streams ------------------------------------------------------------------------
     def new_stream(self) -> TrackedStream:
         """Tracking state for one video stream, configured by the service settings."""
+        if self.pose_model is None:
+            raise EngineUnavailable("the model is still loading and warming up")
         s = self.settings
         options = TrackingOptions(
             detect_every=s.track_detect_every, max_missed=s.track_max_missed,
@@ -447,10 +455,11 @@ class PoseEngine:
     def open_stream(self) -> Iterator[TrackedStream]:
         """A bidirectional stream's tracking state, released when the stream ends or is
         cancelled (leaving the ``with``)."""
+        stream = self.new_stream()
         self._open_streams += 1
         self._publish_stream_count()
         try:
-            yield self.new_stream()
+            yield stream
         finally:
             self._open_streams -= 1
             self._publish_stream_count()
@@ -483,6 +492,11 @@ class PoseEngine:
                 raise InvalidRequest(
                     f"images[{index}]: stream_id is for one frame per request (Estimate, POST"
                     " /v1/pose) or the StreamEstimate stream, not for batches"
+                )
+            if request.render:  # a rendered image holds its pixels until the whole batch ends
+                raise InvalidRequest(
+                    f"images[{index}]: render is only available for one image (Estimate, POST"
+                    " /v1/pose), not for batches"
                 )
             try:
                 self._validate(request)

@@ -308,7 +308,11 @@ class PoseEstimationService(omnipose_pb2_grpc.PoseEstimationServicer):
         slots = asyncio.Semaphore(self.stream_max_inflight)
         pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()
         opened = self.engine.open_stream()  # tracking state, freed when the call ends
-        stream = opened.__enter__()
+        try:
+            stream = opened.__enter__()
+        except EngineError as exc:  # not ready yet, or draining
+            self._record("StreamEstimate", GRPC_STATUS[exc.code].name, started)
+            await context.abort(GRPC_STATUS[exc.code], exc.message)
 
         async def reader() -> None:
             try:

@@ -493,6 +493,75 @@ def test_batch_errors_name_the_image_and_limits_apply() -> None:
     asyncio.run(scenario())
 
 
+def test_batches_refuse_render_because_rendered_images_hold_their_pixels() -> None:
+    """A rendered image keeps its pixels until the whole batch ends, so a later image of the
+    batch could wait for its own batch's pixel budget until the deadline."""
+    async def scenario() -> None:
+        engine = make_engine(blob_model())
+        await engine.start()
+        rendered = ImageRequest(blob_png([(60, 80)]), boxes=np.array([[30.0, 40, 60, 80]]),
+                                render=True)
+        with pytest.raises(InvalidRequest, match=r"images\[0\]: render is only available"):
+            await engine.estimate_many([rendered])
+        assert engine.inflight == 0
+        assert len((await engine.estimate(rendered)).rendered_jpeg) > 0  # one image: fine
+        await engine.close()
+
+    asyncio.run(scenario())
+
+
+def test_stream_ids_are_registered_only_for_admitted_requests() -> None:
+    """A refused frame (not ready, overloaded) leaves no stream behind to fill max_streams."""
+    async def scenario() -> None:
+        loading = PoseEngine(ServiceSettings(config=CONFIG.name, device="cpu", warmup=False),
+                             ServiceMetrics())
+        with pytest.raises(EngineUnavailable, match="loading"), loading.open_stream():
+            pass
+        assert loading.tracked_streams == 0
+
+        engine = make_engine(blob_model(), max_queue_size=1, max_batch_size=64,
+                             max_queue_delay_ms=5000)
+        boxes = np.array([[30.0, 40, 60, 80]])
+        frame = ImageRequest(blob_png([(60, 80)]), boxes=boxes, stream_id="cam")
+        with pytest.raises(EngineUnavailable, match="loading"):
+            await engine.estimate(frame)
+        assert engine.tracked_streams == 0
+        await engine.start()
+        first = asyncio.create_task(engine.estimate(ImageRequest(frame.data, boxes=boxes)))
+        await wait_until(lambda: engine._pose_batcher.depth > 0)
+        with pytest.raises(EngineOverloaded):
+            await engine.estimate(frame)
+        assert engine.tracked_streams == 0
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await engine.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_tracked_frame_waits_for_its_stream_within_its_own_deadline() -> None:
+    """Frames of one stream run one at a time; one queued behind a slow frame must still time
+    out at its own deadline and give its admission slot back, not when the slow one ends."""
+    async def scenario() -> float:
+        engine = make_engine(blob_model(), max_batch_size=64, max_queue_delay_ms=2000)
+        await engine.start()
+        frame = ImageRequest(blob_png([(60, 80)]), boxes=np.array([[30.0, 40, 60, 80]]),
+                             stream_id="cam")
+        holder = asyncio.create_task(engine.estimate(frame, timeout_s=10))
+        await wait_until(lambda: engine._pose_batcher.depth > 0)  # holds the stream ~2 s
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await engine.estimate(frame, timeout_s=0.3)
+        waited = time.monotonic() - started
+        assert engine.inflight == 1  # only the holder keeps a slot
+        assert len((await holder).persons) == 1
+        await engine.close()
+        return waited
+
+    assert asyncio.run(scenario()) < 1.5
+
+
 def test_instance_layouts_from_settings_or_for_measurement() -> None:
     def layout(**settings: object) -> InstanceLayout | None:
         return configured_layout(ServiceSettings(**settings), 8, "cpu")
