@@ -584,13 +584,9 @@ class PoseEngine:
         except BoxError as exc:
             raise InvalidRequest(str(exc)) from None
 
-    def _decode_poses(
-        self, heatmaps: torch.Tensor, crops: CropBatch, request: ImageRequest,
-        tracker: PoseTracker | None = None, detector_ran: bool = False,
-    ) -> list[PersonPose]:
-        persons = self.pose_model.estimator.decode(heatmaps, crops)
-        if tracker is not None:  # before the client's filters: tracks see every person
-            persons = tracker.update(persons, detector_ran).persons
+    def _select_persons(self, persons: list[PersonPose],
+                        request: ImageRequest) -> list[PersonPose]:
+        """The client's filters: instance score, person count, keypoint score (cheap)."""
         persons = [p for p in persons if p.score >= request.min_instance_score]
         persons.sort(key=lambda p: p.score, reverse=True)
         limit = min(request.max_persons or self.settings.max_persons, self.settings.max_persons)
@@ -673,8 +669,13 @@ class PoseEngine:
             )
             self._observe(timings, "pose_inference", job.compute_s)
             mark = time.perf_counter()
-            poses = await self._in_pool(self._decode_poses, job.future.result(), crops, request,
-                                        tracker, detector_ran)
+            persons = await self._in_pool(self.pose_model.estimator.decode,
+                                          job.future.result(), crops)
+            if tracker is not None:
+                # Its own step, before the client's filters (tracks see every person): a frame
+                # cancelled by its deadline while decoding never updates the stream's tracks.
+                persons = (await self._in_pool(tracker.update, persons, detector_ran)).persons
+            poses = self._select_persons(persons, request)
             self._observe(timings, "decode", time.perf_counter() - mark)
         elif tracker is not None:  # nobody to estimate: tracks still age and expire
             tracker.update([], detector_ran)
