@@ -488,8 +488,10 @@ class StreamRegistry:
             return self._streams.pop(stream_id, None) is not None
 
     def _expire(self, now: float) -> None:
-        while self._streams:
-            stream_id, stream = next(iter(self._streams.items()))
+        """Drop streams idle for over ``idle_s``, oldest first. A stream whose frame is being
+        processed is not idle, however long that frame takes (deadlines may exceed idle_s)."""
+        for stream_id, stream in list(self._streams.items()):
             if now - stream.last_used <= self.idle_s:
                 break
-            del self._streams[stream_id]
+            if not stream.lock.locked():
+                del self._streams[stream_id]

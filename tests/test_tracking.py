@@ -3,6 +3,7 @@ service/track_metrics.py) on synthetic sequences' ground truth; no network invol
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import math
@@ -286,6 +287,23 @@ def test_stream_registry_is_bounded_and_expires_idle_streams(monkeypatch) -> Non
     registry.acquire("c", lambda: TrackedStream(PoseTracker(SIGMAS)))
     assert "a" not in registry and "b" not in registry and len(registry) == 1
     assert registry.release("c") and not registry.release("c") and len(registry) == 0
+
+
+def test_registry_never_expires_a_stream_with_a_frame_in_flight(monkeypatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr("service.tracking.time.monotonic", lambda: clock[0])
+    registry = StreamRegistry(max_streams=4, idle_s=10.0)
+
+    async def scenario() -> None:
+        busy = registry.acquire("busy", lambda: TrackedStream(PoseTracker(SIGMAS)))
+        registry.acquire("idle", lambda: TrackedStream(PoseTracker(SIGMAS)))
+        async with busy.lock:  # a frame of "busy" is being processed
+            clock[0] += 11.0
+            registry.acquire("new", lambda: TrackedStream(PoseTracker(SIGMAS)))
+            assert "busy" in registry and "idle" not in registry
+            assert registry.acquire("busy", lambda: pytest.fail("replaced")) is busy
+
+    asyncio.run(scenario())
 
 
 def test_tracking_options_reject_bad_values() -> None:
