@@ -397,13 +397,16 @@ class PoseEngine:
 
     async def estimate(self, request: ImageRequest, timeout_s: float | None = None,
                        stream: TrackedStream | None = None,
-                       admitted: PixelLease | None = None) -> ImageResult:
+                       admitted: PixelLease | None = None,
+                       deadline: float | None = None) -> ImageResult:
         """Persons in one image. Raises an EngineError subclass for anything but a result.
 
         Frames of a video stream (``stream``, from :meth:`open_stream`, or the client's
         ``request.stream_id``) are tracked: one at a time, in the order they arrive.
-        ``admitted``: the lease of an :meth:`admit` block the caller already holds."""
-        deadline = self.deadline_from(timeout_s)
+        ``admitted``: the lease of an :meth:`admit` block the caller already holds.
+        ``deadline``: an absolute one (:meth:`deadline_from`) the caller started earlier, e.g.
+        at admission, before reading the body; it replaces ``timeout_s``."""
+        deadline = self.deadline_from(timeout_s) if deadline is None else deadline
         self._validate(request)
         if admitted is not None:
             return await self._estimate_admitted(request, deadline, stream, admitted)
@@ -474,11 +477,12 @@ class PoseEngine:
 
     async def estimate_many(
         self, requests: Sequence[ImageRequest], timeout_s: float | None = None,
-        admitted: PixelLease | None = None,
+        admitted: PixelLease | None = None, deadline: float | None = None,
     ) -> list[ImageResult]:
         """Several images as one admitted request, answered in order; the first error fails all
-        (its message names the image by index) and cancels the rest."""
-        deadline = self.deadline_from(timeout_s)
+        (its message names the image by index) and cancels the rest. ``admitted`` and
+        ``deadline`` as for :meth:`estimate`."""
+        deadline = self.deadline_from(timeout_s) if deadline is None else deadline
         if len(requests) > self.settings.max_images_per_batch:
             raise InvalidRequest(
                 f"{len(requests)} images in one batch, over the limit of"

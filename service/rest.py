@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,6 +31,7 @@ from service.boxes import BoxError, load_json
 from service.engine import PoseEngine
 from service.errors import (
     REQUEST_ID,
+    DeadlineExceeded,
     EngineError,
     EngineOverloaded,
     ErrorCode,
@@ -62,6 +63,7 @@ from service.uploads import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HTTP_STATUS = {
     ErrorCode.INVALID_IMAGE: 400,
@@ -264,6 +266,19 @@ def _timeout(header_value: float | None) -> float | None:
     return header_value
 
 
+async def _received_by(deadline: float, reading: Awaitable[T]) -> T:
+    """``reading`` (of the request body) done before the request's deadline: the deadline runs
+    from admission, so a client that uploads slowly gives its admission slot back at its own
+    deadline instead of holding it until the HTTP layer's timeouts."""
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            return await reading
+    except TimeoutError:
+        raise DeadlineExceeded(
+            "the request's deadline passed while its body was still being received"
+        ) from None
+
+
 async def _wait_for_disconnect(request: Request) -> None:
     """Returns when the client closes the connection (the body has been read by then)."""
     while True:
@@ -433,20 +448,21 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
             )
         body_limit = settings.max_image_bytes + (MULTIPART_OVERHEAD_BYTES if multipart else 0)
         async with admitted(request, body_limit) as (lease, body):
+            deadline = engine.deadline_from(timeout)
             if multipart:
                 one_file = InvalidRequest("the multipart body must hold exactly one file, the"
                                           " 'image' field; use /v1/pose/batch for several images")
-                form = await read_multipart(
+                form = await _received_by(deadline, read_multipart(
                     request.receive, request.headers["content-type"], body, body_budget,
                     body_limit, file_field="image", max_files=1,
-                    file_limit=settings.max_image_bytes, too_many_files=one_file)
+                    file_limit=settings.max_image_bytes, too_many_files=one_file))
                 if not form.files:
                     raise InvalidRequest("the multipart body has no 'image' file field")
                 data = form.files[0][1]
                 options = _merge_options(query, form.fields)
             else:
-                data = await read_raw_body(request.receive, body, body_budget,
-                                           settings.max_image_bytes)
+                data = await _received_by(deadline, read_raw_body(
+                    request.receive, body, body_budget, settings.max_image_bytes))
                 options = _merge_options(query, None)
             image_request = _to_request(data, options, options.boxes)
             image_id = _image_id(options)
@@ -458,7 +474,7 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
                 return JSONResponse(to_json(result, image_id))
 
             return await answer(
-                request, engine.estimate(image_request, timeout, admitted=lease), build)
+                request, engine.estimate(image_request, admitted=lease, deadline=deadline), build)
 
     @app.post(
         "/v1/pose/batch",
@@ -497,10 +513,11 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
                                   f" {limit}", ErrorCode.PAYLOAD_TOO_LARGE)
         body_limit = limit * settings.max_image_bytes + MULTIPART_OVERHEAD_BYTES
         async with admitted(request, body_limit) as (lease, body):
-            form = await read_multipart(
+            deadline = engine.deadline_from(timeout)
+            form = await _received_by(deadline, read_multipart(
                 request.receive, request.headers["content-type"], body, body_budget, body_limit,
                 file_field="images", max_files=limit, file_limit=settings.max_image_bytes,
-                too_many_files=too_many)
+                too_many_files=too_many))
             uploads = [data for _, data in form.files]
             if not uploads:
                 raise InvalidRequest("the multipart body has no 'images' file fields")
@@ -527,7 +544,7 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
                                                                                strict=True)]})
 
             return await answer(
-                request, engine.estimate_many(requests, timeout, admitted=lease), build)
+                request, engine.estimate_many(requests, admitted=lease, deadline=deadline), build)
 
     @app.get("/v1/models", response_model=ModelDescription,
              responses={503: _error_doc("The model is still loading")},

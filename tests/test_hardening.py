@@ -391,11 +391,12 @@ def start_upload(
     sent: bytes = b"",
     path: str = "/v1/pose",
     content_type: str = "image/jpeg",
+    extra_headers: str = "",
 ) -> socket.socket:
     """A request whose head declares ``length`` body bytes, of which only ``sent`` are sent."""
     sock = connect(server)
     sock.sendall(
-        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n{extra_headers}"
         f"Content-Length: {length}\r\n\r\n".encode()
         + sent
     )
@@ -419,6 +420,24 @@ def test_full_queue_is_refused_before_the_body_is_read(admission_server, images)
         for sock in holders:
             sock.close()
     wait_for_inflight(admission_server, 0)
+
+
+@pytest.mark.parametrize("multipart", [False, True], ids=["raw", "multipart"])
+def test_a_slow_upload_gives_its_slot_back_at_its_deadline(admission_server, multipart) -> None:
+    """The deadline runs from admission, not from the end of the body: an upload still unsent
+    at its deadline is answered 504 and its admission slot and body bytes are released, while
+    the client still holds the connection open."""
+    content_type = "multipart/form-data; boundary=b" if multipart else "image/jpeg"
+    head = (b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n") if multipart else b""  # fmt: skip
+    with start_upload(admission_server, 100_000, sent=head + b"\xff\xd8" + b"\0" * 1000,
+                      content_type=content_type,
+                      extra_headers="X-Request-Timeout: 1\r\n") as sock:  # fmt: skip
+        wait_for_inflight(admission_server, 1)
+        status, error = answer_without_body(sock)
+        assert status == 504 and "body was still being received" in error["message"], error
+        wait_for_inflight(admission_server, 0)
+        assert admission_server.metric("omnipose_inflight_body_bytes") == 0
 
 
 def test_body_byte_budget_refuses_before_reading(admission_server) -> None:
