@@ -502,7 +502,6 @@ def test_sigterm_answers_every_inflight_request_then_exits_0(tmp_path, images) -
     assert results == {**{f"rest{i}": 200 for i in range(4)}, **{f"grpc{i}": 1 for i in range(2)}}
 
 
-
 def test_jpeg_decode_on_the_device_path_through_a_real_server(
     http: httpx.Client, tmp_path, images
 ) -> None:
