@@ -226,8 +226,11 @@ class DecodedImage:
     def host_bgr(self) -> np.ndarray:
         """The ``H x W x 3`` BGR uint8 array on the host (downloaded once, then kept)."""
         if self._bgr is None:
-            bgr = self.device_rgb.flip(0).permute(1, 2, 0).contiguous()
-            self._bgr = bgr.cpu().numpy()
+            rgb = self.device_rgb.permute(1, 2, 0)  # H x W x 3
+            if rgb.device.type == "cpu":  # torchvision's CPU decoder writes H x W x 3 already
+                self._bgr = cv2.cvtColor(np.ascontiguousarray(rgb.numpy()), cv2.COLOR_RGB2BGR)
+            else:  # reorder where it is fast, then one contiguous download
+                self._bgr = rgb.flip(2).contiguous().cpu().numpy()
         return self._bgr
 
 
