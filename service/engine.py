@@ -60,6 +60,7 @@ from service.images import (
     ImageError,
     ImageHeader,
     decode_for_device,
+    decode_jpeg_on_device,
     encode_jpeg,
     read_header,
 )
@@ -180,6 +181,8 @@ class PoseEngine:
                     ),
                 )
             self.layout = await loop.run_in_executor(None, self._choose_layout)
+            if settings.warmup and self._jpeg_device() is not None:
+                await loop.run_in_executor(None, self._warm_jpeg_decoder)
             if settings.warmup and self.pose_model.estimator.device.type == "cuda":
                 await loop.run_in_executor(None, self._capture_buckets)
             self._publish_model_info()
@@ -331,6 +334,17 @@ class PoseEngine:
             estimator.forward(torch.zeros(size, 3, height, width))
         if estimator.device.type == "cuda":
             torch.cuda.synchronize(estimator.device)
+
+    def _warm_jpeg_decoder(self) -> None:
+        """One small JPEG through the device decoder, so no request pays nvjpeg's set-up. A
+        failure does not stop the start: every JPEG it refuses is decoded by OpenCV."""
+        data = encode_jpeg(np.zeros((64, 64, 3), dtype=np.uint8))
+        try:
+            decode_jpeg_on_device(data, read_header(data), self._jpeg_device())
+        except Exception as exc:
+            log.warning(
+                "device JPEG decoder warm-up failed (%s): OpenCV decodes what it refuses", exc
+            )
 
     def _warm_detector(self) -> None:
         self.detector.detect_batch([np.zeros(WARMUP_IMAGE_SHAPE, dtype=np.uint8)])

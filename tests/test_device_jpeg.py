@@ -375,3 +375,34 @@ def test_engine_answers_a_truncated_jpeg_as_invalid_on_the_device_path(
             run_engine(random_model, [request], jpeg_decode)
         errors.append((info.value.code, str(info.value)))
     assert errors[0] == errors[1] and "truncated or corrupt" in errors[0][1]
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_the_device_decoder_is_warmed_before_ready_and_a_failure_does_not_stop_the_start(
+    random_model, monkeypatch, caplog, refuse: bool
+) -> None:
+    calls = []
+    decode = torchvision.io.decode_jpeg
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("device"))
+        if refuse:
+            raise RuntimeError("nvjpeg: no decoder (simulated)")
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", recording)
+    settings = ServiceSettings(config=CONFIG.name, device="cpu", jpeg_decode="device",
+                               warmup=True, model_instances=1, torch_threads=1)  # fmt: skip
+    metrics = ServiceMetrics()
+
+    async def scenario() -> bool:
+        engine = PoseEngine(settings, metrics, pose_model=random_model, detector=NoDetector())
+        await engine.start()
+        ready = engine.ready
+        await engine.close()
+        return ready
+
+    assert asyncio.run(scenario())
+    assert calls == [torch.device("cpu")]
+    assert metrics.registry.get_sample_value(FALLBACKS) == 0  # a warm-up is no request
+    assert ("warm-up failed" in caplog.text) == refuse
