@@ -197,7 +197,7 @@ class DecodedImage:
 
     The crops are cut from whichever it holds (:func:`service.persons.crop_persons`). Only the
     detector and rendering need the host BGR array; :meth:`host_bgr` makes it from the tensor on
-    first need (colour order and layout changed on the device, then one download) and keeps it.
+    first need (on a GPU: colour order and layout changed there, then one download) and keeps it.
     It is lazy on purpose: a frame whose persons are the client's boxes or the tracker's
     pose-guided boxes, and that is not rendered, never leaves the device, so it costs no
     device-to-host copy and no host memory. One request's steps run one after another, so no lock.
