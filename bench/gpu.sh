@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One prepared GPU run (under 8 minutes on one recent GPU): the checks only a GPU can confirm,
-# raw crops/s per batch size (fp32/fp16, eager and CUDA graphs), then the service's throughput
-# and latency on the GPU against the best raw configuration. Run from the repository root:
+# One prepared GPU run (under 8 minutes on one recent GPU): the checks only a GPU can confirm
+# (device crops, nvjpeg decode vs OpenCV and its ms per image, CUDA graphs, fp16), raw crops/s
+# per batch size (fp32/fp16, eager and CUDA graphs), then the service's throughput and latency on
+# the GPU against the best raw configuration; the load sends JPEGs, so with jpeg_decode=auto
+# (the default) they are decoded on the GPU. Run from the repository root:
 #     bash bench/gpu.sh [CONFIG]
 set -uo pipefail
 cd "$(dirname "$0")/.."

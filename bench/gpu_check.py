@@ -5,7 +5,11 @@
 2. CUDA-graph buckets give the heatmaps eager PyTorch gives;
 3. fp16 (what precision=auto picks on CUDA) moves the default model's median keypoint by at most
    0.1 heatmap px on synthetic person crops;
-4. raw crops/s per batch size, fp32 and fp16, eager and with CUDA graphs.
+4. JPEGs decoded on the GPU (torchvision/nvjpeg, jpeg_decode=auto) equal OpenCV's decode within
+   one grey level on at least 99.9% of pixels (bus.jpg, EXIF orientations 1-8, other flavours;
+   any the GPU decoder refuses are named: the service decodes those with OpenCV), and the ms per
+   image of each decoder;
+5. raw crops/s per batch size, fp32 and fp16, eager and with CUDA graphs.
 
     .venv/bin/python bench/gpu_check.py --config coco-w48-256x192
 """
@@ -64,6 +68,114 @@ def check_device_crops(device) -> bool:
         f" (need >= 0.999)"
     )
     return worst >= 0.999
+
+
+def _jpeg_samples() -> dict[str, bytes]:
+    """bus.jpg, a photo crop with each EXIF orientation, and other JPEG flavours."""
+    import io
+
+    import cv2
+    from PIL import Image
+
+    from tests.samples import BUS_JPG
+    from tests.test_images import jpeg_with_orientation
+
+    bus = cv2.imread(str(BUS_JPG))
+    samples = {"bus.jpg": BUS_JPG.read_bytes()}
+    for orientation in range(1, 9):
+        samples[f"exif {orientation}"] = jpeg_with_orientation(bus[100:337, 50:411], orientation)
+    flavours = {
+        "progressive": ("RGB", {"progressive": True}),
+        "4:4:4": ("RGB", {"subsampling": 0}),
+        "grey": ("L", {}),
+        "cmyk": ("CMYK", {}),
+    }
+    for name, (mode, options) in flavours.items():
+        buffer = io.BytesIO()
+        rgb = Image.fromarray(np.ascontiguousarray(bus[:, :, ::-1])).convert(mode)
+        rgb.save(buffer, format="JPEG", quality=90, **options)
+        samples[name] = buffer.getvalue()
+    return samples
+
+
+def check_device_jpeg(device) -> bool:
+    from service.images import DecodedImage, decode_jpeg_on_device, decode_pixels, read_header
+
+    ok = True
+    refused = []
+    for name, data in _jpeg_samples().items():
+        header = read_header(data)
+        expected = decode_pixels(data, header)
+        try:
+            image = decode_jpeg_on_device(data, header, device)
+        except Exception as exc:  # the service decodes these with OpenCV (a counted fallback)
+            reason = (str(exc).splitlines() or [""])[0][:80]
+            refused.append(f"{name} ({type(exc).__name__}: {reason})")
+            continue
+        got = DecodedImage(rgb=image).host_bgr()  # what the detector and rendering get
+        if got.shape != expected.shape:
+            print(f"JPEG on {device}, {name}: shape {got.shape}, OpenCV's {expected.shape}")
+            ok = False
+            continue
+        difference = np.abs(got.astype(np.int16) - expected.astype(np.int16))
+        within = float((difference <= 1).mean())
+        print(
+            f"JPEG on {device} vs OpenCV, {name}: {within:.5f} within 1 grey level,"
+            f" {float((difference == 0).mean()):.5f} identical, largest {int(difference.max())}"
+            f" (need >= 0.999)"
+        )
+        ok &= within >= 0.999
+    if refused:
+        print("JPEGs the GPU decoder refused (OpenCV decodes them):", "; ".join(refused))
+    ok &= not any(name.startswith(("bus", "exif")) for name in refused)
+    time_jpeg_decoders(device)
+    return ok
+
+
+def _ms_per_call(function, seconds: float = 1.0) -> float:
+    for _ in range(3):
+        function()
+    repeats, started = 0, time.perf_counter()
+    while repeats < 5 or time.perf_counter() - started < seconds:
+        function()
+        repeats += 1
+    return (time.perf_counter() - started) / repeats * 1000
+
+
+def time_jpeg_decoders(device) -> None:
+    """ms per image: OpenCV on one CPU thread (the service's cpu_workers decode one image each)
+    vs torchvision on the device, alone and with the download to host BGR that a frame pays when
+    the detector or rendering needs it."""
+    import cv2
+    import torch
+
+    from service.images import DecodedImage, decode_jpeg_on_device, decode_pixels, read_header
+
+    bus = _jpeg_samples()["bus.jpg"]
+    upscaled = cv2.resize(decode_pixels(bus, read_header(bus)), (3240, 4320))  # 14 Mpx
+    encoded = cv2.imencode(".jpg", upscaled, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        for name, data in (("bus.jpg 810x1080", bus), ("3240x4320", encoded)):
+            header = read_header(data, max_pixels=100_000_000)
+
+            def on_device(download: bool, data=data, header=header) -> None:
+                image = decode_jpeg_on_device(data, header, device)
+                if download:
+                    DecodedImage(rgb=image).host_bgr()
+                if torch.device(device).type == "cuda":
+                    torch.cuda.synchronize(device)
+
+            opencv = _ms_per_call(lambda data=data, header=header: decode_pixels(data, header))
+            alone = _ms_per_call(lambda on_device=on_device: on_device(False))
+            downloaded = _ms_per_call(lambda on_device=on_device: on_device(True))
+            print(
+                f"JPEG decode, {name}: OpenCV (1 CPU thread) {opencv:.2f} ms, torchvision on"
+                f" {device} {alone:.2f} ms, + download to host BGR {downloaded:.2f} ms"
+            )
+    finally:
+        cv2.setNumThreads(threads)
 
 
 def check_graphs_and_fp16(device) -> bool:
@@ -156,6 +268,7 @@ def main() -> int:
         return 2
     device = torch.device("cuda:0")
     ok = check_device_crops(device)
+    ok &= check_device_jpeg(device)
     ok &= check_graphs_and_fp16(device)
     raw_throughput(args.config, device, args.batch_sizes, args.seconds)
     print("\nGPU checks:", "PASS" if ok else "FAIL")

@@ -3,7 +3,9 @@
 A request's image flows through stages that each run where they belong:
 
 * image decoding, crop preparation, heatmap decoding and rendering run on a small CPU thread pool
-  (``cpu_workers``), never on a model thread;
+  (``cpu_workers``), never on a model thread; a JPEG may be decoded on the pose model's device
+  (``jpeg_decode``: by default on CUDA), and then stays there unless the detector or rendering
+  needs it on the host (:class:`service.images.DecodedImage`);
 * person detection runs on one detector thread that coalesces images across requests
   (``detector_max_batch_size`` / ``detector_max_queue_delay_ms``);
 * the pose network runs on ONE dedicated thread per device that coalesces person crops across
@@ -53,7 +55,15 @@ from service.errors import (
     ErrorCode,
     InvalidRequest,
 )
-from service.images import ImageError, ImageHeader, decode_pixels, encode_jpeg, read_header
+from service.images import (
+    DecodedImage,
+    ImageError,
+    ImageHeader,
+    decode_for_device,
+    decode_jpeg_on_device,
+    encode_jpeg,
+    read_header,
+)
 from service.loading import LoadedPoseModel, load_pose_model
 from service.metrics import ServiceMetrics
 from service.persons import client_persons, crop_persons, detected_persons
@@ -171,6 +181,8 @@ class PoseEngine:
                     ),
                 )
             self.layout = await loop.run_in_executor(None, self._choose_layout)
+            if settings.warmup and self._jpeg_device() is not None:
+                await loop.run_in_executor(None, self._warm_jpeg_decoder)
             if settings.warmup and self.pose_model.estimator.device.type == "cuda":
                 await loop.run_in_executor(None, self._capture_buckets)
             self._publish_model_info()
@@ -322,6 +334,17 @@ class PoseEngine:
             estimator.forward(torch.zeros(size, 3, height, width))
         if estimator.device.type == "cuda":
             torch.cuda.synchronize(estimator.device)
+
+    def _warm_jpeg_decoder(self) -> None:
+        """One small JPEG through the device decoder, so no request pays nvjpeg's set-up. A
+        failure does not stop the start: every JPEG it refuses is decoded by OpenCV."""
+        data = encode_jpeg(np.zeros((64, 64, 3), dtype=np.uint8))
+        try:
+            decode_jpeg_on_device(data, read_header(data), self._jpeg_device())
+        except Exception as exc:
+            log.warning(
+                "device JPEG decoder warm-up failed (%s): OpenCV decodes what it refuses", exc
+            )
 
     def _warm_detector(self) -> None:
         self.detector.detect_batch([np.zeros(WARMUP_IMAGE_SHAPE, dtype=np.uint8)])
@@ -571,15 +594,27 @@ class PoseEngine:
             code = IMAGE_ERROR_CODES.get(exc.kind, ErrorCode.INVALID_IMAGE)
             raise InvalidRequest(str(exc), code) from None
 
-    def _decode(self, data: bytes, header: ImageHeader) -> np.ndarray:
+    def _jpeg_device(self) -> torch.device | None:
+        """Where JPEGs are decoded (``jpeg_decode``): the pose model's device, or None (OpenCV)."""
+        device = self.pose_model.estimator.device
+        mode = self.settings.jpeg_decode
+        if mode == "device" or (mode == "auto" and device.type == "cuda"):
+            return device
+        return None
+
+    def _jpeg_fallback(self, error: Exception) -> None:
+        self.metrics.jpeg_device_decode_fallbacks.inc()
+        log.debug("JPEG decoded by OpenCV: the device decoder refused it (%s)", error)
+
+    def _decode(self, data: bytes, header: ImageHeader) -> DecodedImage:
         try:
-            return decode_pixels(data, header)
+            return decode_for_device(data, header, self._jpeg_device(), self._jpeg_fallback)
         except ImageError as exc:
             code = IMAGE_ERROR_CODES.get(exc.kind, ErrorCode.INVALID_IMAGE)
             raise InvalidRequest(str(exc), code) from None
 
-    def _prepare(self, image_bgr: np.ndarray, persons: Detections) -> CropBatch:
-        return crop_persons(self.pose_model.estimator, image_bgr, persons)
+    def _prepare(self, image: DecodedImage, persons: Detections) -> CropBatch:
+        return crop_persons(self.pose_model.estimator, image, persons)
 
     def _client_persons(self, request: ImageRequest, width: int, height: int) -> Detections:
         boxes = client_boxes(request.boxes, width, height)
@@ -602,13 +637,16 @@ class PoseEngine:
                 person.keypoints[low] = 0.0
         return persons
 
-    def _render(self, image_bgr: np.ndarray, persons: list[PersonPose], min_score: float) -> bytes:
+    def _render(self, image: DecodedImage, persons: list[PersonPose], min_score: float) -> bytes:
+        image_bgr = image.host_bgr()  # an image decoded on the device is downloaded here
         return encode_jpeg(draw_poses(image_bgr, persons, self.pose_model.keypoints, min_score))
 
-    async def _detect(self, image: np.ndarray, deadline: float) -> Detections:
+    async def _detect(self, image: DecodedImage, deadline: float) -> Detections:
         if self.detector.name == "none":
             return Detections.empty()
-        job = await self._detector_batcher.submit(image, 1, deadline)
+        # The detector reads host BGR: an image decoded on the device is downloaded (once) here.
+        image_bgr = image.host_bgr() if image.on_host else await self._in_pool(image.host_bgr)
+        job = await self._detector_batcher.submit(image_bgr, 1, deadline)
         return job.future.result()
 
     async def _process(
@@ -628,7 +666,7 @@ class PoseEngine:
             self.admission.release_pixels(lease, pixels)
             raise
         self._observe(timings, "image_decode", time.perf_counter() - started)
-        height, width = image.shape[:2]
+        height, width = image.height, image.width
 
         detector_ran = False
         guided = None if tracker is None or request.boxes is not None else tracker.plan(width,

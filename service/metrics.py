@@ -90,6 +90,12 @@ class ServiceMetrics:
             " max_inflight_body_bytes).",
             registry=r,
         )
+        self.jpeg_device_decode_fallbacks = Counter(
+            "omnipose_jpeg_device_decode_fallbacks",
+            "JPEGs the device decoder (torchvision; nvjpeg on a GPU) refused and OpenCV then"
+            " decoded on the CPU (jpeg_decode auto on CUDA, or device).",
+            registry=r,
+        )
         self.model_info = Info(
             "omnipose_model",
             "The loaded pose model: name, config, weights checksum, device, precision, detector.",

@@ -8,7 +8,8 @@ crops, or their keypoints would differ. The rules live here once:
   ``max_persons`` boxes are kept, the highest-scoring ones (bounds the work one image can cause);
 * client boxes are the caller's explicit request, so they are never silently dropped: more than
   ``max_persons`` of them is an error;
-* images arrive as OpenCV BGR, the network was trained on RGB.
+* images arrive as OpenCV BGR (or as RGB tensors decoded on the model's device), the network
+  was trained on RGB.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from model.device_crops import image_to_device
 from model.topdown import CropBatch, TopDownPoseEstimator
 from service.boxes import BoxError
 from service.detection import Detections
+from service.images import DecodedImage
 
 
 def detected_persons(detections: Detections, image_shape: tuple[int, ...], max_persons: int,
@@ -45,12 +47,19 @@ def client_persons(boxes: np.ndarray, scores: np.ndarray | None, max_persons: in
     return Detections(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), scores)
 
 
-def crop_persons(estimator: TopDownPoseEstimator, image_bgr: np.ndarray,
+def crop_persons(estimator: TopDownPoseEstimator, image: np.ndarray | DecodedImage,
                  persons: Detections) -> CropBatch:
-    """Network inputs for ``persons``: BGR -> RGB, then the estimator's crops. On a GPU the image
-    is uploaded once (pinned, asynchronous) and the crops are cut there (model.device_crops)."""
-    image_rgb = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
+    """Network inputs for ``persons``. A host BGR image (an array, or a DecodedImage holding one)
+    goes BGR -> RGB, then the estimator's crops; on a GPU it is uploaded once (pinned,
+    asynchronous) and the crops are cut there (model.device_crops). An image decoded on the
+    model's device (RGB already) is cropped there as it is."""
+    if isinstance(image, DecodedImage):
+        if image.device_rgb is not None:
+            rgb = image.device_rgb.to(estimator.device).unsqueeze(0)  # [1, 3, H, W]
+            return estimator.prepare_on_device(rgb, persons.boxes, persons.scores)
+        image = image.host_bgr()
+    image_rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     if estimator.device.type == "cuda":
-        image = image_to_device(image_rgb, estimator.device, pin_memory=True)
-        return estimator.prepare_on_device(image, persons.boxes, persons.scores)
+        device_image = image_to_device(image_rgb, estimator.device, pin_memory=True)
+        return estimator.prepare_on_device(device_image, persons.boxes, persons.scores)
     return estimator.prepare(image_rgb, persons.boxes, persons.scores)

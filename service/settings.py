@@ -95,6 +95,13 @@ class ServiceSettings(BaseSettings):
         True, description="Turn images upright as their EXIF orientation tag says (phone"
         " photos); boxes and keypoints then refer to the upright image. Off: the pixels as stored",
     )
+    jpeg_decode: Literal["auto", "cpu", "device"] = Field(
+        "auto", description="Where JPEGs are decoded: auto = on the pose model's device when it"
+        " is CUDA (torchvision, nvjpeg), else OpenCV on the CPU; cpu = always OpenCV; device ="
+        " torchvision's decoder on the pose model's device, even on a CPU (what lets CPU tests"
+        " run the GPU path). A JPEG the device decoder refuses is decoded by OpenCV (counted in"
+        " omnipose_jpeg_device_decode_fallbacks_total); other formats always use OpenCV",
+    )
     max_inflight_body_bytes: int = Field(
         256 * 1024 * 1024, ge=1, description="HTTP request body bytes held in memory by requests"
         " in progress (reserved from Content-Length before reading); beyond: 429. A request"

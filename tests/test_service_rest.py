@@ -500,3 +500,26 @@ def test_sigterm_answers_every_inflight_request_then_exits_0(tmp_path, images) -
             thread.join(30)
     assert exit_code == 0, server.log()
     assert results == {**{f"rest{i}": 200 for i in range(4)}, **{f"grpc{i}": 1 for i in range(2)}}
+
+
+def test_jpeg_decode_on_the_device_path_through_a_real_server(
+    http: httpx.Client, tmp_path, images
+) -> None:
+    """``--jpeg-decode device`` on a CPU server: torchvision decodes and the crops are cut from
+    its tensor (the GPU code path). The answers have the OpenCV-decoding server's shape and its
+    errors; the keypoints themselves are compared in-process (tests/test_device_jpeg.py): the
+    test config's network is untrained on photos, its near-zero heatmaps have no stable peak."""
+    truncated = images.bus[: len(images.bus) // 3]
+    expected = [pose(http, data, boxes=images.bus_boxes) for data in (images.bus, truncated)]
+    args = ["--detector", "none", "--jpeg-decode", "device"]
+    with running_server(tmp_path, "jpeg-device", args) as server:
+        with httpx.Client(base_url=server.http_url, timeout=60) as client:
+            got = [pose(client, data, boxes=images.bus_boxes) for data in (images.bus, truncated)]
+        assert server.metric("omnipose_jpeg_device_decode_fallbacks_total") == 0
+    assert got[0].status_code == expected[0].status_code == 200, got[0].text
+    body, want = (PoseResponse.model_validate(r.json()) for r in (got[0], expected[0]))
+    assert (body.image.width, body.image.height) == (want.image.width, want.image.height)
+    assert [p.bbox for p in body.persons] == [p.bbox for p in want.persons]
+    assert got[1].status_code == expected[1].status_code == 400, got[1].text
+    messages = [ErrorResponse.model_validate(r.json()).error.message for r in (got[1], expected[1])]
+    assert messages[0] == messages[1] and "truncated or corrupt" in messages[0]
