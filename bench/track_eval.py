@@ -21,6 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -163,6 +164,20 @@ def load_sequence(path: Path) -> tuple[list[np.ndarray], dict]:
     return frames, annotation
 
 
+def parse_options(parser: argparse.ArgumentParser, pairs: list[str]) -> dict:
+    """``NAME=VALUE`` overrides of TrackingOptions, each VALUE cast to the field's type."""
+    fields = {f.name: f.type for f in dataclasses.fields(TrackingOptions)}
+    out = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in fields or not value:
+            parser.error(f"--option {pair!r}: expected NAME=VALUE with NAME one of"
+                         f" {', '.join(fields)}")  # fmt: skip
+        kind = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true")}
+        out[name] = kind[str(fields[name])](value)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -204,6 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         default="every,every+smooth,guided,guided+smooth",
         help="comma-separated subset of the modes to run",
     )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a TrackingOptions field in every mode (repeatable), e.g. box_margin=0.25",
+    )
     parser.add_argument("--json", type=Path, help="write all figures here")
     args = parser.parse_args(argv)
 
@@ -216,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         synth.generate_sequences(root, args.sequences_per_kind * len(synth.SEQUENCE_KINDS),
                                  args.frames, args.seed, progress=False)  # fmt: skip
     paths = sorted(root.glob("*/annotations.json"))
-    base = TrackingOptions()
+    base = replace(TrackingOptions(), **parse_options(parser, args.option))
     modes = {
         "every": replace(base, detect_every=1, smooth=False),
         "every+smooth": replace(base, detect_every=1, smooth=True),
