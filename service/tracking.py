@@ -57,6 +57,10 @@ class TrackingOptions:
     fps: float = 25.0  # frame rate assumed by the filter (frames carry no timestamps)
     keypoint_threshold: float = 0.2  # joints above it define a pose's extent
     box_margin: float = 0.15  # pose extent grown by this fraction of its size on each side
+    # the next frame's crop box around a pose grows by this instead: more context than the
+    # person's box, so a joint the last pose placed too far in is still inside the next crop
+    # (0.35 chosen on seed-200 sequences over 0.15/0.25/0.5; docs/video.md)
+    guide_margin: float = 0.35
     # a person whose mean keypoint confidence is below it is not followed by a guided box (it
     # has left the frame, or the crop holds no one), and the detector runs on the next frame
     lost_confidence: float = 0.45
@@ -335,11 +339,13 @@ class PoseTracker:
         self.frame_index += 1
         persons = self._deduplicate(persons)
         boxes = np.zeros((len(persons), 4))
+        guide_boxes = np.zeros((len(persons), 4))
         usable = np.zeros(len(persons), dtype=bool)
         for i, person in enumerate(persons):
             box = pose_box(person.keypoints, o.keypoint_threshold, o.box_margin)
             if box is not None:
                 boxes[i], usable[i] = box, True
+                guide_boxes[i] = pose_box(person.keypoints, o.keypoint_threshold, o.guide_margin)
         # The tracker scores a pose by its keypoint confidence: pose boxes, not detector
         # boxes, are what it follows, and guided frames have no detector score.
         confidence = np.array([pose_confidence(p) for p in persons], dtype=np.float64)
@@ -364,7 +370,7 @@ class PoseTracker:
                 # Not a confirmed track yet: its pose still guides the next frame's box, so one
                 # detection is enough to start following someone.
                 if keeps_going:
-                    guides.append((-1 - i, boxes[i], person.box_score))
+                    guides.append((-1 - i, guide_boxes[i], person.box_score))
                 continue
             person.extras[TRACK_ID_KEY] = track_id
             track = self._tracks.get(track_id)
@@ -379,7 +385,7 @@ class PoseTracker:
             if track.filter is not None:
                 person.keypoints = track.filter(person.keypoints, dt)
             if keeps_going:
-                guides.append((track_id, boxes[i], track.box_score))
+                guides.append((track_id, guide_boxes[i], track.box_score))
             else:
                 lost = True
         # A track followed by a guided box last frame that has none now is lost too.

@@ -255,6 +255,27 @@ def test_detector_runs_every_n_frames_and_when_a_track_is_lost(sequences) -> Non
     assert tracker.plan(*SIZE[::-1]) is None
 
 
+def test_guided_crop_boxes_have_more_context_than_the_person_box(sequences) -> None:
+    """The next frame's crop grows the pose extent by ``guide_margin``, not by the person
+    box's ``box_margin``: a joint the last pose placed too far in stays inside the crop."""
+    truth = load_ground_truth(sequences["walk"])
+    options = TrackingOptions(detect_every=10, box_margin=0.15, guide_margin=0.35, smooth=False)
+    tracker = PoseTracker(SIGMAS, options)
+    persons = _persons(truth[0], np.random.default_rng(0))
+    tracker.update(persons, detector_ran=True)
+    planned = tracker.plan(*SIZE[::-1])
+    assert planned is not None
+    guided, _ = planned
+    person_boxes = [pose_box(p.keypoints, 0.2, 0.15) for p in persons]
+    crop_boxes = [pose_box(p.keypoints, 0.2, 0.35) for p in persons]
+    for box in guided:  # clipped to the image and moved by the (still zero) Kalman velocity
+        best = int(np.argmin([np.abs(box[:2] - c[:2]).sum() for c in crop_boxes]))
+        expected = crop_boxes[best]
+        x1, y1 = max(expected[0], 0), max(expected[1], 0)
+        assert box[0] == pytest.approx(x1, abs=1.0) and box[1] == pytest.approx(y1, abs=1.0)
+        assert box[3] > person_boxes[best][3] * 1.1 or box[1] + box[3] >= SIZE[0] - 1
+
+
 def test_pose_box_covers_the_joints_with_a_margin() -> None:
     keypoints = np.array([[10, 10, 0.9], [20, 110, 0.9], [500, 500, 0.1]], float)
     box = pose_box(keypoints, threshold=0.2, margin=0.1)
