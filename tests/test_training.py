@@ -415,7 +415,7 @@ def test_training_learns_held_out_poses(tmp_path: Path) -> None:
         RECIPE,
         [
             f"data.root={tmp_path}", "data.val_split=heldout", f"output_dir={tmp_path / 'run'}",
-            "data.num_workers=1", "train.num_threads=1", f"train.batch_size={BATCH}",
+            "data.num_workers=1", "train.num_threads=2", f"train.batch_size={BATCH}",
             f"train.epochs={EPOCHS}", f"train.max_steps_per_epoch={STEPS_PER_EPOCH}",
             f"train.val_every={EPOCHS}", "train.lr=1e-3", f"train.lr_steps={LR_STEP}",
             "data.rotation_prob=0", "data.half_body_prob=0", "data.flip=false",
