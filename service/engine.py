@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePath
 from typing import Any, TypeVar
@@ -54,6 +54,7 @@ from service.errors import (
     EngineUnavailable,
     ErrorCode,
     InvalidRequest,
+    within_deadline,
 )
 from service.images import (
     DecodedImage,
@@ -90,6 +91,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 WARMUP_IMAGE_SHAPE = (480, 640, 3)
+ANSWERED = "before it was answered"  # where a pipeline deadline passes (DeadlineExceeded)
 LAYOUT_PROBE_BATCH = 4  # crops per forward when measuring instance layouts at start-up
 NO_DETECTOR = (
     "this deployment has no person detector: send the person boxes with the request"
@@ -403,14 +405,6 @@ class PoseEngine:
         ):
             raise InvalidRequest(NO_DETECTOR)
 
-    @staticmethod
-    async def _within(deadline: float, work: Awaitable[T]) -> T:
-        try:
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                return await work
-        except TimeoutError:
-            raise DeadlineExceeded("the request's deadline passed before it was answered") from None
-
     # -- public API ---------------------------------------------------------------------------
     def admit(self) -> contextlib.AbstractContextManager[PixelLease]:
         """Hold a request slot for the ``with`` block (or refuse: 503 / 429) before the request
@@ -450,9 +444,10 @@ class PoseEngine:
                 self._publish_stream_count()
         try:
             if stream is None:
-                return await self._within(deadline, self._process(request, deadline, lease))
-            return await self._within(
-                deadline, self._process_in_stream(request, deadline, lease, stream))
+                return await within_deadline(
+                    deadline, self._process(request, deadline, lease), ANSWERED)
+            return await within_deadline(
+                deadline, self._process_in_stream(request, deadline, lease, stream), ANSWERED)
         finally:
             if request.end_stream and request.stream_id is not None:
                 self.streams.release(request.stream_id)
@@ -530,9 +525,11 @@ class PoseEngine:
             except EngineError as exc:
                 raise exc.prefixed(f"images[{index}]") from None
         if admitted is not None:
-            return await self._within(deadline, self._process_all(requests, deadline, admitted))
+            return await within_deadline(
+                deadline, self._process_all(requests, deadline, admitted), ANSWERED)
         with self._admission() as lease:
-            return await self._within(deadline, self._process_all(requests, deadline, lease))
+            return await within_deadline(
+                deadline, self._process_all(requests, deadline, lease), ANSWERED)
 
     async def _process_all(
         self, requests: Sequence[ImageRequest], deadline: float, lease: PixelLease

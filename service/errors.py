@@ -8,12 +8,16 @@ log under that id.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import re
+import time
 import uuid
+from collections.abc import Awaitable
 from contextvars import ContextVar
 from enum import StrEnum
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,20 @@ class EngineOverloaded(EngineError):
 
 class DeadlineExceeded(EngineError):
     default_code = ErrorCode.DEADLINE_EXCEEDED
+
+
+T = TypeVar("T")
+
+
+async def within_deadline(deadline: float, work: Awaitable[T], stage: str) -> T:
+    """``work`` awaited until ``deadline`` (time.monotonic), else cancelled and
+    DeadlineExceeded naming ``stage``: one rule for the engine's pipeline and the transports'
+    body reads, which share a request's one deadline."""
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            return await work
+    except TimeoutError:
+        raise DeadlineExceeded(f"the request's deadline passed {stage}") from None
 
 
 class EngineUnavailable(EngineError):

@@ -31,13 +31,13 @@ from service.boxes import BoxError, load_json
 from service.engine import PoseEngine
 from service.errors import (
     REQUEST_ID,
-    DeadlineExceeded,
     EngineError,
     EngineOverloaded,
     ErrorCode,
     InvalidRequest,
     new_request_id,
     request_id_from,
+    within_deadline,
 )
 from service.http_server import InflightRequests, TransportGuard
 from service.metrics import ServiceMetrics
@@ -270,13 +270,7 @@ async def _received_by(deadline: float, reading: Awaitable[T]) -> T:
     """``reading`` (of the request body) done before the request's deadline: the deadline runs
     from admission, so a client that uploads slowly gives its admission slot back at its own
     deadline instead of holding it until the HTTP layer's timeouts."""
-    try:
-        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-            return await reading
-    except TimeoutError:
-        raise DeadlineExceeded(
-            "the request's deadline passed while its body was still being received"
-        ) from None
+    return await within_deadline(deadline, reading, "while its body was still being received")
 
 
 async def _wait_for_disconnect(request: Request) -> None:
