@@ -1,8 +1,9 @@
 """Admission control: how much work the engine accepts, so nothing queues without limit.
 
-Two budgets bound an engine: the number of admitted requests (``max_queue_size``) and the decoded
-image pixels they hold (``max_inflight_pixels``). Beyond either a request is refused at once
-(:class:`EngineOverloaded`, with a Retry-After from the recent latency) instead of waiting.
+Budgets bound an engine: the number of admitted requests (``max_queue_size``), the decoded image
+pixels they hold (``max_inflight_pixels``) and, for REST, the request body bytes in memory
+(``max_inflight_body_bytes``, see service.uploads). Beyond any of them a request is refused at
+once (:class:`EngineOverloaded`, with a Retry-After from the recent latency) instead of waiting.
 Deadlines come from the client's timeout, capped by ``max_deadline_s``.
 """
 
@@ -12,7 +13,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from service.errors import EngineOverloaded, InvalidRequest
@@ -21,11 +22,64 @@ from service.settings import ServiceSettings
 
 
 @dataclass(eq=False)
-class PixelLease:
-    """Decoded pixels one admitted request holds against ``max_inflight_pixels``."""
+class BudgetLease:
+    """What one request holds against a :class:`SharedBudget`."""
 
     held: int = 0
     released: asyncio.Event = field(default_factory=asyncio.Event)  # set when ``held`` drops
+
+
+class SharedBudget:
+    """A quantity (pixels, bytes) shared by the requests in progress, with one refusal rule.
+
+    Taking more than the limit is refused (429) while other requests hold some of it; a request
+    alone is never refused, so anything within the per-request limits is served when the service
+    is quiet. Event-loop only, so it needs no lock.
+    """
+
+    def __init__(self, what: str, limit: int, on_change: Callable[[int], None],
+                 retry_after_s: Callable[[], int]) -> None:  # fmt: skip
+        self.what = what  # in messages: "{used} {what} in progress"
+        self.limit = limit
+        self.used = 0
+        self._on_change = on_change
+        self._retry_after_s = retry_after_s
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[BudgetLease]:
+        """A lease for the ``with`` block; whatever it still holds is given back at the end."""
+        lease = BudgetLease()
+        try:
+            yield lease
+        finally:
+            self.give_back(lease, lease.held)
+
+    def others_hold(self, lease: BudgetLease) -> bool:
+        return self.used - lease.held > 0
+
+    def take(self, lease: BudgetLease, count: int) -> None:
+        """Hold ``count`` more for ``lease``, or refuse the request (EngineOverloaded)."""
+        if count <= 0:
+            return
+        if self.others_hold(lease) and self.used + count > self.limit:
+            retry_after = self._retry_after_s()
+            raise EngineOverloaded(
+                f"the service is at capacity ({self.used} {self.what} in progress, the limit is"
+                f" {self.limit}); retry in about {retry_after} s",
+                retry_after_s=retry_after,
+            )
+        lease.held += count
+        self.used += count
+        self._on_change(self.used)
+
+    def give_back(self, lease: BudgetLease, count: int) -> None:
+        count = min(count, lease.held)
+        if count <= 0:
+            return
+        lease.held -= count
+        self.used -= count
+        lease.released.set()
+        self._on_change(self.used)
 
 
 class Admission:
@@ -38,7 +92,8 @@ class Admission:
         self.settings = settings
         self.metrics = metrics
         self.inflight = 0
-        self.inflight_pixels = 0
+        self.pixels = SharedBudget("decoded image pixels", settings.max_inflight_pixels,
+                                   metrics.inflight_pixels.set, self.retry_after_s)
         self._idle = asyncio.Event()
         self._idle.set()
         self._latency_ewma_s = 0.5
@@ -57,7 +112,7 @@ class Admission:
         return max(1, math.ceil(self._latency_ewma_s))
 
     @contextlib.contextmanager
-    def admit(self) -> Iterator[PixelLease]:
+    def admit(self) -> Iterator[BudgetLease]:
         """Hold one request slot for the ``with`` block, or raise EngineOverloaded."""
         if self.inflight >= self.settings.max_queue_size:
             retry_after = self.retry_after_s()
@@ -71,11 +126,10 @@ class Admission:
         self.metrics.inflight.set(self.inflight)
         self.metrics.queue_depth.labels(queue="admission").set(self.inflight)
         started = time.monotonic()
-        lease = PixelLease()
         try:
-            yield lease
+            with self.pixels.lease() as lease:
+                yield lease
         finally:
-            self.release_pixels(lease, lease.held)
             self.inflight -= 1
             self.metrics.inflight.set(self.inflight)
             self.metrics.queue_depth.labels(queue="admission").set(self.inflight)
@@ -83,26 +137,19 @@ class Admission:
             if self.inflight == 0:
                 self._idle.set()
 
-    def hold_pixels(self, lease: PixelLease, pixels: int) -> None:
+    @property
+    def inflight_pixels(self) -> int:
+        return self.pixels.used
+
+    def hold_pixels(self, lease: BudgetLease, pixels: int) -> None:
         """Count a decoded image against max_inflight_pixels, or refuse the request (429).
 
         A request alone in the engine is never refused, so any image within max_image_pixels,
         and any batch, can be served when it is quiet.
         """
-        budget = self.settings.max_inflight_pixels
-        others = self.inflight_pixels - lease.held
-        if others > 0 and self.inflight_pixels + pixels > budget:
-            retry_after = self.retry_after_s()
-            raise EngineOverloaded(
-                f"the service is at capacity ({self.inflight_pixels} decoded image pixels in"
-                f" progress, the limit is {budget}); retry in about {retry_after} s",
-                retry_after_s=retry_after,
-            )
-        lease.held += pixels
-        self.inflight_pixels += pixels
-        self.metrics.inflight_pixels.set(self.inflight_pixels)
+        self.pixels.take(lease, pixels)
 
-    async def reserve_pixels(self, lease: PixelLease, pixels: int) -> None:
+    async def reserve_pixels(self, lease: BudgetLease, pixels: int) -> None:
         """Count an image's pixels (from its header, before decoding) against the budget.
 
         Pixels held by other requests over the budget: refused (429), as in
@@ -110,23 +157,17 @@ class Admission:
         batch) waits for its earlier images to release theirs instead, so the budget bounds a
         batch too; one image alone always fits (``max_image_pixels <= max_inflight_pixels``).
         """
-        budget = self.settings.max_inflight_pixels
         while (
             lease.held > 0
-            and self.inflight_pixels - lease.held == 0
-            and self.inflight_pixels + pixels > budget
+            and not self.pixels.others_hold(lease)
+            and self.pixels.used + pixels > self.pixels.limit
         ):
             lease.released.clear()
             await lease.released.wait()
         self.hold_pixels(lease, pixels)
 
-    def release_pixels(self, lease: PixelLease, pixels: int) -> None:
-        pixels = min(pixels, lease.held)
-        if pixels:
-            lease.released.set()
-        lease.held -= pixels
-        self.inflight_pixels -= pixels
-        self.metrics.inflight_pixels.set(self.inflight_pixels)
+    def release_pixels(self, lease: BudgetLease, pixels: int) -> None:
+        self.pixels.give_back(lease, pixels)
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until every admitted request is answered; False if ``timeout`` ran out first."""

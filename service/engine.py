@@ -41,7 +41,7 @@ import torch
 
 from model.render import draw_poses
 from model.topdown import KEYPOINT_SCORE_THRESHOLD, CropBatch, PersonPose
-from service.admission import Admission, PixelLease
+from service.admission import Admission, BudgetLease
 from service.batcher import DynamicBatcher, _Chunk
 from service.boxes import BoxError
 from service.detection import Detections, PersonDetector, build_detector
@@ -383,7 +383,7 @@ class PoseEngine:
         return self.admission.deadline_from(timeout_s)
 
     @contextlib.contextmanager
-    def _admission(self) -> Iterator[PixelLease]:
+    def _admission(self) -> Iterator[BudgetLease]:
         """Refuse while not ready, else hold a request slot (or refuse: overloaded)."""
         if self.state == "starting":
             raise EngineUnavailable("the model is still loading and warming up")
@@ -406,7 +406,7 @@ class PoseEngine:
             raise InvalidRequest(NO_DETECTOR)
 
     # -- public API ---------------------------------------------------------------------------
-    def admit(self) -> contextlib.AbstractContextManager[PixelLease]:
+    def admit(self) -> contextlib.AbstractContextManager[BudgetLease]:
         """Hold a request slot for the ``with`` block (or refuse: 503 / 429) before the request
         is even read, so a transport can refuse before receiving its bytes; pass the lease to
         :meth:`estimate` or :meth:`estimate_many`."""
@@ -414,7 +414,7 @@ class PoseEngine:
 
     async def estimate(self, request: ImageRequest, timeout_s: float | None = None,
                        stream: TrackedStream | None = None,
-                       admitted: PixelLease | None = None,
+                       admitted: BudgetLease | None = None,
                        deadline: float | None = None) -> ImageResult:
         """Persons in one image. Raises an EngineError subclass for anything but a result.
 
@@ -432,7 +432,7 @@ class PoseEngine:
 
     async def _estimate_admitted(self, request: ImageRequest, deadline: float,
                                  stream: TrackedStream | None,
-                                 lease: PixelLease) -> ImageResult:
+                                 lease: BudgetLease) -> ImageResult:
         """One admitted image. A client ``stream_id`` is looked up only now, so a refused request
         registers no stream; a tracked frame waits for its stream within its own deadline."""
         if stream is None and request.stream_id is not None:
@@ -454,7 +454,7 @@ class PoseEngine:
                 self._publish_stream_count()
 
     async def _process_in_stream(self, request: ImageRequest, deadline: float,
-                                 lease: PixelLease, stream: TrackedStream) -> ImageResult:
+                                 lease: BudgetLease, stream: TrackedStream) -> ImageResult:
         """A tracked frame, after the stream's earlier frames (each plans from the last)."""
         async with stream.lock:
             return await self._process(request, deadline, lease, stream.tracker)
@@ -495,7 +495,7 @@ class PoseEngine:
 
     async def estimate_many(
         self, requests: Sequence[ImageRequest], timeout_s: float | None = None,
-        admitted: PixelLease | None = None, deadline: float | None = None,
+        admitted: BudgetLease | None = None, deadline: float | None = None,
     ) -> list[ImageResult]:
         """Several images as one admitted request, answered in order; the first error fails all
         (its message names the image by index) and cancels the rest. ``admitted`` and
@@ -532,7 +532,7 @@ class PoseEngine:
                 deadline, self._process_all(requests, deadline, lease), ANSWERED)
 
     async def _process_all(
-        self, requests: Sequence[ImageRequest], deadline: float, lease: PixelLease
+        self, requests: Sequence[ImageRequest], deadline: float, lease: BudgetLease
     ) -> list[ImageResult]:
         tasks = [asyncio.create_task(self._process(r, deadline, lease)) for r in requests]
         try:
@@ -647,7 +647,7 @@ class PoseEngine:
         return job.future.result()
 
     async def _process(
-        self, request: ImageRequest, deadline: float, lease: PixelLease,
+        self, request: ImageRequest, deadline: float, lease: BudgetLease,
         tracker: PoseTracker | None = None,
     ) -> ImageResult:
         timings: dict[str, float] = {}

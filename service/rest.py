@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.admission import PixelLease
+from service.admission import BudgetLease, SharedBudget
 from service.auth import KeyChecker, http_path_needs_key, load_key_digests, presented_key
 from service.boxes import BoxError, load_json
 from service.engine import PoseEngine
@@ -53,8 +53,6 @@ from service.schemas import (
 )
 from service.tracking import TRACK_ID_KEY
 from service.uploads import (
-    BodyBudget,
-    BodyLease,
     ClientDisconnected,
     body_too_large,
     declared_length,
@@ -348,8 +346,8 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
-    body_budget = BodyBudget(settings.max_inflight_body_bytes, metrics.inflight_body_bytes.set,
-                             engine.admission.retry_after_s)
+    body_budget = SharedBudget("bytes of request bodies", settings.max_inflight_body_bytes,
+                               metrics.inflight_body_bytes.set, engine.admission.retry_after_s)
 
     @app.exception_handler(ClientDisconnected)
     async def _client_gone(request: Request, exc: ClientDisconnected) -> Response:
@@ -357,7 +355,7 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
 
     @contextlib.asynccontextmanager
     async def admitted(request: Request,
-                       body_limit: int) -> AsyncIterator[tuple[PixelLease, BodyLease]]:
+                       body_limit: int) -> AsyncIterator[tuple[BudgetLease, BudgetLease]]:
         """Admission before bytes: a body declared over ``body_limit`` (413), a full queue
         (429), a draining or loading engine (503) and a full body budget (429) are all refused
         before a byte of the body is read."""

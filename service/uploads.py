@@ -11,15 +11,15 @@ arrive. A refused request leaves its body unread.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import Receive
 
-from service.errors import EngineError, EngineOverloaded, ErrorCode, InvalidRequest
+from service.admission import BudgetLease, SharedBudget
+from service.errors import EngineError, ErrorCode, InvalidRequest
 
 MAX_FIELD_BYTES = 64 * 1024  # a form field holds options (boxes JSON at most), not data
 MAX_FIELDS = 100
@@ -27,55 +27,6 @@ MAX_FIELDS = 100
 
 class ClientDisconnected(Exception):
     """The client closed the connection while its body was being read."""
-
-
-@dataclass(eq=False)
-class BodyLease:
-    """Body bytes one request holds against the budget."""
-
-    held: int = 0
-
-
-class BodyBudget:
-    """Bytes of request bodies in memory across requests in progress. Event-loop only.
-
-    Like the pixel budget, a request alone is never refused for it, so any body within the
-    per-request limits can be served when the service is quiet.
-    """
-
-    def __init__(
-        self, limit: int, on_change: Callable[[int], None], retry_after_s: Callable[[], int]
-    ) -> None:
-        self.limit = limit
-        self.used = 0
-        self._on_change = on_change
-        self._retry_after_s = retry_after_s
-
-    @contextlib.contextmanager
-    def lease(self) -> Iterator[BodyLease]:
-        lease = BodyLease()
-        try:
-            yield lease
-        finally:
-            self.used -= lease.held
-            lease.held = 0
-            self._on_change(self.used)
-
-    def take(self, lease: BodyLease, count: int) -> None:
-        """Hold ``count`` more bytes for ``lease``, or refuse the request (429)."""
-        if count <= 0:
-            return
-        others = self.used - lease.held
-        if others > 0 and self.used + count > self.limit:
-            retry_after = self._retry_after_s()
-            raise EngineOverloaded(
-                f"the service is at capacity ({self.used} bytes of request bodies in progress,"
-                f" the limit is {self.limit}); retry in about {retry_after} s",
-                retry_after_s=retry_after,
-            )
-        lease.held += count
-        self.used += count
-        self._on_change(self.used)
 
 
 def body_too_large(
@@ -97,7 +48,7 @@ def declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
 
 
 async def body_chunks(
-    receive: Receive, lease: BodyLease, budget: BodyBudget, limit: int
+    receive: Receive, lease: BudgetLease, budget: SharedBudget, limit: int
 ) -> AsyncIterator[bytes]:
     """The body's chunks as they arrive, counted against ``limit`` (413) and the budget (beyond
     what the request reserved from its Content-Length)."""
@@ -119,8 +70,8 @@ async def body_chunks(
 
 async def read_raw_body(
     receive: Receive,
-    lease: BodyLease,
-    budget: BodyBudget,
+    lease: BudgetLease,
+    budget: SharedBudget,
     limit: int,
     what: str = "the request body (one image)",
 ) -> bytes:
@@ -226,8 +177,8 @@ class _StreamingForm:
 async def read_multipart(
     receive: Receive,
     content_type: str,
-    lease: BodyLease,
-    budget: BodyBudget,
+    lease: BudgetLease,
+    budget: SharedBudget,
     body_limit: int,
     *,
     file_field: str,
