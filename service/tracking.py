@@ -116,10 +116,8 @@ class OneEuroFilter:
 
 
 # --- geometry ----------------------------------------------------------------------------------
-def pose_box(keypoints: np.ndarray, threshold: float, margin: float) -> np.ndarray | None:
-    """x, y, w, h of the confident joints' extent grown by ``margin`` x its size on each side
-    (joints sit inside the body: the head top, hands and feet lie beyond them), or None with
-    fewer than two confident joints."""
+def pose_extent(keypoints: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """Centre and size of the confident joints' extent, or None with fewer than two of them."""
     confident = keypoints[keypoints[:, 2] > threshold, :2]
     if len(confident) < 2:
         return None
@@ -128,9 +126,21 @@ def pose_box(keypoints: np.ndarray, threshold: float, margin: float) -> np.ndarr
     # A body seen from the side has its joints nearly in a line: keep the box at least
     # MIN_ASPECT as wide as it is tall (and the other way round), around the joints' centre.
     size = np.maximum(size, MIN_ASPECT * size[::-1])
-    centre = (low + high) / 2
+    return (low + high) / 2, size
+
+
+def box_around(extent: tuple[np.ndarray, np.ndarray], margin: float) -> np.ndarray:
+    """x, y, w, h of ``extent`` grown by ``margin`` x its size on each side (joints sit inside
+    the body: the head top, hands and feet lie beyond them)."""
+    centre, size = extent
     half = size * (0.5 + margin)
     return np.array([centre[0] - half[0], centre[1] - half[1], 2 * half[0], 2 * half[1]])
+
+
+def pose_box(keypoints: np.ndarray, threshold: float, margin: float) -> np.ndarray | None:
+    """The confident joints' extent grown by ``margin`` (see :func:`box_around`), or None."""
+    extent = pose_extent(keypoints, threshold)
+    return None if extent is None else box_around(extent, margin)
 
 
 def pose_confidence(person: PersonPose) -> float:
@@ -342,10 +352,10 @@ class PoseTracker:
         guide_boxes = np.zeros((len(persons), 4))
         usable = np.zeros(len(persons), dtype=bool)
         for i, person in enumerate(persons):
-            box = pose_box(person.keypoints, o.keypoint_threshold, o.box_margin)
-            if box is not None:
-                boxes[i], usable[i] = box, True
-                guide_boxes[i] = pose_box(person.keypoints, o.keypoint_threshold, o.guide_margin)
+            extent = pose_extent(person.keypoints, o.keypoint_threshold)
+            if extent is not None:
+                boxes[i], usable[i] = box_around(extent, o.box_margin), True
+                guide_boxes[i] = box_around(extent, o.guide_margin)
         # The tracker scores a pose by its keypoint confidence: pose boxes, not detector
         # boxes, are what it follows, and guided frames have no detector score.
         confidence = np.array([pose_confidence(p) for p in persons], dtype=np.float64)
