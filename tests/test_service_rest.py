@@ -523,3 +523,34 @@ def test_jpeg_decode_on_the_device_path_through_a_real_server(
     assert got[1].status_code == expected[1].status_code == 400, got[1].text
     messages = [ErrorResponse.model_validate(r.json()).error.message for r in (got[1], expected[1])]
     assert messages[0] == messages[1] and "truncated or corrupt" in messages[0]
+
+
+def test_http_connections_have_nagle_off() -> None:
+    """Connections accepted on the server's socket send small writes at once (TCP_NODELAY).
+
+    With Nagle on, a response written in two pieces on a kept-alive connection waited for the
+    client's delayed ACK: every request after a connection's first took 40 ms longer (measured:
+    GET /v1/models 44 ms, 1 ms with Nagle off; the figure belongs to bench, the option here).
+    """
+    import socket
+
+    from service.server import _bind
+
+    async def scenario() -> int:
+        accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sock = writer.get_extra_info("socket")
+            accepted.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_connect, sock=_bind("127.0.0.1", 0))
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        nodelay = await asyncio.wait_for(accepted, 10)
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return nodelay
+
+    assert asyncio.run(scenario()) != 0
