@@ -5,7 +5,9 @@ Jobs (one image's crops, or one image for the detector) wait in ONE queue; each 
 OpenMP team) takes up to ``max_batch_size`` units in arrival order, splitting a large job over
 several batches. When several instances are idle, a batch takes only its share of the waiting
 units, so one request's crops are spread over the idle instances (low latency for one client);
-under load every instance takes full batches (throughput for many). Expired jobs are dropped
+under load every instance takes full batches (throughput for many). A lone batch (every other
+instance idle, nothing else waiting) may instead run on one instance with every core
+(:class:`AllCoresRunner`), where the machine runs it faster that way. Expired jobs are dropped
 before they reach the model, cancelled ones leave the queue, and a failed batch fails only the
 job whose input made it fail.
 """
@@ -33,6 +35,18 @@ from service.errors import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AllCoresRunner:
+    """How an instance runs a lone batch with the idle instances' cores too.
+
+    ``faster(units)`` says whether that beats spreading the units over the idle instances;
+    ``run_batch`` runs a batch as the batcher's own runner does, on every core.
+    """
+
+    faster: Callable[[int], bool]
+    run_batch: Callable[[Sequence[_Chunk]], list[Any]]
 
 
 @dataclass(eq=False)
@@ -93,6 +107,7 @@ class DynamicBatcher:
         on_depth: Callable[[int], None] = lambda depth: None,
         on_start: Callable[[int], None] | None = None,
         instances: int = 1,
+        all_cores: AllCoresRunner | None = None,
     ) -> None:
         self.name = name
         self._run_batch = run_batch
@@ -106,6 +121,8 @@ class DynamicBatcher:
         self._stopping = False
         self.instances = instances
         self._idle_instances = 0  # instances waiting for work (they share the queue's units)
+        self._all_cores = all_cores if instances > 1 else None
+        self.all_cores_batches = 0  # lone batches run on every core (tests, metrics)
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -218,7 +235,12 @@ class DynamicBatcher:
                         self._cond.wait(remaining)
                     if self._stopping:
                         return
-                    chunks, expired = self._take(self._share())
+                    on_all_cores = self._runs_on_all_cores()
+                    chunks, expired = self._take(
+                        self.max_batch_size if on_all_cores else self._share()
+                    )
+                    if on_all_cores and chunks:
+                        self.all_cores_batches += 1
                 finally:
                     self._idle_instances -= 1
                 self._on_depth(self._pending_units())
@@ -232,7 +254,15 @@ class DynamicBatcher:
                     DeadlineExceeded("the request's deadline passed while it waited in the queue"),
                 )
             if chunks:
-                self._execute(chunks)
+                self._execute(chunks, on_all_cores)
+
+    def _runs_on_all_cores(self) -> bool:
+        """A lone batch (every instance idle, the waiting units fit one batch) that runs faster
+        on one instance with every core than spread over all of them."""
+        if self._all_cores is None or self._idle_instances < self.instances:
+            return False
+        pending = self._pending_units()
+        return pending <= self.max_batch_size and self._all_cores.faster(pending)
 
     def _share(self) -> int:
         """Units this instance takes: a full batch, or with other instances idle only its share,
@@ -273,10 +303,11 @@ class DynamicBatcher:
             self._on_depth(self._pending_units())
         job.loop.call_soon_threadsafe(_resolve, job.future, None, error)
 
-    def _execute(self, chunks: list[_Chunk]) -> None:
+    def _execute(self, chunks: list[_Chunk], on_all_cores: bool = False) -> None:
         started = time.perf_counter()
         try:
-            outputs = self._run_batch(chunks)
+            run = self._all_cores.run_batch if on_all_cores and self._all_cores else self._run_batch
+            outputs = run(chunks)
         except Exception:  # a failed batch fails only the culprit, never the worker
             if len(chunks) > 1:
                 log.warning(

@@ -42,7 +42,7 @@ import torch
 from model.render import draw_poses
 from model.topdown import KEYPOINT_SCORE_THRESHOLD, CropBatch, PersonPose
 from service.admission import Admission, BudgetLease
-from service.batcher import DynamicBatcher, _Chunk
+from service.batcher import AllCoresRunner, DynamicBatcher, _Chunk
 from service.boxes import BoxError
 from service.detection import Detections, PersonDetector, build_detector
 from service.errors import (
@@ -71,10 +71,12 @@ from service.persons import client_persons, crop_persons, detected_persons
 from service.requests import ImageRequest, ImageResult, client_boxes
 from service.resources import (
     InstanceLayout,
+    LoneBatchRule,
     available_cpus,
     candidate_layouts,
     configured_layout,
     measure_layouts,
+    measure_lone_batches,
 )
 from service.settings import ServiceSettings
 from service.tracking import (
@@ -138,6 +140,7 @@ class PoseEngine:
         self._pool = ThreadPoolExecutor(settings.cpu_workers, thread_name_prefix="omnipose-cpu")
         self._pose_batcher: DynamicBatcher | None = None
         self.layout: InstanceLayout | None = None  # pose model instances x threads, at start()
+        self.lone_batch_rule: LoneBatchRule | None = None  # measured with the layout, on CPU
         self._detector_batcher: DynamicBatcher | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -198,6 +201,7 @@ class PoseEngine:
                 on_depth=queue_depth.labels(queue="pose").set,
                 on_start=self._start_pose_instance,
                 instances=self.layout.instances,
+                all_cores=self._all_cores_runner(),
             )
             self._detector_batcher = DynamicBatcher(
                 "detector",
@@ -311,7 +315,33 @@ class PoseEngine:
             ", ".join(f"{layout}: {rate:.1f} crops/s" for layout, rate in measured.items()),
             best,
         )
+        if (best.instances > 1 and batch > 1 and self.settings.lone_batch_on_all_cores
+                and self.settings.backend == "torch"):  # fmt: skip
+            self.lone_batch_rule = measure_lone_batches(
+                lambda units: estimator.forward(probe[:units], flip_test=False), best, cpus, batch
+            )
+            log.info("pose model: lone batches measured: %s", self.lone_batch_rule)
         return best
+
+    def _all_cores_runner(self) -> AllCoresRunner | None:
+        """Lone pose batches on every core where the start-up measurement says it is faster."""
+        rule = self.lone_batch_rule  # measured for torch only: ONNX Runtime fixes its threads
+        if rule is None or not self.settings.lone_batch_on_all_cores:
+            return None
+        faster = [units for units in range(1, self.settings.max_batch_size + 1)
+                  if rule.all_cores_faster(units)]  # fmt: skip
+        log.info("pose model: a lone batch of %s crop(s) runs on every core, others spread",
+                 ", ".join(map(str, faster)) or "no")  # fmt: skip
+        cores = self.layout.instances * self.layout.threads
+
+        def run_on_all_cores(chunks: Sequence[_Chunk]) -> list[torch.Tensor]:
+            torch.set_num_threads(cores)  # this instance thread's own OpenMP team
+            try:
+                return self._run_pose_batch(chunks)
+            finally:
+                torch.set_num_threads(self.layout.threads)
+
+        return AllCoresRunner(rule.all_cores_faster, run_on_all_cores)
 
     def _capture_buckets(self) -> None:
         """On a GPU: every batch-size bucket a batch can need (flip doubles it) captured as a

@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,68 @@ class InstanceLayout:
 
     def __str__(self) -> str:
         return f"{self.instances} instance(s) x {self.threads} thread(s)"
+
+
+@dataclass(frozen=True)
+class LoneBatchRule:
+    """Whether a lone batch (every other instance idle, nothing else waiting) finishes sooner
+    spread over the instances or on one instance with every core, from latencies measured at
+    start-up (:func:`measure_lone_batches`).
+
+    Spread, the slowest instance runs ``ceil(units / instances)`` crops, each taking what one
+    crop per instance took with all instances running at once. On every core, the time is
+    interpolated (and extrapolated) from one crop and ``probe_units`` crops. With two
+    single-threaded instances, 1 or 3 crops can finish sooner on both cores (one instance has
+    nothing to do, or runs 2 crops while the other runs 1); 2 and 4 split evenly. Machines
+    differ, hence the measurement.
+    """
+
+    instances: int
+    spread_one_s: float  # one crop on every instance at once
+    all_cores_one_s: float  # one crop on one instance with every core
+    all_cores_probe_s: float  # probe_units crops on one instance with every core
+    probe_units: int
+
+    def all_cores_s(self, units: int) -> float:
+        per_crop = (self.all_cores_probe_s - self.all_cores_one_s) / (self.probe_units - 1)
+        return self.all_cores_one_s + (units - 1) * max(per_crop, 0.0)
+
+    def spread_s(self, units: int) -> float:
+        return math.ceil(units / self.instances) * self.spread_one_s
+
+    def all_cores_faster(self, units: int) -> bool:
+        return self.all_cores_s(units) < self.spread_s(units)
+
+
+def measure_lone_batches(
+    forward: Callable[[int], object], layout: InstanceLayout, cpus: int, probe_units: int,
+    repeats: int = 3,
+) -> LoneBatchRule:
+    """Latencies behind a :class:`LoneBatchRule`: ``forward(n)`` runs a batch of n crops.
+
+    Each is the median of ``repeats`` after a warm-up, measured on threads set up as the
+    service's instances are (the all-cores batch on a thread with ``cpus`` torch threads).
+    """
+
+    def timed(threads: int, units: int, count: int = 1) -> float:
+        """Median time of ``count`` batches of ``units`` at once, one per pool thread."""
+        with ThreadPoolExecutor(count, initializer=torch.set_num_threads,
+                                initargs=(threads,)) as pool:  # fmt: skip
+            times = []
+            for _ in range(repeats + 1):  # the first warms every thread's OpenMP team up
+                started = time.perf_counter()
+                for future in [pool.submit(forward, units) for _ in range(count)]:
+                    future.result()
+                times.append(time.perf_counter() - started)
+        return sorted(times[1:])[repeats // 2]
+
+    return LoneBatchRule(
+        instances=layout.instances,
+        spread_one_s=timed(layout.threads, 1, count=layout.instances),
+        all_cores_one_s=timed(cpus, 1),
+        all_cores_probe_s=timed(cpus, probe_units),
+        probe_units=probe_units,
+    )
 
 
 def candidate_layouts(cpus: int) -> list[InstanceLayout]:

@@ -55,6 +55,11 @@ class ServiceSettings(BaseSettings):
         None, ge=1, description="torch intra-op threads per pose model instance; none: the usable"
         " CPUs divided by model_instances (or measured, see model_instances)",
     )
+    lone_batch_on_all_cores: bool = Field(
+        True, description="On CPU with a measured layout of several instances: a batch that is"
+        " alone (every other instance idle) runs on one instance with every core when the"
+        " start-up measurement says that is faster than spreading it over the instances",
+    )
 
     # --- person detection --------------------------------------------------------------------
     detector: Literal["yolo", "hog", "none"] = Field(

@@ -29,7 +29,7 @@ from torch import nn
 from model.configs import get_config
 from model.topdown import TopDownPoseEstimator
 from model.transforms import IMAGENET_MEAN, IMAGENET_STD
-from service.batcher import DynamicBatcher, _Chunk
+from service.batcher import AllCoresRunner, DynamicBatcher, _Chunk
 from service.boxes import BoxError
 from service.detection import Detections, NoDetector, PersonDetector
 from service.engine import PoseEngine
@@ -48,12 +48,14 @@ from service.persons import client_persons, crop_persons, detected_persons
 from service.requests import ImageRequest
 from service.resources import (
     InstanceLayout,
+    LoneBatchRule,
     available_cpus,
     candidate_layouts,
     cgroup_cpu_limit,
     configure_threads,
     configured_layout,
     measure_layouts,
+    measure_lone_batches,
     read_cgroup_cpu_limit,
 )
 from service.settings import ServiceSettings
@@ -211,6 +213,80 @@ def test_batcher_instances_take_full_batches_under_load() -> None:
     assert sorted(sizes) == [1, 1, 4, 4, 4, 4]
 
 
+def test_batcher_runs_a_lone_batch_on_all_cores_only_where_faster_and_alone() -> None:
+    """Two instances whose all-cores runner is faster for 3 units only: a lone 3-unit job runs
+    whole on it; a lone 2-unit job is spread 1 + 1; a 3-unit job arriving while an instance is
+    busy is not alone and goes through the ordinary runner."""
+    calls: list[tuple[str, int]] = []
+    hold = threading.Event()
+
+    def runner(name: str) -> Callable[[Sequence[_Chunk]], list[list[int]]]:
+        def run(chunks: Sequence[_Chunk]) -> list[list[int]]:
+            if any(c.job.payload == "hold" for c in chunks):
+                hold.wait(10)
+            calls.append((name, sum(c.stop - c.start for c in chunks)))
+            return [list(range(c.start, c.stop)) for c in chunks]
+
+        return run
+
+    async def scenario() -> list:
+        joined = lambda parts: [x for p in parts for x in p]  # noqa: E731
+        batcher = DynamicBatcher("test", runner("spread"), joined, 4, 0.0, instances=2,
+                                 all_cores=AllCoresRunner(lambda units: units == 3,
+                                                          runner("all cores")))  # fmt: skip
+        await batcher.start()
+        await wait_until(lambda: batcher.idle_instances == 2)
+        far = time.monotonic() + 30
+        results = [await batcher.submit("lone", 3, far), await batcher.submit("lone", 2, far)]
+        await wait_until(lambda: batcher.idle_instances == 2)
+        held = asyncio.create_task(batcher.submit("hold", 1, far))
+        await wait_until(lambda: batcher.idle_instances == 1)  # one instance busy, held
+        busy = asyncio.create_task(batcher.submit("busy", 3, far))
+        await wait_until(lambda: len(calls) == 4)  # "busy" ran while "hold" is held
+        hold.set()
+        results += [await busy, await held]
+        all_cores = batcher.all_cores_batches
+        batcher.stop()
+        return [job.future.result() for job in results], all_cores
+
+    results, all_cores = asyncio.run(scenario())
+    assert results == [[0, 1, 2], [0, 1], [0, 1, 2], [0]]
+    assert calls[0] == ("all cores", 3)
+    assert sorted(calls[1:3]) == [("spread", 1), ("spread", 1)]
+    assert calls[3:] == [("spread", 3), ("spread", 1)]
+    assert all_cores == 1
+
+
+def test_lone_batch_rule_compares_the_slowest_spread_instance_with_all_cores() -> None:
+    # two single-threaded instances, one crop each at once: 160 ms; both cores on one instance:
+    # 140 ms for one crop, 400 ms for four (about what W48 128x96 fp32 takes on the AVX2 dev
+    # machine): 1 and 3 crops finish sooner on both cores, 2 and 4 split evenly
+    rule = LoneBatchRule(instances=2, spread_one_s=0.16, all_cores_one_s=0.14,
+                         all_cores_probe_s=0.40, probe_units=4)  # fmt: skip
+    assert [u for u in range(1, 9) if rule.all_cores_faster(u)] == [1, 3]
+    assert rule.spread_s(3) == pytest.approx(0.32) and rule.all_cores_s(3) == pytest.approx(0.3133,
+                                                                                            abs=1e-3)
+    poor_scaling = LoneBatchRule(instances=2, spread_one_s=0.16, all_cores_one_s=0.17,
+                                 all_cores_probe_s=0.62, probe_units=4)  # fmt: skip
+    assert not any(poor_scaling.all_cores_faster(u) for u in range(1, 9))
+
+
+def test_lone_batches_are_measured_on_threads_set_up_like_the_instances() -> None:
+    seen: list[tuple[str, int, int]] = []
+
+    def forward(units: int) -> None:
+        threads = torch.get_num_threads()
+        seen.append((threading.current_thread().name, threads, units))
+        time.sleep(0.02 * units / threads)  # a forward that scales perfectly with threads
+
+    rule = measure_lone_batches(forward, InstanceLayout(2, 1), cpus=2, probe_units=4, repeats=1)
+    spread = {name for name, threads, units in seen if threads == 1}
+    assert len(spread) == 2  # one crop on each of two single-threaded instances at once
+    assert {(threads, units) for _, threads, units in seen} == {(1, 1), (2, 1), (2, 4)}
+    assert rule.all_cores_probe_s > 2 * rule.all_cores_one_s
+    assert rule.spread_one_s > 1.5 * rule.all_cores_one_s  # 20 ms against 10 ms
+
+
 def test_batcher_cancelled_job_leaves_the_queue_and_never_runs() -> None:
     release = threading.Event()
     seen: list[int] = []
@@ -325,11 +401,12 @@ def test_flip_groups_run_as_separate_passes(random_model: LoadedPoseModel) -> No
     assert torch.equal(outputs[2], flipped[2:])
 
 
-@pytest.mark.parametrize("instances", [1, 2])
+@pytest.mark.parametrize(("instances", "all_cores"), [(1, False), (2, False), (2, True)])
 def test_engine_result_equals_the_estimator_run_directly(random_model: LoadedPoseModel, images,
-                                                         instances: int) -> None:
+                                                         instances: int, all_cores: bool) -> None:
     """One request alone gives what prepare/forward/decode give by hand, for the service's flip
-    setting and for a per-request override, with its crops on one instance or spread over two."""
+    setting and for a per-request override, with its crops on one instance, spread over two, or
+    on one of two instances with both cores (a lone batch)."""
     boxes = np.array(images.bus_boxes)
     image_rgb = cv2.cvtColor(cv2.imdecode(np.frombuffer(images.bus, np.uint8), cv2.IMREAD_COLOR),
                              cv2.COLOR_BGR2RGB)
@@ -337,9 +414,14 @@ def test_engine_result_equals_the_estimator_run_directly(random_model: LoadedPos
 
     async def scenario() -> list:
         engine = make_engine(random_model, max_queue_delay_ms=0, model_instances=instances)
+        if all_cores:  # as if measured: every lone batch is faster on one instance, 2 threads
+            engine.lone_batch_rule = LoneBatchRule(instances, spread_one_s=1.0,
+                                                   all_cores_one_s=0.0, all_cores_probe_s=0.0,
+                                                   probe_units=4)  # fmt: skip
         await engine.start()
         results = [await engine.estimate(ImageRequest(images.bus, boxes=boxes, flip=flip))
                    for flip in (None, False)]
+        assert engine._pose_batcher.all_cores_batches == (2 if all_cores else 0)
         await engine.close()
         return results
 
