@@ -7,7 +7,8 @@ several batches. When several instances are idle, a batch takes only its share o
 units, so one request's crops are spread over the idle instances (low latency for one client);
 under load every instance takes full batches (throughput for many). A lone batch (every other
 instance idle, nothing else waiting) may instead run on one instance with every core
-(:class:`AllCoresRunner`), where the machine runs it faster that way. Expired jobs are dropped
+(:class:`AllCoresRunner`), where the machine runs it faster that way; the other instances then
+start nothing until it ends, so the cores are never oversubscribed. Expired jobs are dropped
 before they reach the model, cancelled ones leave the queue, and a failed batch fails only the
 job whose input made it fail.
 """
@@ -122,6 +123,7 @@ class DynamicBatcher:
         self.instances = instances
         self._idle_instances = 0  # instances waiting for work (they share the queue's units)
         self._all_cores = all_cores if instances > 1 else None
+        self._cores_lent = False  # an all-cores batch runs: the other instances wait for it
         self.all_cores_batches = 0  # lone batches run on every core (tests, metrics)
         self._threads: list[threading.Thread] = []
 
@@ -218,7 +220,7 @@ class DynamicBatcher:
             with self._cond:
                 self._idle_instances += 1
                 try:
-                    while not self._queue and not self._stopping:
+                    while (not self._queue or self._cores_lent) and not self._stopping:
                         self._cond.wait()
                     if self._stopping:
                         return
@@ -241,6 +243,7 @@ class DynamicBatcher:
                     )
                     if on_all_cores and chunks:
                         self.all_cores_batches += 1
+                        self._cores_lent = True
                 finally:
                     self._idle_instances -= 1
                 self._on_depth(self._pending_units())
@@ -254,7 +257,13 @@ class DynamicBatcher:
                     DeadlineExceeded("the request's deadline passed while it waited in the queue"),
                 )
             if chunks:
-                self._execute(chunks, on_all_cores)
+                try:
+                    self._execute(chunks, on_all_cores)
+                finally:
+                    if on_all_cores:
+                        with self._cond:
+                            self._cores_lent = False
+                            self._cond.notify_all()
 
     def _runs_on_all_cores(self) -> bool:
         """A lone batch (every instance idle, the waiting units fit one batch) that runs faster

@@ -257,6 +257,44 @@ def test_batcher_runs_a_lone_batch_on_all_cores_only_where_faster_and_alone() ->
     assert all_cores == 1
 
 
+def test_other_instances_start_nothing_while_a_batch_has_every_core() -> None:
+    """A job arriving during an all-cores batch waits for it instead of oversubscribing the
+    cores, then runs as usual."""
+    running: list[tuple[str, str]] = []
+    release = threading.Event()
+
+    def runner(name: str) -> Callable[[Sequence[_Chunk]], list[list[int]]]:
+        def run(chunks: Sequence[_Chunk]) -> list[list[int]]:
+            running.append((name, chunks[0].job.payload))
+            if name == "all cores":
+                release.wait(10)
+            return [list(range(c.start, c.stop)) for c in chunks]
+
+        return run
+
+    async def scenario() -> list:
+        joined = lambda parts: [x for p in parts for x in p]  # noqa: E731
+        batcher = DynamicBatcher("test", runner("spread"), joined, 4, 0.0, instances=2,
+                                 all_cores=AllCoresRunner(lambda units: units == 3,
+                                                          runner("all cores")))  # fmt: skip
+        await batcher.start()
+        await wait_until(lambda: batcher.idle_instances == 2)
+        far = time.monotonic() + 30
+        lone = asyncio.create_task(batcher.submit("lone", 3, far))
+        await wait_until(lambda: len(running) == 1)
+        later = asyncio.create_task(batcher.submit("later", 1, far))
+        await asyncio.sleep(0.2)  # an idle instance would have started it by now
+        started_meanwhile = list(running)
+        release.set()
+        await asyncio.gather(lone, later)
+        batcher.stop()
+        return started_meanwhile
+
+    started_meanwhile = asyncio.run(scenario())
+    assert started_meanwhile == [("all cores", "lone")]
+    assert running == [("all cores", "lone"), ("spread", "later")]
+
+
 def test_lone_batch_rule_compares_the_slowest_spread_instance_with_all_cores() -> None:
     # two single-threaded instances, one crop each at once: 160 ms; both cores on one instance:
     # 140 ms for one crop, 400 ms for four (about what W48 128x96 fp32 takes on the AVX2 dev
