@@ -324,7 +324,8 @@ class PoseEngine:
         return best
 
     def _all_cores_runner(self) -> AllCoresRunner | None:
-        """Lone pose batches on every core where the start-up measurement says it is faster."""
+        """Lone pose batches on every core where the start-up measurement says it is faster and
+        the request is the only one admitted."""
         rule = self.lone_batch_rule  # measured for torch only: ONNX Runtime fixes its threads
         if rule is None or not self.settings.lone_batch_on_all_cores:
             return None
@@ -341,7 +342,12 @@ class PoseEngine:
             finally:
                 torch.set_num_threads(self.layout.threads)
 
-        return AllCoresRunner(rule.all_cores_faster, run_on_all_cores)
+        def alone_and_faster(units: int) -> bool:
+            # Alone in the service, not only in the queue: with other requests admitted (being
+            # decoded, cut or answered) more work is coming, and spread instances serve it better.
+            return self.admission.inflight <= 1 and rule.all_cores_faster(units)
+
+        return AllCoresRunner(alone_and_faster, run_on_all_cores)
 
     def _capture_buckets(self) -> None:
         """On a GPU: every batch-size bucket a batch can need (flip doubles it) captured as a

@@ -56,9 +56,9 @@ class ServiceSettings(BaseSettings):
         " CPUs divided by model_instances (or measured, see model_instances)",
     )
     lone_batch_on_all_cores: bool = Field(
-        True, description="On CPU with a measured layout of several instances: a batch that is"
-        " alone (every other instance idle) runs on one instance with every core when the"
-        " start-up measurement says that is faster than spreading it over the instances",
+        True, description="On CPU with a measured layout of several instances: the batch of a"
+        " request alone in the service (every other instance idle) runs on one instance with every"
+        " core when the start-up measurement says that is faster than spreading it over them",
     )
 
     # --- person detection --------------------------------------------------------------------
