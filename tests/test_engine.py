@@ -213,6 +213,24 @@ def test_batcher_instances_take_full_batches_under_load() -> None:
     assert sorted(sizes) == [1, 1, 4, 4, 4, 4]
 
 
+def lone_three_batcher(observe: Callable[[str, Sequence[_Chunk]], None]) -> DynamicBatcher:
+    """Two instances, batches of up to 4 units, no batching delay; a lone batch of exactly 3
+    units runs on "all cores", anything else "spread". ``observe(runner, chunks)`` sees every
+    batch before it returns (each unit's result is its index in its job)."""
+
+    def runner(name: str) -> Callable[[Sequence[_Chunk]], list[list[int]]]:
+        def run(chunks: Sequence[_Chunk]) -> list[list[int]]:
+            observe(name, chunks)
+            return [list(range(c.start, c.stop)) for c in chunks]
+
+        return run
+
+    return DynamicBatcher("test", runner("spread"), lambda parts: [x for p in parts for x in p],
+                          4, 0.0, instances=2,
+                          all_cores=AllCoresRunner(lambda units: units == 3,
+                                                   runner("all cores")))  # fmt: skip
+
+
 def test_batcher_runs_a_lone_batch_on_all_cores_only_where_faster_and_alone() -> None:
     """Two instances whose all-cores runner is faster for 3 units only: a lone 3-unit job runs
     whole on it; a lone 2-unit job is spread 1 + 1; a 3-unit job arriving while an instance is
@@ -220,20 +238,13 @@ def test_batcher_runs_a_lone_batch_on_all_cores_only_where_faster_and_alone() ->
     calls: list[tuple[str, int]] = []
     hold = threading.Event()
 
-    def runner(name: str) -> Callable[[Sequence[_Chunk]], list[list[int]]]:
-        def run(chunks: Sequence[_Chunk]) -> list[list[int]]:
-            if any(c.job.payload == "hold" for c in chunks):
-                hold.wait(10)
-            calls.append((name, sum(c.stop - c.start for c in chunks)))
-            return [list(range(c.start, c.stop)) for c in chunks]
-
-        return run
+    def observe(name: str, chunks: Sequence[_Chunk]) -> None:
+        if any(c.job.payload == "hold" for c in chunks):
+            hold.wait(10)
+        calls.append((name, sum(c.stop - c.start for c in chunks)))
 
     async def scenario() -> list:
-        joined = lambda parts: [x for p in parts for x in p]  # noqa: E731
-        batcher = DynamicBatcher("test", runner("spread"), joined, 4, 0.0, instances=2,
-                                 all_cores=AllCoresRunner(lambda units: units == 3,
-                                                          runner("all cores")))  # fmt: skip
+        batcher = lone_three_batcher(observe)
         await batcher.start()
         await wait_until(lambda: batcher.idle_instances == 2)
         far = time.monotonic() + 30
@@ -263,20 +274,13 @@ def test_other_instances_start_nothing_while_a_batch_has_every_core() -> None:
     running: list[tuple[str, str]] = []
     release = threading.Event()
 
-    def runner(name: str) -> Callable[[Sequence[_Chunk]], list[list[int]]]:
-        def run(chunks: Sequence[_Chunk]) -> list[list[int]]:
-            running.append((name, chunks[0].job.payload))
-            if name == "all cores":
-                release.wait(10)
-            return [list(range(c.start, c.stop)) for c in chunks]
-
-        return run
+    def observe(name: str, chunks: Sequence[_Chunk]) -> None:
+        running.append((name, chunks[0].job.payload))
+        if name == "all cores":
+            release.wait(10)
 
     async def scenario() -> list:
-        joined = lambda parts: [x for p in parts for x in p]  # noqa: E731
-        batcher = DynamicBatcher("test", runner("spread"), joined, 4, 0.0, instances=2,
-                                 all_cores=AllCoresRunner(lambda units: units == 3,
-                                                          runner("all cores")))  # fmt: skip
+        batcher = lone_three_batcher(observe)
         await batcher.start()
         await wait_until(lambda: batcher.idle_instances == 2)
         far = time.monotonic() + 30
