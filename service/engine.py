@@ -326,8 +326,8 @@ class PoseEngine:
     def _all_cores_runner(self) -> AllCoresRunner | None:
         """Lone pose batches on every core where the start-up measurement says it is faster and
         the request is the only one admitted."""
-        rule = self.lone_batch_rule  # measured for torch only: ONNX Runtime fixes its threads
-        if rule is None or not self.settings.lone_batch_on_all_cores:
+        rule = self.lone_batch_rule  # measured only when the setting is on, and for torch only
+        if rule is None:  # (ONNX Runtime fixes its threads per session)
             return None
         faster = [units for units in range(1, self.settings.max_batch_size + 1)
                   if rule.all_cores_faster(units)]  # fmt: skip
