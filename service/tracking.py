@@ -11,9 +11,11 @@ holds one stream's state for that and nothing else; the engine runs the network.
 * The boxes given to the tracker are always the **pose extent** (confident joints, enlarged),
   whether the frame's crops came from the detector or from the previous poses: one box
   definition for the Kalman filter, whatever the source.
-* **Pose-guided boxes**: between detector frames each track's next crop box is its last pose
-  extent moved by the Kalman velocity. The detector runs every ``detect_every`` frames, when no
-  track is alive, or when a guided person came back with weak keypoints (a lost track).
+* **Pose-guided boxes**: between detector frames each track's next crop box comes from its last
+  pose, moved by the Kalman velocity and placed around it as the detector's box was
+  (:class:`CropFit`). The detector runs every ``detect_every`` frames and whenever guided boxes
+  are not to be trusted: no track is alive, a track was just lost, a lost track is still in
+  view (hidden behind someone), or two people overlap.
 * **Smoothing**: One-Euro filters (Casiez et al., CHI 2012) per track, never shared: one on the
   pose's centre (mean of its confident joints), one on the joints' offsets from it. A walking
   person's steady translation then passes through the centre filter, which follows speed, and
@@ -30,7 +32,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -61,9 +63,16 @@ class TrackingOptions:
     # person's box, so a joint the last pose placed too far in is still inside the next crop
     # (0.35 chosen on seed-200 sequences over 0.15/0.25/0.5; docs/video.md)
     guide_margin: float = 0.35
+    # guided crops placed and sized as the detector's box was around the same pose (see
+    # CropFit); False: the pose extent grown by guide_margin
+    guide_fit: bool = True
     # a person whose mean keypoint confidence is below it is not followed by a guided box (it
     # has left the frame, or the crop holds no one), and the detector runs on the next frame
     lost_confidence: float = 0.45
+    # the detector runs while two people's boxes overlap more than this (IoU; 0: at all): a crop
+    # then holds both, and a guided pose can move onto the other person, taking the track along
+    # (chosen on seed-200 sequences: at 0.1 two walkers swapped tracks; docs/video.md)
+    overlap_iou: float = 0.0
     duplicate_oks: float = 0.5  # two poses of one frame this similar are one person
     min_visible: float = 0.6  # a guided box mostly outside the image is dropped (leaving)
     oks_weight: float = 0.5  # first-stage cost: (1 - w) x IoU distance + w x OKS distance
@@ -150,6 +159,11 @@ def pose_confidence(person: PersonPose) -> float:
 
 def _area(box: np.ndarray | None) -> float:
     return 0.0 if box is None else float(box[2] * box[3])
+
+
+def _inside(box: np.ndarray, width: int, height: int) -> bool:
+    return bool(box[0] >= 0 and box[1] >= 0 and box[0] + box[2] <= width
+                and box[1] + box[3] <= height)  # fmt: skip
 
 
 def clip_box(box: np.ndarray, width: int, height: int) -> np.ndarray | None:
@@ -273,6 +287,49 @@ class PoseSmoother:
         return out
 
 
+@dataclass(frozen=True)
+class CropFit:
+    """Where a person's crop box sat around their pose on the last frame whose box came from
+    the detector: its centre's offset from the pose extent's centre and its size, both in
+    units of the extent's size (a person leaving or turning shrinks the crop with them). A
+    guided crop built with it is placed and sized like the detector's box, so the pose model
+    sees what it sees on detector frames. A crop built from the extent alone drifts: the
+    joints' extent is off-centre in the body (ankles above the soles, the head's top above the
+    eyes), so a crop centred on it is off-centre too, the next pose comes out a little shifted
+    and shortened, and the crop after that more so."""
+
+    offset: np.ndarray  # (crop centre - extent centre) / extent size, x and y
+    size: np.ndarray  # crop width and height / extent width and height
+
+    @classmethod
+    def measure(cls, crop_box: np.ndarray, extent: tuple[np.ndarray, np.ndarray]) -> CropFit:
+        centre, size = extent
+        crop_box = np.asarray(crop_box, dtype=np.float64)
+        offset = (crop_box[:2] + crop_box[2:] / 2 - centre) / size
+        return cls(offset, crop_box[2:] / size)
+
+    def box(self, extent: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """x, y, w, h of the crop box for a pose of this ``extent``."""
+        centre = extent[0] + self.offset * extent[1]
+        size = self.size * extent[1]
+        return np.concatenate([centre - size / 2, size])
+
+
+@dataclass
+class _Guide:
+    """A box for the next frame, from this frame's pose of one person."""
+
+    track_id: int  # negative: a pose not (yet) a confirmed track
+    box: np.ndarray  # x, y, w, h: the pose extent grown by guide_margin
+    # the box placed by the fit (None: no fit), used when it lies inside the image; at the
+    # image's edge the detector box a fit was measured on was cut by the edge, and the person
+    # may be walking out: there the extent's own box, which shrinks with the visible body, is
+    # the safer guess
+    fitted_box: np.ndarray | None
+    score: float  # the box score its person had on the last detector frame
+    fit: CropFit | None
+
+
 @dataclass
 class _Track:
     filter: PoseSmoother | None
@@ -298,7 +355,8 @@ class PoseTracker:
         self._tracks: dict[int, _Track] = {}
         self.frame_index = -1
         self._lost = True  # no track yet: detect
-        self._guides: list[tuple[int, np.ndarray, float]] = []  # track id, box, box score
+        self._guides: list[_Guide] = []  # the next frame's boxes from this frame's poses
+        self._handed_out: list[_Guide] = []  # the guides whose boxes this frame was given
         self._lock = threading.Lock()
 
     @property
@@ -308,12 +366,36 @@ class PoseTracker:
 
     def plan(self, width: int, height: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Boxes (N x 4) and box scores for the next frame from the previous poses, or None when
-        the detector must run (every ``detect_every`` frames, no track, or a track was lost)."""
+        the detector must run (every ``detect_every`` frames, no track, a track lost or hidden,
+        two people overlapping)."""
         with self._lock:
             next_index = self.frame_index + 1
-            if self._lost or not self._guides or next_index % self.options.detect_every == 0:
+            if (
+                self._lost
+                or not self._guides
+                or next_index % self.options.detect_every == 0
+                or self._lost_in_view(width, height)
+            ):
                 return None
             return self._guided(width, height)
+
+    def _lost_in_view(self, width: int, height: int) -> bool:
+        """Whether a lost track is hidden behind someone: its predicted box is mostly inside the
+        image and overlaps a tracked person's. The detector then looks for it on every frame
+        until it is found again, parts from the others, or expires. A person who walked out of
+        the image, or whom a weak detector misses in the open, does not count (that would run
+        the detector on every frame for as long as the track is kept)."""
+        tracked = [t.tlwh for t in self._byte.tracked_stracks if t.is_activated]
+        if not tracked:
+            return False
+        for track in self._byte.lost_stracks:
+            box = track.tlwh
+            clipped = clip_box(box, width, height)
+            if clipped is None or _area(clipped) < self.options.min_visible * _area(box):
+                continue
+            if box_iou(box, np.asarray(tracked)).max() > 0:
+                return True
+        return False
 
     def guided_boxes(self, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
         """The pose-guided boxes of the alive tracks (also used on detector frames, to keep the
@@ -322,19 +404,23 @@ class PoseTracker:
             return self._guided(width, height)
 
     def _guided(self, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
-        boxes, scores = [], []
         velocities = {t.track_id: t.mean[4:6] for t in self._byte.tracked_stracks
                       if t.mean is not None}  # fmt: skip
-        for track_id, box, score in self._guides:
+        handed_out = []
+        for guide in self._guides:
+            box = guide.box
+            if guide.fitted_box is not None and _inside(guide.fitted_box, width, height):
+                box = guide.fitted_box
             moved = box.copy()
-            velocity = velocities.get(track_id)
+            velocity = velocities.get(guide.track_id)
             if velocity is not None:
                 moved[:2] += velocity  # the Kalman filter's centre motion per frame
             clipped = clip_box(moved, width, height)
             if clipped is not None and _area(clipped) >= self.options.min_visible * _area(moved):
-                boxes.append(clipped)
-                scores.append(score)
-        return np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(scores, float)
+                handed_out.append(replace(guide, box=clipped))
+        self._handed_out = handed_out
+        boxes = np.asarray([g.box for g in handed_out], dtype=np.float64).reshape(-1, 4)
+        return boxes, np.asarray([g.score for g in handed_out], dtype=np.float64)
 
     def update(self, persons: list[PersonPose], detector_ran: bool) -> FrameTracking:
         """Track this frame's persons: duplicates (one person estimated from a detector box and
@@ -348,14 +434,20 @@ class PoseTracker:
         o = self.options
         self.frame_index += 1
         persons = self._deduplicate(persons)
+        handed_out, self._handed_out = self._handed_out, []
         boxes = np.zeros((len(persons), 4))
         guide_boxes = np.zeros((len(persons), 4))
+        fitted_boxes: list[np.ndarray | None] = [None] * len(persons)
+        fits: list[CropFit | None] = [None] * len(persons)
         usable = np.zeros(len(persons), dtype=bool)
         for i, person in enumerate(persons):
             extent = pose_extent(person.keypoints, o.keypoint_threshold)
-            if extent is not None:
-                boxes[i], usable[i] = box_around(extent, o.box_margin), True
-                guide_boxes[i] = box_around(extent, o.guide_margin)
+            if extent is None:
+                continue
+            boxes[i], usable[i] = box_around(extent, o.box_margin), True
+            fits[i] = self._fit_of(person.bbox, extent, handed_out) if o.guide_fit else None
+            guide_boxes[i] = box_around(extent, o.guide_margin)
+            fitted_boxes[i] = None if fits[i] is None else fits[i].box(extent)
         # The tracker scores a pose by its keypoint confidence: pose boxes, not detector
         # boxes, are what it follows, and guided frames have no detector score.
         confidence = np.array([pose_confidence(p) for p in persons], dtype=np.float64)
@@ -380,13 +472,19 @@ class PoseTracker:
                 # Not a confirmed track yet: its pose still guides the next frame's box, so one
                 # detection is enough to start following someone.
                 if keeps_going:
-                    guides.append((-1 - i, guide_boxes[i], person.box_score))
+                    guides.append(
+                        _Guide(-1 - i, guide_boxes[i], fitted_boxes[i], person.box_score, fits[i])
+                    )
                 continue
             person.extras[TRACK_ID_KEY] = track_id
             track = self._tracks.get(track_id)
             if track is None:
                 track = _Track(self._new_filter(), person.box_score, self.frame_index)
                 self._tracks[track_id] = track
+            elif track.last_frame != self.frame_index - 1:
+                # Found again after missed frames: its filter's value and speed are stale, and
+                # would pull the pose back towards where the person was last seen.
+                track.filter = self._new_filter()
             track.last_frame = self.frame_index
             if detector_ran:
                 track.box_score = person.box_score
@@ -395,17 +493,35 @@ class PoseTracker:
             if track.filter is not None:
                 person.keypoints = track.filter(person.keypoints, dt)
             if keeps_going:
-                guides.append((track_id, guide_boxes[i], track.box_score))
+                guides.append(
+                    _Guide(track_id, guide_boxes[i], fitted_boxes[i], track.box_score, fits[i])
+                )
             else:
                 lost = True
         # A track followed by a guided box last frame that has none now is lost too.
-        followed = {g[0] for g in self._guides if g[0] > 0}
-        if followed - {g[0] for g in guides}:
+        followed = {g.track_id for g in self._guides if g.track_id > 0}
+        if followed - {g.track_id for g in guides}:
             lost = True
         self._guides = guides
+        if len(guides) > 1 and usable.sum() > 1:
+            overlap = box_iou(boxes[usable], boxes[usable])
+            np.fill_diagonal(overlap, 0.0)
+            lost = lost or bool(overlap.max() > o.overlap_iou)
         self._lost = lost or not guides
         self._expire()
         return FrameTracking(detector_ran, track_ids, persons)
+
+    @staticmethod
+    def _fit_of(
+        crop_box: np.ndarray, extent: tuple[np.ndarray, np.ndarray], handed_out: list[_Guide]
+    ) -> CropFit:
+        """How the box a pose was estimated from sat around it: a guided box keeps the fit it
+        was built with (fitting to it again would only follow the crop's own drift); any other
+        box (the detector's, the client's) is measured against the pose."""
+        for guide in handed_out:
+            if guide.fit is not None and np.allclose(guide.box, crop_box, atol=1e-3):
+                return guide.fit
+        return CropFit.measure(crop_box, extent)
 
     def _deduplicate(self, persons: list[PersonPose]) -> list[PersonPose]:
         if len(persons) < 2:
