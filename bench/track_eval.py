@@ -173,7 +173,8 @@ def parse_options(parser: argparse.ArgumentParser, pairs: list[str]) -> dict:
         if name not in fields or not value:
             parser.error(f"--option {pair!r}: expected NAME=VALUE with NAME one of"
                          f" {', '.join(fields)}")  # fmt: skip
-        kind = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true")}
+        kind = {"int": int, "float": float, "float | None": float,
+                "bool": lambda v: v.lower() in ("1", "true")}  # fmt: skip
         out[name] = kind[str(fields[name])](value)
     return out
 

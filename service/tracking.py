@@ -14,8 +14,8 @@ holds one stream's state for that and nothing else; the engine runs the network.
 * **Pose-guided boxes**: between detector frames each track's next crop box comes from its last
   pose, moved by the Kalman velocity and placed around it as the detector's box was
   (:class:`CropFit`). The detector runs every ``detect_every`` frames and whenever guided boxes
-  are not to be trusted: no track is alive, a track was just lost, a lost track is still in
-  view (hidden behind someone), or two people overlap.
+  are not to be trusted: no track is alive, a track was just lost, a lost track is hidden
+  behind someone, or (``overlap_iou``) two people overlap.
 * **Smoothing**: One-Euro filters (Casiez et al., CHI 2012) per track, never shared: one on the
   pose's centre (mean of its confident joints), one on the joints' offsets from it. A walking
   person's steady translation then passes through the centre filter, which follows speed, and
@@ -63,16 +63,20 @@ class TrackingOptions:
     # person's box, so a joint the last pose placed too far in is still inside the next crop
     # (0.35 chosen on seed-200 sequences over 0.15/0.25/0.5; docs/video.md)
     guide_margin: float = 0.35
-    # guided crops placed and sized as the detector's box was around the same pose (see
-    # CropFit); False: the pose extent grown by guide_margin
-    guide_fit: bool = True
+    # guided crops placed and sized as the detector's box was around the same pose (CropFit)
+    # instead of the pose extent grown by guide_margin. Off by default: with a perfect detector
+    # it closes the guided-vs-every-frame IDF1 gap (0.941 -> 0.979 on the test sequences), but
+    # with HOG's loose boxes it loses tracks more often, and the extra detector frames cost
+    # most of the guided speed-up (docs/video.md)
+    guide_fit: bool = False
     # a person whose mean keypoint confidence is below it is not followed by a guided box (it
     # has left the frame, or the crop holds no one), and the detector runs on the next frame
     lost_confidence: float = 0.45
-    # the detector runs while two people's boxes overlap more than this (IoU; 0: at all): a crop
-    # then holds both, and a guided pose can move onto the other person, taking the track along
-    # (chosen on seed-200 sequences: at 0.1 two walkers swapped tracks; docs/video.md)
-    overlap_iou: float = 0.0
+    # when set, the detector runs while two people's boxes overlap more than this (IoU; 0: at
+    # all): a crop then holds both, and a guided pose can slide onto the other person, taking
+    # the track along. Off by default for its detector cost (docs/video.md); with guide_fit,
+    # 0.0 avoided a track swap on the seed-200 sequences that 0.1 did not
+    overlap_iou: float | None = None
     duplicate_oks: float = 0.5  # two poses of one frame this similar are one person
     min_visible: float = 0.6  # a guided box mostly outside the image is dropped (leaving)
     oks_weight: float = 0.5  # first-stage cost: (1 - w) x IoU distance + w x OKS distance
@@ -503,7 +507,7 @@ class PoseTracker:
         if followed - {g.track_id for g in guides}:
             lost = True
         self._guides = guides
-        if len(guides) > 1 and usable.sum() > 1:
+        if o.overlap_iou is not None and len(guides) > 1 and usable.sum() > 1:
             overlap = box_iou(boxes[usable], boxes[usable])
             np.fill_diagonal(overlap, 0.0)
             lost = lost or bool(overlap.max() > o.overlap_iou)

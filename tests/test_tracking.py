@@ -272,7 +272,7 @@ def test_guided_crops_sit_around_the_pose_as_the_detector_box_did() -> None:
     """A guided crop is placed and sized as the detector's box was around the same pose (the
     track's CropFit), not centred on the joints: a crop centred on the joints is off-centre on
     the body, and the poses drift from crop to crop."""
-    tracker = PoseTracker(SIGMAS, TrackingOptions(detect_every=10, smooth=False))
+    tracker = PoseTracker(SIGMAS, TrackingOptions(detect_every=10, smooth=False, guide_fit=True))
     person = _one_person(100, 80)
     detector_box = person.bbox.copy()
     tracker.update([person], detector_ran=True)
@@ -294,10 +294,10 @@ def test_guided_crops_sit_around_the_pose_as_the_detector_box_did() -> None:
 
 def test_guided_crops_fall_back_to_the_pose_margin_at_the_image_edge() -> None:
     """Near the edge the detector's box is cut by the image (and the person may be leaving),
-    so the crop is the joints' extent grown by ``guide_margin``; likewise without a fit."""
+    so the crop is the joints' extent grown by ``guide_margin``, as it is by default."""
     for options, person in (
-        (TrackingOptions(detect_every=10, smooth=False), _one_person(20, 80)),
-        (TrackingOptions(detect_every=10, smooth=False, guide_fit=False), _one_person(100, 80)),
+        (TrackingOptions(detect_every=10, smooth=False, guide_fit=True), _one_person(20, 80)),
+        (TrackingOptions(detect_every=10, smooth=False), _one_person(100, 80)),
     ):
         tracker = PoseTracker(SIGMAS, options)
         tracker.update([person], detector_ran=True)
@@ -339,7 +339,7 @@ def test_detector_keeps_running_while_a_lost_person_is_hidden() -> None:
 def test_detector_runs_while_two_people_overlap() -> None:
     """Two people whose boxes overlap share each other's crops: a guided pose could move onto
     the other person and take the track with it, so the detector runs until they part."""
-    tracker = PoseTracker(SIGMAS, TrackingOptions(detect_every=50, smooth=False))
+    tracker = PoseTracker(SIGMAS, TrackingOptions(detect_every=50, smooth=False, overlap_iou=0.0))
     for x in (40, 44, 48):
         tracker.update([_one_person(x, 80), _one_person(160 - x, 80)], detector_ran=True)
     assert tracker.plan(*SIZE[::-1]) is not None  # 64 px apart: guided
