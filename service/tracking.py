@@ -383,6 +383,14 @@ class PoseTracker:
                 return None
             return self._guided(width, height)
 
+    def _visible_part(self, box: np.ndarray, width: int, height: int) -> np.ndarray | None:
+        """``box`` cut to the image, or None when less than ``min_visible`` of it is inside (a
+        person walking out of the picture)."""
+        clipped = clip_box(box, width, height)
+        if clipped is None or _area(clipped) < self.options.min_visible * _area(box):
+            return None
+        return clipped
+
     def _lost_in_view(self, width: int, height: int) -> bool:
         """Whether a lost track is hidden behind someone: its predicted box is mostly inside the
         image and overlaps a tracked person's. The detector then looks for it on every frame
@@ -394,10 +402,9 @@ class PoseTracker:
             return False
         for track in self._byte.lost_stracks:
             box = track.tlwh
-            clipped = clip_box(box, width, height)
-            if clipped is None or _area(clipped) < self.options.min_visible * _area(box):
-                continue
-            if box_iou(box, np.asarray(tracked)).max() > 0:
+            if self._visible_part(box, width, height) is not None and (
+                box_iou(box, np.asarray(tracked)).max() > 0
+            ):
                 return True
         return False
 
@@ -419,8 +426,8 @@ class PoseTracker:
             velocity = velocities.get(guide.track_id)
             if velocity is not None:
                 moved[:2] += velocity  # the Kalman filter's centre motion per frame
-            clipped = clip_box(moved, width, height)
-            if clipped is not None and _area(clipped) >= self.options.min_visible * _area(moved):
+            clipped = self._visible_part(moved, width, height)
+            if clipped is not None:
                 handed_out.append(replace(guide, box=clipped))
         self._handed_out = handed_out
         boxes = np.asarray([g.box for g in handed_out], dtype=np.float64).reshape(-1, 4)
