@@ -19,17 +19,17 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-import service  # noqa: E402, F401  (the server's OpenMP settings, before torch loads)
+import omnipose.service  # noqa: E402, F401  (the server's OpenMP settings, before torch loads)
 
 
 def main() -> int:
     import torch
 
-    from model.configs import get_config
-    from model.network import build_model
-    from model.onnx_runtime import OnnxRuntimeNetwork
-    from model.precision import cpu_has_native_bf16
-    from model.topdown import TopDownPoseEstimator
+    from omnipose.model.configs import get_config
+    from omnipose.model.network import build_model
+    from omnipose.model.onnx_runtime import OnnxRuntimeNetwork
+    from omnipose.model.precision import cpu_has_native_bf16
+    from omnipose.model.topdown import TopDownPoseEstimator
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="coco-w48-128x96")

@@ -26,14 +26,19 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-import service  # noqa: E402, F401  (the server's OpenMP settings, before torch loads)
+import omnipose.service  # noqa: E402, F401  (the server's OpenMP settings, before torch loads)
 
 
 def check_device_crops(device) -> bool:
     import cv2
 
-    from model.device_crops import crop_on_device, image_to_device
-    from model.transforms import BOX_PADDING, box_to_center_scale, get_affine_transforms, warp_crops
+    from omnipose.model.device_crops import crop_on_device, image_to_device
+    from omnipose.model.transforms import (
+        BOX_PADDING,
+        box_to_center_scale,
+        get_affine_transforms,
+        warp_crops,
+    )
     from tests.samples import BUS_JPG
 
     image = cv2.cvtColor(cv2.imread(str(BUS_JPG)), cv2.COLOR_BGR2RGB)
@@ -99,7 +104,12 @@ def _jpeg_samples() -> dict[str, bytes]:
 
 
 def check_device_jpeg(device) -> bool:
-    from service.images import DecodedImage, decode_jpeg_on_device, decode_pixels, read_header
+    from omnipose.service.images import (
+        DecodedImage,
+        decode_jpeg_on_device,
+        decode_pixels,
+        read_header,
+    )
 
     ok = True
     refused = []
@@ -149,7 +159,12 @@ def time_jpeg_decoders(device) -> None:
     import cv2
     import torch
 
-    from service.images import DecodedImage, decode_jpeg_on_device, decode_pixels, read_header
+    from omnipose.service.images import (
+        DecodedImage,
+        decode_jpeg_on_device,
+        decode_pixels,
+        read_header,
+    )
 
     bus = _jpeg_samples()["bus.jpg"]
     upscaled = cv2.resize(decode_pixels(bus, read_header(bus)), (3240, 4320))  # 14 Mpx
@@ -181,9 +196,9 @@ def time_jpeg_decoders(device) -> None:
 def check_graphs_and_fp16(device) -> bool:
     import torch
 
-    from model.codec import decode_heatmaps
-    from model.topdown import TopDownPoseEstimator
-    from service.loading import load_pose_model
+    from omnipose.model.codec import decode_heatmaps
+    from omnipose.model.topdown import TopDownPoseEstimator
+    from omnipose.service.loading import load_pose_model
 
     loaded = load_pose_model(device="cpu", precision="fp32")
     network, config = loaded.estimator.model, loaded.config
@@ -218,9 +233,9 @@ def raw_throughput(config_name: str, device, batch_sizes: list[int], seconds: fl
 
     import torch
 
-    from model.configs import get_config
-    from model.network import build_model
-    from model.topdown import TopDownPoseEstimator
+    from omnipose.model.configs import get_config
+    from omnipose.model.network import build_model
+    from omnipose.model.topdown import TopDownPoseEstimator
 
     config = get_config(config_name)
     network = build_model(config).eval()

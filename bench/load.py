@@ -44,9 +44,9 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-import service  # noqa: E402, F401  (the server's OpenMP wait policy, set before torch loads)
+import omnipose.service  # noqa: E402, F401  (the server's OpenMP settings, before torch loads)
 from bench.local_server import local_server  # noqa: E402
-from omnipose_grpc import omnipose_pb2, omnipose_pb2_grpc  # noqa: E402
+from omnipose.proto import omnipose_pb2, omnipose_pb2_grpc  # noqa: E402
 
 
 @dataclass
@@ -98,14 +98,14 @@ class RawModel:
     def __init__(self, args: argparse.Namespace) -> None:
         import torch
 
-        from service.loading import load_pose_model
-        from service.resources import (
+        from omnipose.service.loading import load_pose_model
+        from omnipose.service.resources import (
             available_cpus,
             candidate_layouts,
             configure_threads,
             configured_layout,
         )
-        from service.settings import ServiceSettings
+        from omnipose.service.settings import ServiceSettings
 
         settings = ServiceSettings(config=args.config, device=args.device,
                                    precision=args.precision, model_instances=args.model_instances,
@@ -133,7 +133,7 @@ class RawModel:
 
     def throughput(self, seconds: float, layouts=None) -> dict:
         """Crops per second on full batches, every instance busy, per layout."""
-        from service.resources import measure_layouts
+        from omnipose.service.resources import measure_layouts
 
         return measure_layouts(lambda: self._forward(self.batch), layouts or self.layouts,
                                seconds_per_layout=seconds)
@@ -330,7 +330,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     target = parser.add_argument_group("target")
     target.add_argument("--start-server", action="store_true",
-                        help="start `python -m service.server` with the settings below")
+                        help="start `python -m omnipose.service.server` with the settings below")
     target.add_argument("--http-url", default="http://127.0.0.1:8000")
     target.add_argument("--grpc-target", default="127.0.0.1:50051")
     target.add_argument("--server-arg", action="append", default=[],

@@ -59,11 +59,12 @@ class LocalServer:
 def local_server(
     server_args: Sequence[str], env: Mapping[str, str] | None = None
 ) -> Iterator[LocalServer]:
-    """``python -m service.server SERVER_ARGS`` on free loopback ports, yielded once ``/readyz``
-    answers 200. Exits the script with a message if the server dies or is not ready within
+    """``python -m omnipose.service.server SERVER_ARGS`` on free loopback ports, yielded once
+    ``/readyz`` answers 200. Exits the script with a message if the server dies or is not ready
+    within
     ``READY_TIMEOUT_S``; SIGTERM (then kill after 60 s) on leaving."""
     http_port, grpc_port = free_port(), free_port()
-    command = [sys.executable, "-m", "service.server", "--host", "127.0.0.1",
+    command = [sys.executable, "-m", "omnipose.service.server", "--host", "127.0.0.1",
                "--http-port", str(http_port), "--grpc-port", str(grpc_port), *server_args]
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=dict(env or os.environ))
     server = LocalServer(http_port, grpc_port, process)

@@ -32,8 +32,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.local_server import local_server, rss_mb  # noqa: E402
-from omnipose_grpc import omnipose_pb2 as pb  # noqa: E402
-from omnipose_grpc import omnipose_pb2_grpc  # noqa: E402
+from omnipose.proto import omnipose_pb2 as pb  # noqa: E402
+from omnipose.proto import omnipose_pb2_grpc  # noqa: E402
 
 KEEPALIVE_EXPIRY_S = 2.0
 BOXES = [[20.0, 110.0, 110.0, 330.0], [250.0, 110.0, 100.0, 320.0]]

@@ -1,9 +1,9 @@
 """Tracking, smoothing and pose-guided boxes on synthetic sequences with ground truth.
 
-Renders sequences with ``training.synth`` (or reads ``--sequences DIR``), runs the video pipeline
-in-process (detector, the pose model, service.tracking) in several modes and prints, per mode:
-MOTA, IDF1, identity switches (all people, and people who never cross another), keypoint jitter
-(mean frame-to-frame acceleration) next to the ground truth's own, mean keypoint error, and
+Renders sequences with ``omnipose.training.synth`` (or reads ``--sequences DIR``), runs the video
+pipeline in-process (detector, the pose model, service.tracking) in several modes and prints, per
+mode: MOTA, IDF1, identity switches (all people, and people who never cross another), keypoint
+jitter (mean frame-to-frame acceleration) next to the ground truth's own, mean keypoint error, and
 frames per second end to end (decode, detector, crops, network, decoding, tracking).
 
     .venv/bin/python bench/track_eval.py --sequences-per-kind 2 --frames 60
@@ -34,23 +34,23 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.detection import Detections, HogPersonDetector, PersonDetector
-from service.loading import load_pose_model
-from service.persons import crop_persons
-from service.track_metrics import (
+from omnipose.service.detection import Detections, HogPersonDetector, PersonDetector
+from omnipose.service.loading import load_pose_model
+from omnipose.service.persons import crop_persons
+from omnipose.service.track_metrics import (
     MIN_SCORED_JOINTS,
     FramePeople,
     evaluate_sequence,
     load_ground_truth,
 )
-from service.tracking import (
+from omnipose.service.tracking import (
     TRACK_ID_KEY,
     PoseTracker,
     TrackingOptions,
     merge_guided,
     pose_box,
 )
-from training import synth
+from omnipose.training import synth
 
 MAX_PERSONS = 100
 
@@ -106,7 +106,7 @@ def memory_run(sigmas: np.ndarray, frames: int) -> dict:
     import gc
     import tracemalloc
 
-    from model.topdown import PersonPose
+    from omnipose.model.topdown import PersonPose
 
     tracker = PoseTracker(sigmas, TrackingOptions())
     template = np.zeros((len(sigmas), 3))

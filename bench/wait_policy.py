@@ -28,8 +28,8 @@ POLICIES: dict[str, dict[str, str]] = {
 
 CHILD = r"""
 import json, statistics, sys, time, torch
-from model.configs import get_config
-from model.network import build_model
+from omnipose.model.configs import get_config
+from omnipose.model.network import build_model
 config, crops, threads, repeats, deadline = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
     int(sys.argv[4]), float(sys.argv[5])
 torch.set_num_threads(threads)

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from model.configs import DEFAULT_HEAD, HEAD_LABELS, INPUT_SIZES, ModelConfig, get_config
-from model.network import HEAD_OUTPUT_KEYS, OmniPose, build_model
-from model.skeleton import KEYPOINT_SPECS, KeypointSpec
+from omnipose.model.configs import DEFAULT_HEAD, HEAD_LABELS, INPUT_SIZES, ModelConfig, get_config
+from omnipose.model.network import HEAD_OUTPUT_KEYS, OmniPose, build_model
+from omnipose.model.skeleton import KEYPOINT_SPECS, KeypointSpec
 
 log = logging.getLogger(__name__)
 

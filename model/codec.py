@@ -2,7 +2,7 @@
 
 Keypoints are in heatmap coordinates: (x, y) with pixel centers at integers, so a keypoint at
 (3.0, 5.0) peaks exactly on ``heatmap[5, 3]``. Mapping to image coordinates is the caller's job
-(the inverse crop transform built for the heatmap size, see :mod:`model.transforms`).
+(the inverse crop transform built for the heatmap size, see :mod:`omnipose.model.transforms`).
 """
 
 from __future__ import annotations

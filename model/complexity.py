@@ -9,8 +9,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
-from model.configs import CONFIGS, get_config
-from model.network import build_model
+from omnipose.model.configs import CONFIGS, get_config
+from omnipose.model.network import build_model
 
 
 def count_parameters(model: nn.Module) -> int:

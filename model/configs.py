@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from model.skeleton import KEYPOINT_SPECS, KeypointSpec
+from omnipose.model.skeleton import KEYPOINT_SPECS, KeypointSpec
 
 HEATMAP_STRIDE = 4
 WIDTHS = (48, 32, 18)

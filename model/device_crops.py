@@ -1,15 +1,15 @@
 """Person crops cut on the model's device (GPU) with an affine sampling grid.
 
-The CPU path (:func:`model.transforms.warp_crops`) runs ``cv2.warpAffine`` once per person on the
-host and ships float crops to the device. Here the decoded image goes to the device once (uint8,
-a quarter of the bytes of float crops) and every crop is sampled there with
+The CPU path (:func:`omnipose.model.transforms.warp_crops`) runs ``cv2.warpAffine`` once per person
+on the host and ships float crops to the device. Here the decoded image goes to the device once
+(uint8, a quarter of the bytes of float crops) and every crop is sampled there with
 ``torch.nn.functional.grid_sample``, from the SAME ``[N, 2, 3]`` matrices
-:func:`model.transforms.get_affine_transforms` returns, so any change of the crop convention there
-applies here too. OpenCV's conventions are reproduced: the matrix maps source to crop pixels
-(``dst(x, y) = src(M^-1 (x, y))``), pixel centres at integers, a black constant border, and source
-positions quantised to 1/32 pixel as cv2's fixed-point bilinear does (``INTER_BITS = 5``), which
-keeps the two paths within one grey level (tests/test_device_crops.py). Runs on any device, so
-the CPU checks it.
+:func:`omnipose.model.transforms.get_affine_transforms` returns, so any change of the crop
+convention there applies here too. OpenCV's conventions are reproduced: the matrix maps source to
+crop pixels (``dst(x, y) = src(M^-1 (x, y))``), pixel centres at integers, a black constant border,
+and source positions quantised to 1/32 pixel as cv2's fixed-point bilinear does (``INTER_BITS =
+5``), which keeps the two paths within one grey level (tests/test_device_crops.py). Runs on any
+device, so the CPU checks it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.transforms import IMAGENET_MEAN, IMAGENET_STD
+from omnipose.model.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 CV2_SUBPIXEL_STEPS = 32  # cv2 bilinear warps quantise source positions to 1/32 pixel
 CV2_FIXED_POINT = 1024  # ... after computing them in 1/1024 pixel steps (AB_BITS = 10)

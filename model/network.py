@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.configs import DEFAULT_HEAD, HEADS, ModelConfig
+from omnipose.model.configs import DEFAULT_HEAD, HEADS, ModelConfig
 
 STEM_CHANNELS = 64
 BLOCKS_PER_BRANCH = 4

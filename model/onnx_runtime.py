@@ -3,9 +3,9 @@
 The export is head-agnostic: it traces whatever network ``build_model`` made (WASPv2, or any
 other head) from crops ``[batch, 3, H, W]`` to heatmaps ``[batch, J, h, w]``, with the batch
 dimension dynamic, so nothing here names a layer. :class:`OnnxRuntimeNetwork` runs such a graph
-behind the same call as the torch network, so :class:`model.topdown.TopDownPoseEstimator` and the
-service's model instances use it unchanged (fp32; each instance thread gets its own session with
-that thread's torch thread count, as instance groups in Triton do).
+behind the same call as the torch network, so :class:`omnipose.model.topdown.TopDownPoseEstimator`
+and the service's model instances use it unchanged (fp32; each instance thread gets its own session
+with that thread's torch thread count, as instance groups in Triton do).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from typing import Protocol
 import cv2
 import numpy as np
 
-from model.skeleton import KeypointSpec
+from omnipose.model.skeleton import KeypointSpec
 
 
 class _HasPose(Protocol):

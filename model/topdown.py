@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.buckets import BucketedForward, bucket_sizes
-from model.codec import decode_heatmaps, flip_heatmaps_back
-from model.configs import ModelConfig
-from model.device_crops import crop_on_device, normalize_on_device
-from model.nms import oks_nms
-from model.precision import (
+from omnipose.model.buckets import BucketedForward, bucket_sizes
+from omnipose.model.codec import decode_heatmaps, flip_heatmaps_back
+from omnipose.model.configs import ModelConfig
+from omnipose.model.device_crops import crop_on_device, normalize_on_device
+from omnipose.model.nms import oks_nms
+from omnipose.model.precision import (
     Precision,
     PrecisionSetting,
     cast_inputs,
@@ -28,8 +28,8 @@ from model.precision import (
     check_precision,
     resolve_precision,
 )
-from model.skeleton import KeypointSpec
-from model.transforms import (
+from omnipose.model.skeleton import KeypointSpec
+from omnipose.model.transforms import (
     BOX_PADDING,
     PIXEL_STD,
     box_to_center_scale,
@@ -150,7 +150,7 @@ class TopDownPoseEstimator:
     def prepare_on_device(self, image: torch.Tensor, boxes_xywh: np.ndarray,
                           box_scores: np.ndarray | None = None) -> CropBatch:
         """:meth:`prepare` for a ``[1, 3, H, W]`` uint8 RGB image tensor already on a device
-        (:func:`model.device_crops.image_to_device`): the crops are sampled there, with the
+        (:func:`omnipose.model.device_crops.image_to_device`): the crops are sampled there, with the
         same affine matrices, and stay there."""
         return self._crop(boxes_xywh, box_scores, lambda affines, size: normalize_on_device(
             crop_on_device(image, affines, size)))

@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from service.errors import EngineOverloaded, InvalidRequest
-from service.metrics import ServiceMetrics
-from service.settings import ServiceSettings
+from omnipose.service.errors import EngineOverloaded, InvalidRequest
+from omnipose.service.metrics import ServiceMetrics
+from omnipose.service.settings import ServiceSettings
 
 
 @dataclass(eq=False)

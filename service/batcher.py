@@ -26,7 +26,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.errors import (
+from omnipose.service.errors import (
     REQUEST_ID,
     SHUTTING_DOWN,
     DeadlineExceeded,

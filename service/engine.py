@@ -5,7 +5,7 @@ A request's image flows through stages that each run where they belong:
 * image decoding, crop preparation, heatmap decoding and rendering run on a small CPU thread pool
   (``cpu_workers``), never on a model thread; a JPEG may be decoded on the pose model's device
   (``jpeg_decode``: by default on CUDA), and then stays there unless the detector or rendering
-  needs it on the host (:class:`service.images.DecodedImage`);
+  needs it on the host (:class:`omnipose.service.images.DecodedImage`);
 * person detection runs on one detector thread that coalesces images across requests
   (``detector_max_batch_size`` / ``detector_max_queue_delay_ms``);
 * the pose network runs on ONE dedicated thread per device that coalesces person crops across
@@ -39,13 +39,13 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from model.render import draw_poses
-from model.topdown import KEYPOINT_SCORE_THRESHOLD, CropBatch, PersonPose
-from service.admission import Admission, BudgetLease
-from service.batcher import AllCoresRunner, DynamicBatcher, _Chunk
-from service.boxes import BoxError
-from service.detection import Detections, PersonDetector, build_detector
-from service.errors import (
+from omnipose.model.render import draw_poses
+from omnipose.model.topdown import KEYPOINT_SCORE_THRESHOLD, CropBatch, PersonPose
+from omnipose.service.admission import Admission, BudgetLease
+from omnipose.service.batcher import AllCoresRunner, DynamicBatcher, _Chunk
+from omnipose.service.boxes import BoxError
+from omnipose.service.detection import Detections, PersonDetector, build_detector
+from omnipose.service.errors import (
     IMAGE_ERROR_CODES,
     SHUTTING_DOWN,
     DeadlineExceeded,
@@ -56,7 +56,7 @@ from service.errors import (
     InvalidRequest,
     within_deadline,
 )
-from service.images import (
+from omnipose.service.images import (
     DecodedImage,
     ImageError,
     ImageHeader,
@@ -65,11 +65,11 @@ from service.images import (
     encode_jpeg,
     read_header,
 )
-from service.loading import LoadedPoseModel, load_pose_model
-from service.metrics import ServiceMetrics
-from service.persons import client_persons, crop_persons, detected_persons
-from service.requests import ImageRequest, ImageResult, client_boxes
-from service.resources import (
+from omnipose.service.loading import LoadedPoseModel, load_pose_model
+from omnipose.service.metrics import ServiceMetrics
+from omnipose.service.persons import client_persons, crop_persons, detected_persons
+from omnipose.service.requests import ImageRequest, ImageResult, client_boxes
+from omnipose.service.resources import (
     InstanceLayout,
     LoneBatchRule,
     available_cpus,
@@ -78,8 +78,8 @@ from service.resources import (
     measure_layouts,
     measure_lone_batches,
 )
-from service.settings import ServiceSettings
-from service.tracking import (
+from omnipose.service.settings import ServiceSettings
+from omnipose.service.tracking import (
     PoseTracker,
     StreamLimitError,
     StreamRegistry,

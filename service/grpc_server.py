@@ -22,10 +22,10 @@ from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from omnipose_grpc import omnipose_pb2, omnipose_pb2_grpc
-from service.auth import GrpcKeyInterceptor, KeyChecker, load_key_digests
-from service.engine import PoseEngine
-from service.errors import (
+from omnipose.proto import omnipose_pb2, omnipose_pb2_grpc
+from omnipose.service.auth import GrpcKeyInterceptor, KeyChecker, load_key_digests
+from omnipose.service.engine import PoseEngine
+from omnipose.service.errors import (
     REQUEST_ID,
     EngineError,
     EngineOverloaded,
@@ -34,10 +34,10 @@ from service.errors import (
     internal_error,
     request_id_from,
 )
-from service.metrics import ServiceMetrics
-from service.requests import ImageRequest, ImageResult
-from service.settings import ServiceSettings
-from service.tracking import TRACK_ID_KEY, TrackedStream
+from omnipose.service.metrics import ServiceMetrics
+from omnipose.service.requests import ImageRequest, ImageResult
+from omnipose.service.settings import ServiceSettings
+from omnipose.service.tracking import TRACK_ID_KEY, TrackedStream
 
 log = logging.getLogger(__name__)
 

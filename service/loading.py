@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import model as model_package
-from model.checkpoint import load_model, read_checkpoint
-from model.configs import ModelConfig, get_config
-from model.precision import PrecisionSetting
-from model.skeleton import KeypointSpec
-from model.topdown import TopDownPoseEstimator
+import omnipose.model as model_package
+from omnipose.model.checkpoint import load_model, read_checkpoint
+from omnipose.model.configs import ModelConfig, get_config
+from omnipose.model.precision import PrecisionSetting
+from omnipose.model.skeleton import KeypointSpec
+from omnipose.model.topdown import TopDownPoseEstimator
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,8 @@ def load_pose_model(
         if precision not in ("auto", "fp32"):
             raise ValueError(f"the onnxruntime backend runs fp32, not {precision}")
         precision = "fp32"
-        from model.onnx_runtime import OnnxRuntimeNetwork
-        from model.topdown import resolve_device
+        from omnipose.model.onnx_runtime import OnnxRuntimeNetwork
+        from omnipose.model.topdown import resolve_device
 
         network = OnnxRuntimeNetwork.from_network(network, config.input_size,
                                                   resolve_device(device))

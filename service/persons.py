@@ -17,11 +17,11 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from model.device_crops import image_to_device
-from model.topdown import CropBatch, TopDownPoseEstimator
-from service.boxes import BoxError
-from service.detection import Detections
-from service.images import DecodedImage
+from omnipose.model.device_crops import image_to_device
+from omnipose.model.topdown import CropBatch, TopDownPoseEstimator
+from omnipose.service.boxes import BoxError
+from omnipose.service.detection import Detections
+from omnipose.service.images import DecodedImage
 
 
 def detected_persons(detections: Detections, image_shape: tuple[int, ...], max_persons: int,

@@ -10,16 +10,17 @@ from typing import Any
 
 import numpy as np
 
-from model.topdown import PersonPose
-from service.boxes import BoxError, parse_boxes
-from service.errors import InvalidRequest
+from omnipose.model.topdown import PersonPose
+from omnipose.service.boxes import BoxError, parse_boxes
+from omnipose.service.errors import InvalidRequest
 
 
 def client_boxes(
     value: Any, image_width: int | None = None, image_height: int | None = None
 ) -> np.ndarray:
     """Client boxes (``[[x, y, w, h], ...]``, its JSON text, or an array) as N x 4, or
-    InvalidRequest. :func:`service.boxes.parse_boxes` is the one place boxes are checked."""
+    InvalidRequest. :func:`omnipose.service.boxes.parse_boxes` is the one place boxes are
+    checked."""
     if isinstance(value, np.ndarray):
         value = value.tolist()
     try:

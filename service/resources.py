@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import torch
 
-from service.settings import ServiceSettings
+from omnipose.service.settings import ServiceSettings
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 

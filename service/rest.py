@@ -25,11 +25,11 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.admission import BudgetLease, SharedBudget
-from service.auth import KeyChecker, http_path_needs_key, load_key_digests, presented_key
-from service.boxes import BoxError, load_json
-from service.engine import PoseEngine
-from service.errors import (
+from omnipose.service.admission import BudgetLease, SharedBudget
+from omnipose.service.auth import KeyChecker, http_path_needs_key, load_key_digests, presented_key
+from omnipose.service.boxes import BoxError, load_json
+from omnipose.service.engine import PoseEngine
+from omnipose.service.errors import (
     REQUEST_ID,
     EngineError,
     EngineOverloaded,
@@ -39,10 +39,10 @@ from service.errors import (
     request_id_from,
     within_deadline,
 )
-from service.http_server import InflightRequests, TransportGuard
-from service.metrics import ServiceMetrics
-from service.requests import ImageRequest, ImageResult
-from service.schemas import (
+from omnipose.service.http_server import InflightRequests, TransportGuard
+from omnipose.service.metrics import ServiceMetrics
+from omnipose.service.requests import ImageRequest, ImageResult
+from omnipose.service.schemas import (
     BatchPoseResponse,
     ErrorResponse,
     HealthResponse,
@@ -51,8 +51,8 @@ from service.schemas import (
     PoseResponse,
     numeric_image_id,
 )
-from service.tracking import TRACK_ID_KEY
-from service.uploads import (
+from omnipose.service.tracking import TRACK_ID_KEY
+from omnipose.service.uploads import (
     ClientDisconnected,
     body_too_large,
     declared_length,

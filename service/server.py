@@ -6,8 +6,8 @@ SIGINT readiness turns off, new requests are refused with 503/UNAVAILABLE (the H
 stays open to say so), in-flight calls finish within ``shutdown_grace_s`` (those still running
 then are answered 503/UNAVAILABLE), both servers close, the engine stops, and the process exits 0.
 
-``python -m service.server --help`` lists the flags; the ``omnipose serve`` subcommand has the
-same ones (``add_serve_parser``). Every flag is a :class:`ServiceSettings` field, which can also
+``python -m omnipose.service.server --help`` lists the flags; the ``omnipose serve`` subcommand has
+the same ones (``add_serve_parser``). Every flag is a :class:`ServiceSettings` field, which can also
 be set as ``OMNIPOSE_<FIELD>`` in the environment; flags win. The OpenMP wait policy is set by
 the ``service`` package itself, which Python imports before this module.
 """
@@ -31,14 +31,14 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
-from service.auth import AuthConfigError
-from service.engine import PoseEngine
-from service.grpc_server import GrpcServer
-from service.http_server import HttpLimits, InflightRequests, uvicorn_config
-from service.metrics import ServiceMetrics
-from service.resources import configure_threads
-from service.rest import create_app
-from service.settings import ServiceSettings
+from omnipose.service.auth import AuthConfigError
+from omnipose.service.engine import PoseEngine
+from omnipose.service.grpc_server import GrpcServer
+from omnipose.service.http_server import HttpLimits, InflightRequests, uvicorn_config
+from omnipose.service.metrics import ServiceMetrics
+from omnipose.service.resources import configure_threads
+from omnipose.service.rest import create_app
+from omnipose.service.settings import ServiceSettings
 
 log = logging.getLogger("omnipose.server")
 
@@ -254,7 +254,7 @@ def run(settings: ServiceSettings) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m service.server", description=__doc__,
+        prog="python -m omnipose.service.server", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_settings_arguments(parser)

@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from model.nms import oks_nms, oks_similarity
-from model.topdown import PersonPose
+from omnipose.model.nms import oks_nms, oks_similarity
+from omnipose.model.topdown import PersonPose
 
 TRACK_ID_KEY = "track_id"  # PersonPose.extras key of a person's track id
 MIN_ASPECT = 0.35  # pose boxes are at least this wide for their height (and the converse)

@@ -18,8 +18,8 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import Receive
 
-from service.admission import BudgetLease, SharedBudget
-from service.errors import EngineError, ErrorCode, InvalidRequest
+from omnipose.service.admission import BudgetLease, SharedBudget
+from omnipose.service.errors import EngineError, ErrorCode, InvalidRequest
 
 MAX_FIELD_BYTES = 64 * 1024  # a form field holds options (boxes JSON at most), not data
 MAX_FIELDS = 100

@@ -1,9 +1,9 @@
 """Shared fixtures: real service processes on loopback, small real photos, a metrics scraper.
 
-The service tests talk to ``python -m service.server`` started as a subprocess on free ports,
-with real clients (httpx, the generated gRPC stubs), so they exercise exactly what is deployed:
-uvicorn, the grpc.aio server, signal handling and the process's thread setup. A process starts
-once per session (``server``) and a second one with a tiny queue and a slow batcher
+The service tests talk to ``python -m omnipose.service.server`` started as a subprocess on free
+ports, with real clients (httpx, the generated gRPC stubs), so they exercise exactly what is
+deployed: uvicorn, the grpc.aio server, signal handling and the process's thread setup. A process
+starts once per session (``server``) and a second one with a tiny queue and a slow batcher
 (``slow_server``) for backpressure, deadline and disconnect tests. The light model config and
 small images keep them fast on two CPU cores.
 """
@@ -50,7 +50,7 @@ def free_port() -> int:
 
 @dataclass
 class ServerProcess:
-    """A running ``python -m service.server`` with helpers to reach and inspect it."""
+    """A running ``python -m omnipose.service.server`` with helpers to reach and inspect it."""
 
     args: list[str]
     log_path: Path
@@ -69,7 +69,7 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIPOSE_")}
         env["YOLO_OFFLINE"] = "1"
-        command = [sys.executable, "-m", "service.server", "--host", "127.0.0.1",
+        command = [sys.executable, "-m", "omnipose.service.server", "--host", "127.0.0.1",
                    "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
                    "--config", LIGHT_CONFIG, "--device", "cpu", "--log-level", "warning",
                    *self.args]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from service.requests import ImageRequest
+from omnipose.service.requests import ImageRequest
 from tests.test_engine import OneBoxDetector, blob_model, blob_png, make_engine
 
 

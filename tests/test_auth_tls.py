@@ -25,9 +25,9 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from omnipose_grpc import omnipose_pb2 as pb
-from omnipose_grpc import omnipose_pb2_grpc
-from service.auth import KeyChecker, digest, load_key_digests, presented_key
+from omnipose.proto import omnipose_pb2 as pb
+from omnipose.proto import omnipose_pb2_grpc
+from omnipose.service.auth import KeyChecker, digest, load_key_digests, presented_key
 from tests.conftest import STARTUP_TIMEOUT_S, ServerProcess
 
 pytestmark = pytest.mark.slow

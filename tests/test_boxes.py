@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from service.boxes import BoxError, parse_boxes
+from omnipose.service.boxes import BoxError, parse_boxes
 
 
 def test_accepts_lists_and_json() -> None:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from model.buckets import BucketedForward, bucket_sizes
-from model.configs import get_config
-from model.network import build_model
-from model.topdown import TopDownPoseEstimator
+from omnipose.model.buckets import BucketedForward, bucket_sizes
+from omnipose.model.configs import get_config
+from omnipose.model.network import build_model
+from omnipose.model.topdown import TopDownPoseEstimator
 
 CONFIG = get_config("coco-w8-96x64")
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import (
+from omnipose.model.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
     file_sha256,
@@ -20,9 +20,9 @@ from model.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from model.configs import get_config
-from model.network import OmniPose
-from model.skeleton import COCO_KEYPOINTS
+from omnipose.model.configs import get_config
+from omnipose.model.network import OmniPose
+from omnipose.model.skeleton import COCO_KEYPOINTS
 
 
 class NotAWeight:
@@ -295,7 +295,7 @@ def test_released_weights_switch_a_waspv2_config_to_waspv1(
     """The authors' files are WASPv1: naming the input size alone must be enough to load them."""
     path = tmp_path / "final_state.pth"
     torch.save(released_w8.state_dict(), path)
-    with caplog.at_level(logging.INFO, logger="model.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="omnipose.model.checkpoint"):
         model, config, _ = load_model(path, "coco-w8-256x192")
     assert config.name == "coco-w8-256x192-waspv1" and config.head == "waspv1"
     assert "WASPv1" in caplog.text and "coco-w8-256x192-waspv1 instead of coco-w8-256x192" in (

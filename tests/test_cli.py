@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-import service.loading
-from model.checkpoint import save_checkpoint
-from model.configs import get_config
-from model.network import OmniPose, build_model
-from omnipose_cli.main import main
-from omnipose_cli.predict import image_id_for
-from service.server import add_settings_arguments, settings_from_args
+from omnipose.cli.main import main
+from omnipose.cli.predict import image_id_for
+from omnipose.model.checkpoint import save_checkpoint
+from omnipose.model.configs import get_config
+from omnipose.model.network import OmniPose, build_model
+from omnipose.service import loading
+from omnipose.service.server import add_settings_arguments, settings_from_args
 from tests.samples import BUS_JPG, ZIDANE_JPG
 
 LIGHT = "coco-w18-128x96"
@@ -145,14 +145,14 @@ def test_console_script_exit_status_and_info(tmp_path) -> None:
 def test_flip_shift_reaches_the_estimator_from_predict_and_serve(tmp_path, capsys,
                                                                 monkeypatch) -> None:
     seen: list[bool] = []
-    original = service.loading.load_pose_model
+    original = loading.load_pose_model
 
     def recording(*args, **kwargs):
         loaded = original(*args, **kwargs)
         seen.append(loaded.estimator.flip_shift)
         return loaded
 
-    monkeypatch.setattr(service.loading, "load_pose_model", recording)
+    monkeypatch.setattr(loading, "load_pose_model", recording)
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps([[50, 400, 200, 500]]))
     for flag in ("--flip-shift", "--no-flip-shift"):
@@ -208,7 +208,7 @@ def test_predict_loads_the_authors_training_checkpoint_layout(tmp_path) -> None:
     out = tmp_path / "results.json"
     env = {**os.environ, "YOLO_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run(
-        [sys.executable, "-m", "omnipose_cli", "predict", str(BUS_JPG), "--weights", str(weights),
+        [sys.executable, "-m", "omnipose.cli", "predict", str(BUS_JPG), "--weights", str(weights),
          "--config", "coco-w8-128x96", "--detector", "none", "--boxes",
          str(tmp_path / "boxes.json"), "--device", "cpu", "--precision", "fp32",
          "--out", str(out)],
@@ -220,7 +220,7 @@ def test_predict_loads_the_authors_training_checkpoint_layout(tmp_path) -> None:
     assert sorted(r["bbox"] for r in results) == sorted(boxes)
 
     # The same weights in process give the same keypoints: the file was loaded as it is.
-    loaded = service.loading.load_pose_model(weights, "coco-w8-128x96", device="cpu")
+    loaded = loading.load_pose_model(weights, "coco-w8-128x96", device="cpu")
     assert loaded.config.name == "coco-w8-128x96-waspv1"
     assert loaded.describe()["config"]["head"] == "waspv1"
     image_rgb = cv2.cvtColor(cv2.imread(str(BUS_JPG)), cv2.COLOR_BGR2RGB)
@@ -235,7 +235,7 @@ def test_predict_loads_the_authors_training_checkpoint_layout(tmp_path) -> None:
 
 def test_info_shows_the_head(tmp_path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "omnipose_cli", "info", "coco-w48-384x288-waspv1", "coco-w8-96x64"],
+        [sys.executable, "-m", "omnipose.cli", "info", "coco-w48-384x288-waspv1", "coco-w8-96x64"],
         capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

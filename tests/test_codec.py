@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from model.codec import (
+from omnipose.model.codec import (
     _smooth_zero_padded,
     decode_heatmaps,
     encode_gaussian_heatmaps,
     flip_heatmaps_back,
 )
-from model.skeleton import COCO_KEYPOINTS, MPII_KEYPOINTS
+from omnipose.model.skeleton import COCO_KEYPOINTS, MPII_KEYPOINTS
 
 
 def loop_decode(

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import read_checkpoint
-from service import loading
-from training.config import load_config
-from training.evaluate import evaluate_model
-from training.synth import generate_dataset
+from omnipose.model.checkpoint import read_checkpoint
+from omnipose.service import loading
+from omnipose.training.config import load_config
+from omnipose.training.evaluate import evaluate_model
+from omnipose.training.synth import generate_dataset
 
 MODEL_CARD = loading.DEFAULT_WEIGHTS.parent / "MODEL_CARD.md"
 MAX_BYTES = 25 * 1024 * 1024  # the most the repository may carry for it

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.detection import (
+from omnipose.service.detection import (
     Detections,
     DetectorError,
     HogPersonDetector,
@@ -13,7 +13,7 @@ from service.detection import (
     YoloPersonDetector,
     build_detector,
 )
-from service.images import read_image_file
+from omnipose.service.images import read_image_file
 from tests.samples import BUS_JPG, ZIDANE_JPG
 
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.configs import get_config
-from model.device_crops import crop_on_device, image_to_device, normalize_on_device
-from model.topdown import TopDownPoseEstimator
-from model.transforms import (
+from omnipose.model.configs import get_config
+from omnipose.model.device_crops import crop_on_device, image_to_device, normalize_on_device
+from omnipose.model.topdown import TopDownPoseEstimator
+from omnipose.model.transforms import (
     BOX_PADDING,
     box_to_center_scale,
     get_affine_transforms,

@@ -22,12 +22,12 @@ import torchvision.io
 from PIL import Image
 from torch import nn
 
-from model.configs import get_config
-from model.topdown import TopDownPoseEstimator
-from service.detection import Detections, NoDetector, PersonDetector
-from service.engine import PoseEngine
-from service.errors import InvalidRequest
-from service.images import (
+from omnipose.model.configs import get_config
+from omnipose.model.topdown import TopDownPoseEstimator
+from omnipose.service.detection import Detections, NoDetector, PersonDetector
+from omnipose.service.engine import PoseEngine
+from omnipose.service.errors import InvalidRequest
+from omnipose.service.images import (
     DecodedImage,
     ImageError,
     ImageHeader,
@@ -38,11 +38,11 @@ from service.images import (
     decode_pixels,
     read_header,
 )
-from service.loading import LoadedPoseModel
-from service.metrics import ServiceMetrics
-from service.persons import crop_persons
-from service.requests import ImageRequest
-from service.settings import ServiceSettings
+from omnipose.service.loading import LoadedPoseModel
+from omnipose.service.metrics import ServiceMetrics
+from omnipose.service.persons import crop_persons
+from omnipose.service.requests import ImageRequest
+from omnipose.service.settings import ServiceSettings
 from tests.samples import BUS_JPG
 from tests.test_images import asymmetric_image, jpeg_with_orientation
 

@@ -19,8 +19,8 @@ import pytest
 import yaml
 from prometheus_client.registry import CollectorRegistry
 
-from service.metrics import ServiceMetrics
-from service.settings import ServiceSettings
+from omnipose.service.metrics import ServiceMetrics
+from omnipose.service.settings import ServiceSettings
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -360,12 +360,12 @@ def test_dockerignore_keeps_junk_out_and_the_package_in(stages: dict[str, Stage]
         "runs/exp1/last.pt",
         "checkpoints/omnipose_w48.pth",
         "some/dir/best.pt",
-        "omnipose_cli/__pycache__/main.cpython-311.pyc",
+        "cli/__pycache__/main.cpython-311.pyc",
         "model/__pycache__/network.cpython-311.pyc",
         "omnipose_serve.egg-info/PKG-INFO",
     ):
         assert dockerignore_excludes(patterns, path), f"{path} would be sent to the build"
-    for path in ("pyproject.toml", "README.md", "omnipose_cli/main.py", "model/network.py"):
+    for path in ("pyproject.toml", "README.md", "cli/main.py", "model/network.py"):
         assert not dockerignore_excludes(patterns, path), f"{path} is needed by pip install ."
     assert not dockerignore_excludes(patterns, "model/weights/default.pt"), "embedded default"
     # Whatever the Dockerfile copies from the build context must survive the ignore file.

@@ -26,14 +26,14 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from model.configs import get_config
-from model.topdown import TopDownPoseEstimator
-from model.transforms import IMAGENET_MEAN, IMAGENET_STD
-from service.batcher import AllCoresRunner, DynamicBatcher, _Chunk
-from service.boxes import BoxError
-from service.detection import Detections, NoDetector, PersonDetector
-from service.engine import PoseEngine
-from service.errors import (
+from omnipose.model.configs import get_config
+from omnipose.model.topdown import TopDownPoseEstimator
+from omnipose.model.transforms import IMAGENET_MEAN, IMAGENET_STD
+from omnipose.service.batcher import AllCoresRunner, DynamicBatcher, _Chunk
+from omnipose.service.boxes import BoxError
+from omnipose.service.detection import Detections, NoDetector, PersonDetector
+from omnipose.service.engine import PoseEngine
+from omnipose.service.errors import (
     REQUEST_ID,
     DeadlineExceeded,
     EngineError,
@@ -42,11 +42,11 @@ from service.errors import (
     ErrorCode,
     InvalidRequest,
 )
-from service.loading import LoadedPoseModel
-from service.metrics import STAGES, ServiceMetrics
-from service.persons import client_persons, crop_persons, detected_persons
-from service.requests import ImageRequest
-from service.resources import (
+from omnipose.service.loading import LoadedPoseModel
+from omnipose.service.metrics import STAGES, ServiceMetrics
+from omnipose.service.persons import client_persons, crop_persons, detected_persons
+from omnipose.service.requests import ImageRequest
+from omnipose.service.resources import (
     InstanceLayout,
     LoneBatchRule,
     available_cpus,
@@ -58,7 +58,7 @@ from service.resources import (
     measure_lone_batches,
     read_cgroup_cpu_limit,
 )
-from service.settings import ServiceSettings
+from omnipose.service.settings import ServiceSettings
 
 CONFIG = get_config("coco-w18-128x96")
 
@@ -766,7 +766,7 @@ def test_batcher_fails_only_the_culprit_and_drops_the_rest_of_it(caplog) -> None
         batcher.stop()
         return results, depth
 
-    with caplog.at_level(logging.ERROR, logger="service.errors"):
+    with caplog.at_level(logging.ERROR, logger="omnipose.service.errors"):
         (a, poison, b), depth = asyncio.run(scenario())
     assert calls == [[("a", 0, 2), ("poison", 0, 2)], [("a", 0, 2)], [("poison", 0, 2)],
                      [("b", 0, 2)]]

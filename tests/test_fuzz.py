@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 
-from omnipose_grpc import omnipose_pb2 as pb
-from omnipose_grpc import omnipose_pb2_grpc
+from omnipose.proto import omnipose_pb2 as pb
+from omnipose.proto import omnipose_pb2_grpc
 from tests.conftest import ServerProcess
 
 pytestmark = pytest.mark.slow

@@ -19,9 +19,9 @@ import httpx
 import numpy as np
 import pytest
 
-from omnipose_cli.main import main as cli_main
-from omnipose_grpc import omnipose_pb2 as pb
-from omnipose_grpc import omnipose_pb2_grpc
+from omnipose.cli.main import main as cli_main
+from omnipose.proto import omnipose_pb2 as pb
+from omnipose.proto import omnipose_pb2_grpc
 from tests.conftest import REPO_ROOT, ServerProcess, running_server
 from tests.samples import BUS_JPG
 from tests.test_images import jpeg_with_orientation

@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # for `python tests/test_helm.py --write-schema`
     sys.path.insert(0, str(REPO))
 
-from service.metrics import ServiceMetrics  # noqa: E402
-from service.settings import ServiceSettings  # noqa: E402
+from omnipose.service.metrics import ServiceMetrics  # noqa: E402
+from omnipose.service.settings import ServiceSettings  # noqa: E402
 
 CHART = REPO / "helm" / "omnipose"
 VARIANTS = sorted(p.name.removesuffix("-values.yaml") for p in (CHART / "ci").glob("*-values.yaml"))

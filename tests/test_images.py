@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.images import ImageError, decode_image, read_image_file
+from omnipose.service.images import ImageError, decode_image, read_image_file
 from tests.samples import BUS_JPG
 
 

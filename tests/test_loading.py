@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.checkpoint import save_checkpoint
-from model.configs import get_config
-from model.network import OmniPose, build_model
-from service import loading
-from service.schemas import ModelDescription
+from omnipose.model.checkpoint import save_checkpoint
+from omnipose.model.configs import get_config
+from omnipose.model.network import OmniPose, build_model
+from omnipose.service import loading
+from omnipose.service.schemas import ModelDescription
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.complexity import count_macs, count_parameters
-from model.configs import CONFIGS, UnknownConfigError, get_config
-from model.network import (
+from omnipose.model.complexity import count_macs, count_parameters
+from omnipose.model.configs import CONFIGS, UnknownConfigError, get_config
+from omnipose.model.network import (
     HEAD_OUTPUT_KEYS,
     GaussianBlur2d,
     OmniPose,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.nms import oks_nms, oks_similarity
-from model.skeleton import COCO_KEYPOINTS
+from omnipose.model.nms import oks_nms, oks_similarity
+from omnipose.model.skeleton import COCO_KEYPOINTS
 
 SIGMAS = np.array(COCO_KEYPOINTS.sigmas)
 UNIFORM_SIGMA = 0.05

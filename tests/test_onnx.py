@@ -9,20 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from model.configs import get_config
-from model.network import build_model
-from model.onnx_runtime import (
+from omnipose.cli.main import main
+from omnipose.model.configs import get_config
+from omnipose.model.network import build_model
+from omnipose.model.onnx_runtime import (
     OnnxRuntimeNetwork,
     export_onnx,
     max_difference,
     read_onnx_metadata,
 )
-from omnipose_cli.main import main
-from service import loading
-from service.engine import PoseEngine
-from service.metrics import ServiceMetrics
-from service.requests import ImageRequest
-from service.settings import ServiceSettings
+from omnipose.service import loading
+from omnipose.service.engine import PoseEngine
+from omnipose.service.metrics import ServiceMetrics
+from omnipose.service.requests import ImageRequest
+from omnipose.service.settings import ServiceSettings
 
 
 @pytest.mark.parametrize("name", ["coco-w8-96x64", "coco-w8-96x64-waspv1"])  # both heads

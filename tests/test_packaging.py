@@ -1,5 +1,6 @@
-"""What our distribution installs: its top-level import names must not collide with other
-well-known distributions (``proto`` is proto-plus's, installed by most Google Cloud libraries)."""
+"""What our distribution installs: one top-level import package, ``omnipose``, so nothing collides
+with a user's own modules (``model``, ``service``) or other distributions (``proto`` is
+proto-plus's, installed by most Google Cloud libraries)."""
 
 from __future__ import annotations
 
@@ -15,24 +16,38 @@ from setuptools import find_packages
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Import names owned by other distributions that users commonly install next to ours.
-FOREIGN_NAMES = {"proto", "google", "grpc", "tests", "bench", "docker", "helm", "docs"}
-OURS = {"model", "service", "training", "omnipose_grpc", "omnipose_cli"}
+FOREIGN_NAMES = {"proto", "google", "grpc", "tests", "bench", "docker", "helm", "docs",
+                 "model", "service", "training", "cli"}
+OURS = {"omnipose"}
 
 
-def packaged_top_level_names() -> set[str]:
-    """The top-level packages setuptools installs, found exactly as pyproject tells it to."""
-    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
-    find = config["tool"]["setuptools"]["packages"]["find"]
-    packages = find_packages(
-        str(REPO_ROOT), include=find["include"], exclude=find.get("exclude", ())
-    )
-    return {name.split(".")[0] for name in packages}
+def packaging_config() -> dict:
+    return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
 
 
-def test_distribution_installs_no_foreign_top_level_package() -> None:
-    names = packaged_top_level_names()
+def test_distribution_installs_one_top_level_package() -> None:
+    config = packaging_config()
+    names = {name.split(".")[0] for name in config["packages"]}
     assert not names & FOREIGN_NAMES, f"our wheel would install {sorted(names & FOREIGN_NAMES)}"
     assert names == OURS
+
+
+def test_every_source_package_is_packaged() -> None:
+    """Each repository folder with Python code is installed, and each subpackage maps to a folder
+    that is a package: a new folder or subpackage cannot be left out of the wheel unnoticed."""
+    config = packaging_config()
+    mapped = config["package-dir"]
+    assert set(mapped) == set(config["packages"])
+    for package, folder in mapped.items():
+        assert (REPO_ROOT / folder / "__init__.py").is_file(), f"{package} -> {folder}"
+    source_folders = {
+        path.name for path in REPO_ROOT.iterdir()
+        if (path / "__init__.py").is_file() and path.name not in ("tests", "bench")
+    }
+    assert source_folders == set(mapped.values())
+    nested = set(find_packages(str(REPO_ROOT), exclude=["tests*", "bench*"]))
+    nested_subpackages = {name for name in nested if "." in name}
+    assert not nested_subpackages, f"subpackages the package list misses: {nested_subpackages}"
 
 
 def test_grpc_stubs_import_next_to_a_foreign_proto_package(tmp_path) -> None:
@@ -42,7 +57,7 @@ def test_grpc_stubs_import_next_to_a_foreign_proto_package(tmp_path) -> None:
     (foreign / "__init__.py").write_text("OWNER = 'proto-plus'\n")
     code = (
         "import proto; assert proto.OWNER == 'proto-plus'\n"
-        "from omnipose_grpc import omnipose_pb2, omnipose_pb2_grpc\n"
+        "from omnipose.proto import omnipose_pb2, omnipose_pb2_grpc\n"
         "assert omnipose_pb2.DESCRIPTOR.package == 'omnipose.v1'\n"
         "assert omnipose_pb2_grpc.PoseEstimationStub\n"
     )
@@ -67,10 +82,8 @@ def test_built_wheel_has_no_proto_package(tmp_path) -> None:
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO_ROOT / name, source / name)
-    for path in REPO_ROOT.iterdir():
-        if path.is_dir() and (path / "__init__.py").exists() and path.name != "tests":
-            shutil.copytree(path, source / path.name, ignore=ignore)
-    shutil.copytree(REPO_ROOT / "proto", source / "proto", ignore=ignore)
+    for folder in packaging_config()["package-dir"].values():
+        shutil.copytree(REPO_ROOT / folder, source / folder, ignore=ignore)
     wheels = tmp_path / "wheels"
     result = subprocess.run(
         [
@@ -98,6 +111,8 @@ def test_built_wheel_has_no_proto_package(tmp_path) -> None:
             for name in archive.namelist()
             if not name.split("/")[0].endswith(".dist-info")
         }
-    assert "proto" not in names
+        files = set(archive.namelist())
     assert names == OURS
-    assert "omnipose_grpc/omnipose_pb2.py" in archive.namelist()
+    assert "omnipose/proto/omnipose_pb2.py" in files
+    assert "omnipose/model/weights/default.pt" in files
+    assert "omnipose/proto/omnipose.proto" in files

@@ -18,11 +18,11 @@ import pytest
 import torch
 from torch import nn
 
-from model import precision as precision_module
-from model.codec import decode_heatmaps
-from model.precision import Precision, cast_inputs, cast_network, resolve_precision
-from model.topdown import TopDownPoseEstimator
-from service import loading
+from omnipose.model import precision as precision_module
+from omnipose.model.codec import decode_heatmaps
+from omnipose.model.precision import Precision, cast_inputs, cast_network, resolve_precision
+from omnipose.model.topdown import TopDownPoseEstimator
+from omnipose.service import loading
 
 AP_TOLERANCE = 0.005
 MEDIAN_SHIFT_TOLERANCE_PX = 0.1
@@ -87,10 +87,10 @@ class InPrecision(nn.Module):
 
 @pytest.mark.slow
 def test_bf16_accuracy_guard_on_the_held_out_synthetic_split(tmp_path: Path) -> None:
-    from training.config import load_config
-    from training.data import load_split
-    from training.evaluate import evaluate_model
-    from training.synth import generate_dataset
+    from omnipose.training.config import load_config
+    from omnipose.training.data import load_split
+    from omnipose.training.evaluate import evaluate_model
+    from omnipose.training.synth import generate_dataset
 
     generate_dataset(
         tmp_path, TEST_SPLIT_IMAGES, seed=TEST_SPLIT_SEED, split="test", workers=1, progress=False

@@ -1,6 +1,6 @@
 """The gRPC API of a real server process with the generated stubs: every RPC, stream ordering
 and flow control, health and reflection, status codes for bad input and size limits, deadlines,
-request ids. Also checks that the checked-in modules of ``omnipose_grpc`` match
+request ids. Also checks that the checked-in modules of ``omnipose.proto`` match
 ``proto/omnipose.proto``."""
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from omnipose_grpc import omnipose_pb2 as pb
-from omnipose_grpc import omnipose_pb2_grpc
-from omnipose_grpc.generate import GENERATED, REPO_ROOT, generate
-from service.grpc_server import PoseEstimationService
-from service.metrics import ServiceMetrics
+from omnipose.proto import omnipose_pb2 as pb
+from omnipose.proto import omnipose_pb2_grpc
+from omnipose.proto.generate import GENERATED, REPO_ROOT, generate
+from omnipose.service.grpc_server import PoseEstimationService
+from omnipose.service.metrics import ServiceMetrics
 from tests.conftest import (
     GRPC_MAX_MESSAGE_BYTES,
     MAX_IMAGE_BYTES,
@@ -66,10 +66,10 @@ def assert_still_serving(stub, images) -> None:
 
 def test_generated_modules_match_the_proto(tmp_path) -> None:
     for path in generate(tmp_path):
-        checked_in = REPO_ROOT / "omnipose_grpc" / path.name
+        checked_in = REPO_ROOT / "proto" / path.name
         assert path.name in GENERATED
         assert checked_in.read_bytes() == path.read_bytes(), (
-            f"omnipose_grpc/{path.name} is stale: run `python -m omnipose_grpc.generate`")
+            f"proto/{path.name} is stale: run `python -m omnipose.proto.generate`")
 
 
 def test_health_and_reflection(channel: grpc.Channel) -> None:
@@ -302,7 +302,7 @@ def test_unexpected_errors_answer_only_a_request_id(caplog) -> None:
 
     service = PoseEstimationService(ExplodingEngine(), ServiceMetrics(), 1)
     context = RecordingContext()
-    with caplog.at_level(logging.ERROR, logger="service.errors"), \
+    with caplog.at_level(logging.ERROR, logger="omnipose.service.errors"), \
             pytest.raises(AbortedCall):
         asyncio.run(service.Estimate(estimate_request(b"image", []), context))
     request_id = dict(context.trailing_metadata)["x-request-id"]

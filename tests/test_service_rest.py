@@ -28,12 +28,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from omnipose_grpc import omnipose_pb2, omnipose_pb2_grpc
-from service.engine import PoseEngine
-from service.metrics import ServiceMetrics
-from service.rest import create_app
-from service.schemas import BatchPoseResponse, ErrorResponse, ModelDescription, PoseResponse
-from service.settings import ServiceSettings
+from omnipose.proto import omnipose_pb2, omnipose_pb2_grpc
+from omnipose.service.engine import PoseEngine
+from omnipose.service.metrics import ServiceMetrics
+from omnipose.service.rest import create_app
+from omnipose.service.schemas import (
+    BatchPoseResponse,
+    ErrorResponse,
+    ModelDescription,
+    PoseResponse,
+)
+from omnipose.service.settings import ServiceSettings
 from tests.conftest import (
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,
@@ -351,7 +356,7 @@ def test_unexpected_errors_answer_only_a_request_id(caplog) -> None:
             return await client.post("/v1/pose", content=b"image bytes",
                                      headers={"content-type": "image/jpeg"})
 
-    with caplog.at_level(logging.ERROR, logger="service.rest"):
+    with caplog.at_level(logging.ERROR, logger="omnipose.service.rest"):
         response = asyncio.run(call())
     assert_error(response, 500, "internal error")
     request_id = response.headers["x-request-id"]
@@ -534,7 +539,7 @@ def test_http_connections_have_nagle_off() -> None:
     """
     import socket
 
-    from service.server import _bind
+    from omnipose.service.server import _bind
 
     async def scenario() -> int:
         accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()

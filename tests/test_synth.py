@@ -12,8 +12,8 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from model.skeleton import COCO_KEYPOINTS
-from training import synth
+from omnipose.model.skeleton import COCO_KEYPOINTS
+from omnipose.training import synth
 
 SIZE = (160, 160)  # height, width: small keeps the tests fast
 LEFT_RIGHT_PAIRS = [(synth.L_EAR, synth.R_EAR), (synth.L_SHOULDER, synth.R_SHOULDER),

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.configs import get_config
-from model.topdown import TopDownPoseEstimator, instance_scores
-from model.transforms import IMAGENET_MEAN, IMAGENET_STD
+from omnipose.model.configs import get_config
+from omnipose.model.topdown import TopDownPoseEstimator, instance_scores
+from omnipose.model.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 CONFIG = get_config("coco-w18-256x192")
 

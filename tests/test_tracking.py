@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.skeleton import COCO_KEYPOINTS
-from model.topdown import PersonPose
-from service.track_metrics import FramePeople, evaluate_sequence, load_ground_truth
-from service.tracking import (
+from omnipose.model.skeleton import COCO_KEYPOINTS
+from omnipose.model.topdown import PersonPose
+from omnipose.service.track_metrics import FramePeople, evaluate_sequence, load_ground_truth
+from omnipose.service.tracking import (
     TRACK_ID_KEY,
     OneEuroFilter,
     PoseTracker,
@@ -27,7 +27,7 @@ from service.tracking import (
     merge_guided,
     pose_box,
 )
-from training import synth
+from omnipose.training import synth
 
 SIGMAS = np.asarray(COCO_KEYPOINTS.sigmas)
 SIZE = (160, 208)
@@ -384,7 +384,7 @@ def test_merge_guided_keeps_missed_people_only() -> None:
 # --- client streams --------------------------------------------------------------------------
 def test_stream_registry_is_bounded_and_expires_idle_streams(monkeypatch) -> None:
     clock = [100.0]
-    monkeypatch.setattr("service.tracking.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("omnipose.service.tracking.time.monotonic", lambda: clock[0])
     registry = StreamRegistry(max_streams=2, idle_s=10.0)
     first = registry.acquire("a", lambda: TrackedStream(PoseTracker(SIGMAS)))
     assert registry.acquire("a", lambda: pytest.fail("reused")) is first
@@ -399,7 +399,7 @@ def test_stream_registry_is_bounded_and_expires_idle_streams(monkeypatch) -> Non
 
 def test_registry_never_expires_a_stream_with_a_frame_in_flight(monkeypatch) -> None:
     clock = [100.0]
-    monkeypatch.setattr("service.tracking.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("omnipose.service.tracking.time.monotonic", lambda: clock[0])
     registry = StreamRegistry(max_streams=4, idle_s=10.0)
 
     async def scenario() -> None:

@@ -16,20 +16,20 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from model.checkpoint import load_model, read_checkpoint
-from model.network import OmniPose, UpsampleFusion
-from training.cli import main as cli_main
-from training.config import ExperimentConfig, load_config
-from training.distributed import cleanup_distributed, init_distributed
-from training.engine import Trainer, TrainingError
-from training.evaluate import evaluate_model
-from training.init import (
+from omnipose.model.checkpoint import load_model, read_checkpoint
+from omnipose.model.network import OmniPose, UpsampleFusion
+from omnipose.training.cli import main as cli_main
+from omnipose.training.config import ExperimentConfig, load_config
+from omnipose.training.distributed import cleanup_distributed, init_distributed
+from omnipose.training.engine import Trainer, TrainingError
+from omnipose.training.evaluate import evaluate_model
+from omnipose.training.init import (
     BACKBONE_PREFIXES,
     CLASSIFIER_PREFIXES,
     InitError,
     load_imagenet_backbone,
 )
-from training.synth import generate_dataset
+from omnipose.training.synth import generate_dataset
 
 RECIPE = "synth-w8-96x64"
 
@@ -245,7 +245,7 @@ def test_imagenet_init_maps_both_layouts_onto_the_backbone(layout, tmp_path: Pat
     weights = _imagenet_file(path, 8, layout)
     model = OmniPose(17, 8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with caplog.at_level(logging.DEBUG, logger="training.init"):
+    with caplog.at_level(logging.DEBUG, logger="omnipose.training.init"):
         report = load_imagenet_backbone(model, path)
     after = model.state_dict()
     head = [k for k in weights if k.startswith(CLASSIFIER_PREFIXES)]

@@ -15,23 +15,23 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from model.codec import decode_heatmaps, encode_gaussian_heatmaps
-from model.skeleton import COCO_KEYPOINTS
-from model.topdown import PersonPose
-from model.transforms import (
+from omnipose.model.codec import decode_heatmaps, encode_gaussian_heatmaps
+from omnipose.model.skeleton import COCO_KEYPOINTS
+from omnipose.model.topdown import PersonPose
+from omnipose.model.transforms import (
     get_affine_transforms,
     normalize_crops,
     transform_points,
     warp_crops,
 )
-from training.config import (
+from omnipose.training.config import (
     ConfigError,
     ExperimentConfig,
     get_recipe,
     load_config,
     per_process_batch_size,
 )
-from training.data import (
+from omnipose.training.data import (
     DataError,
     KeypointTrainDataset,
     center_scale_to_box,
@@ -43,8 +43,8 @@ from training.data import (
     open_image_source,
     target_weights,
 )
-from training.evaluate import coco_keypoint_eval, coco_results, pckh
-from training.losses import JointsMSELoss, JointsOHKMLoss
+from omnipose.training.evaluate import coco_keypoint_eval, coco_results, pckh
+from omnipose.training.losses import JointsMSELoss, JointsOHKMLoss
 
 NUM_JOINTS = 17
 
@@ -177,7 +177,7 @@ def test_overrides_are_typed_and_checked(tmp_path: Path) -> None:
     assert config.train.lr_steps == (1, 2) and config.train.amp is False
     assert config.data.val_boxes is None and config.train.lr == pytest.approx(3e-4)
     for bad in (["train.epoch=3"], ["train.epochs=three"], ["nosection.x=1"], ["train.epochs"],
-                ["model.config=coco-w18-100x96"], ["data.format=mpii"]):  # fmt: skip
+                ["omnipose.model.config=coco-w18-100x96"], ["data.format=mpii"]):  # fmt: skip
         with pytest.raises(ConfigError):
             load_config("synth-w18-128x96", bad)
     with pytest.raises(ConfigError, match="unknown training config"):
@@ -259,7 +259,7 @@ def test_mpii_records_use_hrnet_conversion(tmp_path: Path) -> None:
     assert records.head_sizes[0] == pytest.approx(np.hypot(1.0, 2.0))
     assert records.head_size_source.startswith("neck to head-top")
     # the equivalent box reproduces center and scale through the service's crop code
-    from model.transforms import box_to_center_scale
+    from omnipose.model.transforms import box_to_center_scale
 
     centers, scales = box_to_center_scale(records.boxes, model_config.aspect_ratio)
     np.testing.assert_allclose(centers, records.centers)
@@ -463,7 +463,7 @@ def test_missing_or_corrupt_image_names_the_file(tmp_path: Path) -> None:
     dataset = KeypointTrainDataset(records, images, model_config, config.data)
     with pytest.raises(DataError, match=r"cannot decode image .*000000000100\.jpg"):
         dataset[0]
-    from training.cli import _one_line
+    from omnipose.training.cli import _one_line
 
     # through a worker process: the error comes back wrapped in the worker's traceback text
     batches = iter(DataLoader(torch.utils.data.Subset(dataset, [2]), num_workers=1))
@@ -539,7 +539,7 @@ def test_ground_truth_as_predictions_scores_ap_one(tmp_path: Path) -> None:
 
 
 def test_mpii_evaluation_scores_ground_truth_perfectly(tmp_path: Path) -> None:
-    from training.evaluate import _mpii_from_outputs, evaluate_model
+    from omnipose.training.evaluate import _mpii_from_outputs, evaluate_model
 
     rng = np.random.default_rng(0)
     entries = []
@@ -556,7 +556,7 @@ def test_mpii_evaluation_scores_ground_truth_perfectly(tmp_path: Path) -> None:
         (tmp_path / image).rename(tmp_path / "images" / image)
     config = load_config(
         "mpii-w18-256x256",
-        [f"data.root={tmp_path}", "data.num_workers=0", "model.config=mpii-w8-256x256"],
+        [f"data.root={tmp_path}", "data.num_workers=0", "omnipose.model.config=mpii-w8-256x256"],
     )
     records, _, _ = load_split(config.data, config.model_config(), "valid")
     outputs = [
@@ -571,7 +571,7 @@ def test_mpii_evaluation_scores_ground_truth_perfectly(tmp_path: Path) -> None:
     wrong = _mpii_from_outputs(outputs, records, spec)
     assert wrong["Mean"] == pytest.approx(2 / 3) and wrong["Head"] == pytest.approx(2 / 3)
     # the whole path with an (untrained) network runs and reports every metric
-    from model.network import build_model
+    from omnipose.model.network import build_model
 
     result = evaluate_model(
         build_model(config.model_config()), config, device=torch.device("cpu"), progress=False
@@ -615,7 +615,7 @@ MPII_JOINT_NAMES = ("rank", "rkne", "rhip", "lhip", "lkne", "lank", "pelv", "tho
 
 
 def test_mpii_pckh_as_published_with_the_official_head_boxes(tmp_path: Path) -> None:
-    from training.evaluate import mpii_metrics
+    from omnipose.training.evaluate import mpii_metrics
 
     rng = np.random.default_rng(3)
     num = 4
@@ -672,8 +672,8 @@ def test_training_targets_decode_to_the_annotations_through_the_serving_path(
 ) -> None:
     """Targets and inference agree on geometry: perfect heatmaps must score AP 1 through
     ``TopDownPoseEstimator`` (crop, DARK decode, inverse transform) and pycocotools."""
-    from model.network import build_model
-    from model.topdown import TopDownPoseEstimator
+    from omnipose.model.network import build_model
+    from omnipose.model.topdown import TopDownPoseEstimator
 
     annotation_file = make_coco_set(tmp_path, "val", num_images=3)
     config = tiny_config(tmp_path)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torchvision import transforms as tv_transforms
 
-from model.configs import get_config
-from model.transforms import (
+from omnipose.model.configs import get_config
+from omnipose.model.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PIXEL_STD,

@@ -11,9 +11,9 @@ import grpc
 import httpx
 import pytest
 
-from omnipose_grpc import omnipose_pb2, omnipose_pb2_grpc
+from omnipose.proto import omnipose_pb2, omnipose_pb2_grpc
+from omnipose.training import synth
 from tests.conftest import ServerProcess, running_server
-from training import synth
 
 FRAMES = 8
 DETECT_EVERY = 4

@@ -3,8 +3,8 @@
 The main CLI registers these with :func:`add_train_parser`, :func:`add_eval_parser` and
 :func:`add_export_parser`; each sets ``func`` to a handler that returns an exit code. User errors
 (unknown recipe, missing data, missing or unusable weights, bad overrides) print one line on
-stderr and return 2 instead of a traceback. ``python -m training.cli`` runs the same commands
-without the service CLI.
+stderr and return 2 instead of a traceback. ``python -m omnipose.training.cli`` runs the same
+commands without the service CLI.
 
 Under ``torchrun`` every process runs the same command; see docs/training.md.
 """
@@ -22,10 +22,10 @@ USER_ERROR_EXIT = 2
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from model.checkpoint import CheckpointError
-    from training.config import ConfigError
-    from training.data import DataError
-    from training.engine import TrainingError
+    from omnipose.model.checkpoint import CheckpointError
+    from omnipose.training.config import ConfigError
+    from omnipose.training.data import DataError
+    from omnipose.training.engine import TrainingError
 
     return (ConfigError, DataError, TrainingError, CheckpointError)
 
@@ -84,7 +84,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from training.config import load_config
+    from omnipose.training.config import load_config
 
     try:
         init, overrides = _split_init(args.init or [])
@@ -109,7 +109,7 @@ def _split_init(values: list[str]) -> tuple[list[str], list[str]]:
 
 def _apply_init(config: Any, values: list[str]) -> None:
     """``--init imagenet FILE`` -> model.pretrained; ``--init FILE`` -> model.init_weights."""
-    from training.config import ConfigError
+    from omnipose.training.config import ConfigError
 
     if len(values) == 2 and values[0] == "imagenet":
         config.model.pretrained, config.model.init_weights = values[1], None
@@ -125,7 +125,7 @@ def _apply_init(config: Any, values: list[str]) -> None:
 
 
 def _train(config: Any, context: Any, args: argparse.Namespace) -> int:
-    from training.engine import Trainer
+    from omnipose.training.engine import Trainer
 
     trainer = Trainer(config, context, resume=args.resume)
     result = trainer.fit()
@@ -140,7 +140,7 @@ def _train(config: Any, context: Any, args: argparse.Namespace) -> int:
 
 def _run_distributed(command: str, device: str, body: Any) -> int:
     """Join the torchrun process group (if any), run ``body(context)``, always leave it."""
-    from training.distributed import cleanup_distributed, init_distributed
+    from omnipose.training.distributed import cleanup_distributed, init_distributed
 
     try:
         context = init_distributed(device)
@@ -191,7 +191,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from training.config import load_config
+    from omnipose.training.config import load_config
 
     try:
         overrides = _collect_overrides(args)
@@ -214,8 +214,8 @@ def run_eval(args: argparse.Namespace) -> int:
 def _evaluate(config: Any, context: Any, args: argparse.Namespace) -> int:
     import torch
 
-    from model.checkpoint import load_model
-    from training.evaluate import evaluate_model
+    from omnipose.model.checkpoint import load_model
+    from omnipose.training.evaluate import evaluate_model
 
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
@@ -275,7 +275,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from training.export import export_model, export_onnx_model
+    from omnipose.training.export import export_model, export_onnx_model
 
     difference = None
     try:

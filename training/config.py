@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.configs import CONFIGS, ModelConfig, get_config
+from omnipose.model.configs import CONFIGS, ModelConfig, get_config
 
 
 class ConfigError(ValueError):
@@ -246,7 +246,8 @@ def per_process_batch_size(config: ExperimentConfig, world_size: int) -> tuple[i
 
 
 def _synthetic_recipe(width: int, input_height: int, input_width: int) -> ExperimentConfig:
-    """CPU-sized recipe on a synthetic COCO-format set (``training.synth``; splits train/val).
+    """CPU-sized recipe on a synthetic COCO-format set (``omnipose.training.synth``; splits
+    train/val).
 
     lr 1e-3 instead of the published 1e-4 (few epochs, from scratch, no pretrained backbone);
     persons under 32x32 px are not trained on (the generator labels even 1-px figures); the

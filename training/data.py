@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from model.codec import encode_gaussian_heatmaps
-from model.configs import ModelConfig
-from model.skeleton import KeypointSpec
-from model.transforms import (
+from omnipose.model.codec import encode_gaussian_heatmaps
+from omnipose.model.configs import ModelConfig
+from omnipose.model.skeleton import KeypointSpec
+from omnipose.model.transforms import (
     BOX_PADDING,
     PIXEL_STD,
     box_to_center_scale,
@@ -44,7 +44,7 @@ from model.transforms import (
     transform_points,
     warp_crops,
 )
-from training.config import DataSection
+from omnipose.training.config import DataSection
 
 # Joints counted as "upper body" by the half-body augmentation.
 UPPER_BODY_JOINTS = {

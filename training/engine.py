@@ -4,13 +4,13 @@ One :class:`Trainer` per process. Under ``torchrun`` every rank trains its share
 (DistributedSampler) inside DistributedDataParallel; rank 0 alone writes checkpoints, TensorBoard
 events and the log. Every epoch ends with ``last.pt`` (the full training state) and, when the
 validation metric improves, ``model_best.pt`` (weights + metadata, servable as is). Both are
-project checkpoints that ``model.checkpoint.load_model`` reads; ``last.pt`` additionally holds a
-``training_state`` entry (optimizer, scheduler, grad scaler, epoch, step, best metric, RNG states)
-made only of tensors and plain types, so ``torch.load(weights_only=True)`` still reads it.
+project checkpoints that ``omnipose.model.checkpoint.load_model`` reads; ``last.pt`` additionally
+holds a ``training_state`` entry (optimizer, scheduler, grad scaler, epoch, step, best metric, RNG
+states) made only of tensors and plain types, so ``torch.load(weights_only=True)`` still reads it.
 
 Resuming restores all of that; together with per-sample augmentation seeds and per-epoch
-shuffling seeds (see :mod:`training.data`) the resumed run continues exactly as the uninterrupted
-one would have.
+shuffling seeds (see :mod:`omnipose.training.data`) the resumed run continues exactly as the
+uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -32,18 +32,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from model.checkpoint import (
+from omnipose.model.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
     atomic_torch_save,
     load_model,
     save_checkpoint,
 )
-from model.configs import ModelConfig
-from model.network import OmniPose, build_model
-from training.config import ExperimentConfig, per_process_batch_size
-from training.data import KeypointTrainDataset, fork_safe_opencv, load_split
-from training.distributed import (
+from omnipose.model.configs import ModelConfig
+from omnipose.model.network import OmniPose, build_model
+from omnipose.training.config import ExperimentConfig, per_process_batch_size
+from omnipose.training.data import KeypointTrainDataset, fork_safe_opencv, load_split
+from omnipose.training.distributed import (
     DistContext,
     all_reduce_mean,
     all_reduce_sum,
@@ -51,9 +51,9 @@ from training.distributed import (
     broadcast_buffers,
     broadcast_object,
 )
-from training.evaluate import MEAN_OKS, EvalResult, evaluate_model
-from training.init import InitError, load_imagenet_backbone
-from training.losses import build_loss
+from omnipose.training.evaluate import MEAN_OKS, EvalResult, evaluate_model
+from omnipose.training.init import InitError, load_imagenet_backbone
+from omnipose.training.losses import build_loss
 
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "model_best.pt"
@@ -256,7 +256,7 @@ class Trainer:
     # --- setup --------------------------------------------------------------------------------
     def _build_network(self) -> OmniPose:
         """The starting network: an OmniPose checkpoint (either head), else a fresh one with an
-        optional ImageNet backbone (see :mod:`training.init`)."""
+        optional ImageNet backbone (see :mod:`omnipose.training.init`)."""
         model_section = self.config.model
         if model_section.pretrained and model_section.init_weights:
             raise TrainingError(
@@ -410,7 +410,7 @@ class Trainer:
 
     def save_last(self, epoch: int) -> Path:
         """``last.pt``: project checkpoint + training state (rank 0 writes it)."""
-        from training.distributed import gather_objects
+        from omnipose.training.distributed import gather_objects
 
         rng_states = gather_objects(capture_rng_state(), self.context)
         path = self.output_dir / LAST_CHECKPOINT
@@ -529,7 +529,7 @@ class Trainer:
     def _log_samples(self, result: EvalResult, epoch: int) -> None:
         if self.writer is None or not result.samples:
             return
-        from model.render import draw_poses
+        from omnipose.model.render import draw_poses
 
         for index, (image_rgb, poses) in enumerate(result.samples):
             canvas = draw_poses(

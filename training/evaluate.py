@@ -1,9 +1,9 @@
 """Evaluation as published: COCO OKS AP/AR (pycocotools) and MPII PCKh.
 
-Inference goes through :class:`model.topdown.TopDownPoseEstimator` (the service's own crop, flip
-test, DARK decoding, instance rescoring and OKS-NMS), so the figures measure what is served.
-COCO: every person box of an image (ground truth or detections) is estimated, the instance score
-is box score x mean confidence of keypoints above 0.2, OKS-NMS at 0.9 removes duplicates, and
+Inference goes through :class:`omnipose.model.topdown.TopDownPoseEstimator` (the service's own
+crop, flip test, DARK decoding, instance rescoring and OKS-NMS), so the figures measure what is
+served. COCO: every person box of an image (ground truth or detections) is estimated, the instance
+score is box score x mean confidence of keypoints above 0.2, OKS-NMS at 0.9 removes duplicates, and
 pycocotools' keypoint evaluation scores the results. MPII: one crop per annotated person (its
 center/scale), PCKh as published (see :func:`mpii_metrics`).
 
@@ -26,11 +26,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from model.configs import ModelConfig
-from model.skeleton import KeypointSpec
-from model.topdown import OKS_NMS_THRESHOLD, PersonPose, TopDownPoseEstimator
-from training.config import ExperimentConfig
-from training.data import (
+from omnipose.model.configs import ModelConfig
+from omnipose.model.skeleton import KeypointSpec
+from omnipose.model.topdown import OKS_NMS_THRESHOLD, PersonPose, TopDownPoseEstimator
+from omnipose.training.config import ExperimentConfig
+from omnipose.training.data import (
     COMPARABLE_HEAD_SIZE_SOURCES,
     EvalImages,
     ImageSource,
@@ -39,7 +39,7 @@ from training.data import (
     fork_safe_opencv,
     load_split,
 )
-from training.distributed import DistContext, broadcast_object, gather_objects
+from omnipose.training.distributed import DistContext, broadcast_object, gather_objects
 
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APM", "APL", "AR", "AR50", "AR75", "ARM", "ARL")
 MEAN_OKS = "OKS"  # mean over evaluated persons of their best-matching prediction's OKS

@@ -1,7 +1,7 @@
 """Turn a training checkpoint (or a published one) into the serving checkpoint.
 
-The output is a project checkpoint written by ``model.checkpoint.save_checkpoint`` (atomic):
-weights, the model config and keypoint spec, and metadata that a reader of the file needs
+The output is a project checkpoint written by ``omnipose.model.checkpoint.save_checkpoint``
+(atomic): weights, the model config and keypoint spec, and metadata that a reader of the file needs
 without the training run at hand: joints, skeleton, flip pairs, input size, what it was trained
 on and how well it did. Optimizer state and RNG states of a ``last.pt`` are left behind.
 """
@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from model.checkpoint import load_model, save_checkpoint
-from model.configs import ModelConfig
+from omnipose.model.checkpoint import load_model, save_checkpoint
+from omnipose.model.configs import ModelConfig
 
 PUBLISHED_SOURCE = "published checkpoint (no project metadata)"
 
@@ -61,7 +61,7 @@ def export_model(
 
     ``config_name`` picks the input size (and must agree with the file's dataset and width);
     without it the file's own config is used, or one inferred from tensor shapes.
-    Raises ``model.checkpoint.CheckpointError`` with a one-line message on unusable input.
+    Raises ``omnipose.model.checkpoint.CheckpointError`` with a one-line message on unusable input.
     """
     model, config, metadata = _load_with_export_metadata(weights, config_name)
     save_checkpoint(out, model, config, metadata)
@@ -93,8 +93,8 @@ def export_onnx_model(
     """Write ``out`` as an ONNX graph (dynamic batch, the serving metadata embedded) from
     ``weights``; returns the metadata and the largest heatmap difference between ONNX Runtime and
     PyTorch on random crops at batch 1 and 3 (the check that the graph is the network)."""
-    from model.checkpoint import atomic_write_bytes
-    from model.onnx_runtime import export_onnx, max_difference
+    from omnipose.model.checkpoint import atomic_write_bytes
+    from omnipose.model.onnx_runtime import export_onnx, max_difference
 
     model, config, metadata = _load_with_export_metadata(weights, config_name)
     graph = export_onnx(model, config.input_size, metadata)

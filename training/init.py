@@ -18,7 +18,7 @@ differ only outside the backbone's tensors (timm's ``nn.Identity`` where the ori
 - the WASP head and decoder: initialised as for training from scratch.
 
 ``--init FILE`` (``model.init_weights``) fine-tunes from any OmniPose checkpoint through
-:func:`model.checkpoint.load_model`, which builds the head the file holds.
+:func:`omnipose.model.checkpoint.load_model`, which builds the head the file holds.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.checkpoint import CheckpointError, read_checkpoint
-from model.network import UpsampleFusion
+from omnipose.model.checkpoint import CheckpointError, read_checkpoint
+from omnipose.model.network import UpsampleFusion
 
 logger = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from model.skeleton import COCO_KEYPOINTS
+from omnipose.model.skeleton import COCO_KEYPOINTS
 
 JPEG_QUALITY = 90
 NUM_JOINTS = COCO_KEYPOINTS.num_joints
@@ -1633,7 +1633,7 @@ def add_synth_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.synth", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m omnipose.training.synth", description=__doc__)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     _add_arguments(parser)
     return _run_synth(parser.parse_args(argv))

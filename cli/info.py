@@ -6,7 +6,7 @@ import argparse
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from model.complexity import config_table
+    from omnipose.model.complexity import config_table
 
     for line in config_table(args.configs):
         print(line)

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from omnipose_grpc import omnipose_pb2 as omnipose__grpc_dot_omnipose__pb2
+from omnipose.proto import omnipose_pb2 as omnipose_dot_proto_dot_omnipose__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in omnipose_grpc/omnipose_pb2_grpc.py depends on'
+        + ' but the generated code in omnipose/proto/omnipose_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class PoseEstimationStub:
         """
         self.Estimate = channel.unary_unary(
                 '/omnipose.v1.PoseEstimation/Estimate',
-                request_serializer=omnipose__grpc_dot_omnipose__pb2.EstimateRequest.SerializeToString,
-                response_deserializer=omnipose__grpc_dot_omnipose__pb2.EstimateResponse.FromString,
+                request_serializer=omnipose_dot_proto_dot_omnipose__pb2.EstimateRequest.SerializeToString,
+                response_deserializer=omnipose_dot_proto_dot_omnipose__pb2.EstimateResponse.FromString,
                 _registered_method=True)
         self.EstimateBatch = channel.unary_unary(
                 '/omnipose.v1.PoseEstimation/EstimateBatch',
-                request_serializer=omnipose__grpc_dot_omnipose__pb2.EstimateBatchRequest.SerializeToString,
-                response_deserializer=omnipose__grpc_dot_omnipose__pb2.EstimateBatchResponse.FromString,
+                request_serializer=omnipose_dot_proto_dot_omnipose__pb2.EstimateBatchRequest.SerializeToString,
+                response_deserializer=omnipose_dot_proto_dot_omnipose__pb2.EstimateBatchResponse.FromString,
                 _registered_method=True)
         self.StreamEstimate = channel.stream_stream(
                 '/omnipose.v1.PoseEstimation/StreamEstimate',
-                request_serializer=omnipose__grpc_dot_omnipose__pb2.StreamFrame.SerializeToString,
-                response_deserializer=omnipose__grpc_dot_omnipose__pb2.StreamResult.FromString,
+                request_serializer=omnipose_dot_proto_dot_omnipose__pb2.StreamFrame.SerializeToString,
+                response_deserializer=omnipose_dot_proto_dot_omnipose__pb2.StreamResult.FromString,
                 _registered_method=True)
         self.GetModel = channel.unary_unary(
                 '/omnipose.v1.PoseEstimation/GetModel',
-                request_serializer=omnipose__grpc_dot_omnipose__pb2.GetModelRequest.SerializeToString,
-                response_deserializer=omnipose__grpc_dot_omnipose__pb2.ModelDescription.FromString,
+                request_serializer=omnipose_dot_proto_dot_omnipose__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=omnipose_dot_proto_dot_omnipose__pb2.ModelDescription.FromString,
                 _registered_method=True)
 
 
@@ -96,23 +96,23 @@ def add_PoseEstimationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Estimate': grpc.unary_unary_rpc_method_handler(
                     servicer.Estimate,
-                    request_deserializer=omnipose__grpc_dot_omnipose__pb2.EstimateRequest.FromString,
-                    response_serializer=omnipose__grpc_dot_omnipose__pb2.EstimateResponse.SerializeToString,
+                    request_deserializer=omnipose_dot_proto_dot_omnipose__pb2.EstimateRequest.FromString,
+                    response_serializer=omnipose_dot_proto_dot_omnipose__pb2.EstimateResponse.SerializeToString,
             ),
             'EstimateBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.EstimateBatch,
-                    request_deserializer=omnipose__grpc_dot_omnipose__pb2.EstimateBatchRequest.FromString,
-                    response_serializer=omnipose__grpc_dot_omnipose__pb2.EstimateBatchResponse.SerializeToString,
+                    request_deserializer=omnipose_dot_proto_dot_omnipose__pb2.EstimateBatchRequest.FromString,
+                    response_serializer=omnipose_dot_proto_dot_omnipose__pb2.EstimateBatchResponse.SerializeToString,
             ),
             'StreamEstimate': grpc.stream_stream_rpc_method_handler(
                     servicer.StreamEstimate,
-                    request_deserializer=omnipose__grpc_dot_omnipose__pb2.StreamFrame.FromString,
-                    response_serializer=omnipose__grpc_dot_omnipose__pb2.StreamResult.SerializeToString,
+                    request_deserializer=omnipose_dot_proto_dot_omnipose__pb2.StreamFrame.FromString,
+                    response_serializer=omnipose_dot_proto_dot_omnipose__pb2.StreamResult.SerializeToString,
             ),
             'GetModel': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModel,
-                    request_deserializer=omnipose__grpc_dot_omnipose__pb2.GetModelRequest.FromString,
-                    response_serializer=omnipose__grpc_dot_omnipose__pb2.ModelDescription.SerializeToString,
+                    request_deserializer=omnipose_dot_proto_dot_omnipose__pb2.GetModelRequest.FromString,
+                    response_serializer=omnipose_dot_proto_dot_omnipose__pb2.ModelDescription.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -140,8 +140,8 @@ class PoseEstimation:
             request,
             target,
             '/omnipose.v1.PoseEstimation/Estimate',
-            omnipose__grpc_dot_omnipose__pb2.EstimateRequest.SerializeToString,
-            omnipose__grpc_dot_omnipose__pb2.EstimateResponse.FromString,
+            omnipose_dot_proto_dot_omnipose__pb2.EstimateRequest.SerializeToString,
+            omnipose_dot_proto_dot_omnipose__pb2.EstimateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -167,8 +167,8 @@ class PoseEstimation:
             request,
             target,
             '/omnipose.v1.PoseEstimation/EstimateBatch',
-            omnipose__grpc_dot_omnipose__pb2.EstimateBatchRequest.SerializeToString,
-            omnipose__grpc_dot_omnipose__pb2.EstimateBatchResponse.FromString,
+            omnipose_dot_proto_dot_omnipose__pb2.EstimateBatchRequest.SerializeToString,
+            omnipose_dot_proto_dot_omnipose__pb2.EstimateBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -194,8 +194,8 @@ class PoseEstimation:
             request_iterator,
             target,
             '/omnipose.v1.PoseEstimation/StreamEstimate',
-            omnipose__grpc_dot_omnipose__pb2.StreamFrame.SerializeToString,
-            omnipose__grpc_dot_omnipose__pb2.StreamResult.FromString,
+            omnipose_dot_proto_dot_omnipose__pb2.StreamFrame.SerializeToString,
+            omnipose_dot_proto_dot_omnipose__pb2.StreamResult.FromString,
             options,
             channel_credentials,
             insecure,
@@ -221,8 +221,8 @@ class PoseEstimation:
             request,
             target,
             '/omnipose.v1.PoseEstimation/GetModel',
-            omnipose__grpc_dot_omnipose__pb2.GetModelRequest.SerializeToString,
-            omnipose__grpc_dot_omnipose__pb2.ModelDescription.FromString,
+            omnipose_dot_proto_dot_omnipose__pb2.GetModelRequest.SerializeToString,
+            omnipose_dot_proto_dot_omnipose__pb2.ModelDescription.FromString,
             options,
             channel_credentials,
             insecure,

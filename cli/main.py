@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from omnipose_cli.errors import EXIT_USER_ERROR, CliError
+from omnipose.cli.errors import EXIT_USER_ERROR, CliError
 
 
 class Subcommand(NamedTuple):
@@ -29,25 +29,29 @@ class Subcommand(NamedTuple):
 
 SUBCOMMANDS: dict[str, Subcommand] = {
     "predict": Subcommand(
-        "omnipose_cli.predict",
+        "omnipose.cli.predict",
         "add_predict_parser",
         "estimate poses in image files and write COCO-format results",
     ),
     "info": Subcommand(
-        "omnipose_cli.info", "add_info_parser", "list model configurations with parameters and MACs"
+        "omnipose.cli.info", "add_info_parser", "list model configurations with parameters and MACs"
     ),
-    "serve": Subcommand("service.server", "add_serve_parser", "run the REST + gRPC pose service"),
+    "serve": Subcommand(
+        "omnipose.service.server", "add_serve_parser", "run the REST + gRPC pose service"
+    ),
     "synth": Subcommand(
-        "training.synth", "add_synth_parser", "render a synthetic COCO person-keypoints dataset"
+        "omnipose.training.synth",
+        "add_synth_parser",
+        "render a synthetic COCO person-keypoints dataset",
     ),
     "train": Subcommand(
-        "training.cli", "add_train_parser", "train an OmniPose model from a recipe"
+        "omnipose.training.cli", "add_train_parser", "train an OmniPose model from a recipe"
     ),
     "eval": Subcommand(
-        "training.cli", "add_eval_parser", "evaluate weights: COCO OKS AP/AR or MPII PCKh"
+        "omnipose.training.cli", "add_eval_parser", "evaluate weights: COCO OKS AP/AR or MPII PCKh"
     ),
     "export": Subcommand(
-        "training.cli",
+        "omnipose.training.cli",
         "add_export_parser",
         "write the serving checkpoint from a training or published checkpoint",
     ),
@@ -79,10 +83,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean the user asked for something impossible (imported when one happens)."""
-    from model.checkpoint import CheckpointError
-    from service.boxes import BoxError
-    from service.detection import DetectorError
-    from service.images import ImageError
+    from omnipose.model.checkpoint import CheckpointError
+    from omnipose.service.boxes import BoxError
+    from omnipose.service.detection import DetectorError
+    from omnipose.service.images import ImageError
 
     return (ImageError, CheckpointError, DetectorError, BoxError, ValueError, OSError)
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from omnipose_cli.errors import CliError
-from service.boxes import BoxError, parse_boxes
-from service.detection import DETECTOR_KINDS, build_detector
-from service.images import read_image_file
-from service.persons import client_persons, crop_persons, detected_persons
-from service.schemas import numeric_image_id
+from omnipose.cli.errors import CliError
+from omnipose.service.boxes import BoxError, parse_boxes
+from omnipose.service.detection import DETECTOR_KINDS, build_detector
+from omnipose.service.images import read_image_file
+from omnipose.service.persons import client_persons, crop_persons, detected_persons
+from omnipose.service.schemas import numeric_image_id
 
 
 def load_boxes_file(path: Path, images: Sequence[Path]) -> dict[Path, np.ndarray]:
@@ -59,8 +59,8 @@ def image_id_for(path: Path, position: int) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from model.render import draw_poses
-    from service.loading import EMBEDDED_DEFAULT_NOTE, UNTRAINED_WARNING, load_pose_model
+    from omnipose.model.render import draw_poses
+    from omnipose.service.loading import EMBEDDED_DEFAULT_NOTE, UNTRAINED_WARNING, load_pose_model
 
     images = [Path(p) for p in args.images]
     boxes_by_image = load_boxes_file(Path(args.boxes), images) if args.boxes else {}
