@@ -10,7 +10,12 @@ over-long request heads in plain text. :class:`GuardedH11Protocol` adds:
   408 (JSON) and the connection closes. Idle keep-alive connections close after
   ``http_keepalive_timeout_s`` (uvicorn's own timer);
 * a **connection limit**: past ``http_max_connections`` open connections, a request on a new one
-  is answered 503 (JSON, ``Connection: close``) before its body is read (:class:`TransportGuard`);
+  is answered 503 (JSON, ``Connection: close``) before its body is read (:class:`TransportGuard`).
+  Liveness and readiness probes are exempt, so a connection flood never makes Kubernetes restart
+  a healthy pod. The limit is kept below the process's open-files limit
+  (:func:`descriptor_safe_limit`), so it applies before descriptors run out;
+* a **TLS handshake timeout** equal to the header timeout: a connection that never sends a
+  ClientHello is closed like a silent plain one, not after asyncio's default 60 s;
 * the **common error shape** for what the HTTP parser refuses: a request head over
   ``http_max_header_bytes`` (e.g. an over-long URL) gets 431, any other malformed head 400.
 
@@ -22,8 +27,12 @@ in JSON instead of uvicorn's plain-text 500.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import resource
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +48,13 @@ OVER_CONNECTION_LIMIT = "omnipose.over_connection_limit"  # key in the ASGI scop
 # connection stays usable; a larger one is left unread and the connection closes.
 DRAIN_BYTES = 1024 * 1024
 DRAIN_TIMEOUT_S = 5.0
+# Probes answered even on connections over the limit (they are cheap and never read a body).
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+# Descriptors kept out of the HTTP connection limit: the gRPC server's connections and listener,
+# model and log files, the CPU pool's pipes, and the over-limit connections that are accepted
+# only to be answered 503.
+RESERVED_DESCRIPTORS = 256
+ACCEPT_FAILURE = "socket.accept() out of system resource"
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,69 @@ def error_bytes(status: int, reason: str, code: str, message: str) -> bytes:
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     )
     return head.encode("ascii") + body
+
+
+def descriptor_safe_limit(max_connections: int) -> int:
+    """The connection limit that holds on this process: the soft open-files limit is raised to
+    the hard one, and the limit lowered to what is left after :data:`RESERVED_DESCRIPTORS`, so a
+    flood is answered 503 instead of failing ``accept()`` with no descriptor left."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    usable = max(1, soft - RESERVED_DESCRIPTORS)
+    if usable < max_connections:
+        log.warning(
+            "http_max_connections %d lowered to %d: the open-files limit is %d (ulimit -n)",
+            max_connections, usable, soft,
+        )
+    return min(max_connections, usable)
+
+
+class AcceptFailureLog:
+    """An event-loop exception handler that logs failed ``accept()`` calls (no descriptor left)
+    at most once per ``interval_s``, with a count of those left out: asyncio reports one for every
+    pending connection on every retry, thousands a second under a connection flood."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s = interval_s
+        self.suppressed = 0
+        self._last = -float("inf")
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") != ACCEPT_FAILURE:
+            loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            self.suppressed += 1
+            return
+        self._last = now
+        log.error(
+            "cannot accept connections: %s (%d more such failures since the last report)",
+            context.get("exception"), self.suppressed,
+        )
+        self.suppressed = 0
+
+
+@contextlib.contextmanager
+def tls_handshake_timeout(loop: asyncio.AbstractEventLoop, timeout_s: float) -> Iterator[None]:
+    """Servers created on ``loop`` inside the ``with`` give a TLS handshake ``timeout_s``
+    (uvicorn has no setting for it; asyncio's default holds a silent connection for 60 s)."""
+    create_server = loop.create_server
+
+    def create_server_with_timeout(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("ssl") is not None:  # asyncio refuses the timeout without TLS
+            kwargs.setdefault("ssl_handshake_timeout", timeout_s)
+        return create_server(*args, **kwargs)
+
+    loop.create_server = create_server_with_timeout  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del loop.create_server  # the instance attribute: the class's method again
 
 
 def guarded_protocol(limits: HttpLimits) -> type[H11Protocol]:
@@ -207,6 +286,9 @@ class TransportGuard:
             await self.app(scope, receive, send)
             return
         if scope.get("state", {}).get(OVER_CONNECTION_LIMIT):
+            if scope["path"] in PROBE_PATHS:
+                await self.app(scope, receive, _closing(send))
+                return
             await _send_json(
                 send,
                 503,
@@ -249,6 +331,18 @@ class TransportGuard:
                 await _send_json(send, 503, "unavailable", self.inflight.abort_message, close=True)
         finally:
             self.inflight.running.discard(task)
+
+
+def _closing(send: Send) -> Send:
+    """``send`` with ``Connection: close`` added to the response head."""
+
+    async def send_and_close(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [*message.get("headers", ()), (b"connection", b"close")]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return send_and_close
 
 
 async def _drain_small_body(scope: Scope, receive: Receive) -> bool:

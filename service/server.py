@@ -34,7 +34,14 @@ from pydantic import ValidationError
 from omnipose.service.auth import AuthConfigError
 from omnipose.service.engine import PoseEngine
 from omnipose.service.grpc_server import GrpcServer
-from omnipose.service.http_server import HttpLimits, InflightRequests, uvicorn_config
+from omnipose.service.http_server import (
+    AcceptFailureLog,
+    HttpLimits,
+    InflightRequests,
+    descriptor_safe_limit,
+    tls_handshake_timeout,
+    uvicorn_config,
+)
 from omnipose.service.metrics import ServiceMetrics
 from omnipose.service.resources import configure_threads
 from omnipose.service.rest import create_app
@@ -152,7 +159,7 @@ async def serve(settings: ServiceSettings) -> int:
         log.error("invalid API key settings: %s", exc)
         return 2
     limits = HttpLimits(
-        max_connections=settings.http_max_connections,
+        max_connections=descriptor_safe_limit(settings.http_max_connections),
         header_timeout_s=settings.http_header_timeout_s,
         keepalive_timeout_s=settings.http_keepalive_timeout_s,
         max_header_bytes=settings.http_max_header_bytes,
@@ -175,8 +182,12 @@ async def serve(settings: ServiceSettings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    loop.set_exception_handler(AcceptFailureLog())
     await grpc_server.start()
-    http_task = asyncio.create_task(http_server.serve(sockets=[http_socket]))
+    with tls_handshake_timeout(loop, settings.http_header_timeout_s):
+        http_task = asyncio.create_task(http_server.serve(sockets=[http_socket]))
+        while not (http_server.started or http_task.done()):  # its listener is created
+            await asyncio.sleep(0.01)
     log.info("listening: http %s:%d, grpc %s:%d (torch threads %d); loading the model",
              settings.host, http_socket.getsockname()[1], settings.host, grpc_server.port, threads)
 

@@ -9,6 +9,7 @@ import datetime
 import hashlib
 import ipaddress
 import json
+import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -29,6 +30,9 @@ from omnipose.proto import omnipose_pb2 as pb
 from omnipose.proto import omnipose_pb2_grpc
 from omnipose.service.auth import KeyChecker, digest, load_key_digests, presented_key
 from tests.conftest import STARTUP_TIMEOUT_S, ServerProcess
+
+TLS_HEADER_TIMEOUT_S = 2.0
+ASYNCIO_DEFAULT_HANDSHAKE_TIMEOUT_S = 60.0
 
 pytestmark = pytest.mark.slow
 
@@ -122,6 +126,8 @@ def secure_server(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterato
         str(pki.server_key),
         "--grpc-tls-client-ca-file",
         str(pki.ca),
+        "--http-header-timeout-s",
+        str(TLS_HEADER_TIMEOUT_S),
     ]
     server = ServerProcess(args, root / "secure.log").start()
     try:
@@ -201,6 +207,20 @@ def test_rest_requires_a_key_except_health(https: httpx.Client, images) -> None:
 def test_plain_http_is_not_served_on_a_tls_port(secure_server: ServerProcess) -> None:
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{secure_server.http_port}/healthz", timeout=5)
+
+
+def test_silent_connection_on_the_tls_port_is_closed_at_the_header_timeout(
+    secure_server: ServerProcess,
+) -> None:
+    """A client that connects and never sends a ClientHello is dropped like a silent plain one,
+    not held for asyncio's default handshake timeout."""
+    with socket.create_connection(("127.0.0.1", secure_server.http_port), timeout=10) as sock:
+        sock.settimeout(ASYNCIO_DEFAULT_HANDSHAKE_TIMEOUT_S / 2)
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionResetError):
+            assert sock.recv(1024) == b""  # closed by the server, nothing sent
+        waited = time.monotonic() - started
+    assert waited < ASYNCIO_DEFAULT_HANDSHAKE_TIMEOUT_S / 2
 
 
 def test_grpc_mtls_and_keys(secure_server: ServerProcess, pki: Pki, images) -> None:

@@ -230,6 +230,13 @@ def test_connections_over_the_limit_get_503_before_their_body_is_read(
             raw, _ = read_until_closed(sock)
         status, error = json_error(raw)
         assert status == 503 and "too many open connections" in error["message"]
+        # Probes are answered over the limit: a connection flood must not fail liveness.
+        for probe in ("/healthz", "/readyz"):
+            with connect(guarded_server) as sock:
+                sock.sendall(f"GET {probe} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                raw, _ = read_until_closed(sock)
+            assert raw.startswith(b"HTTP/1.1 200"), (probe, raw[:200])
+            assert b"connection: close" in raw.lower()
     finally:
         for sock in holders:
             sock.close()
