@@ -42,6 +42,7 @@ from omnipose.service.http_server import (
     tls_handshake_timeout,
     uvicorn_config,
 )
+from omnipose.service.memory import IdleMemoryTrim
 from omnipose.service.metrics import ServiceMetrics
 from omnipose.service.resources import configure_threads
 from omnipose.service.rest import create_app
@@ -204,7 +205,10 @@ async def serve(settings: ServiceSettings) -> int:
     elif starting.done():
         await grpc_server.set_serving()
         log.info("ready")
+        trimming = asyncio.create_task(
+            IdleMemoryTrim(lambda: engine.inflight == 0 and not len(app.state.inflight)).run())
         await asyncio.wait({stopping, http_task}, return_when=asyncio.FIRST_COMPLETED)
+        trimming.cancel()
         if http_task.done() and not stopping.done():
             log.error("the HTTP server stopped unexpectedly")
             exit_code = 1
