@@ -31,20 +31,17 @@ from omnipose.training.config import (
     load_config,
     per_process_batch_size,
 )
-from omnipose.training.data import (
+from omnipose.training.data import KeypointTrainDataset, half_body_box, load_split, target_weights
+from omnipose.training.evaluate import coco_keypoint_eval, coco_results, pckh
+from omnipose.training.image_sources import open_image_source
+from omnipose.training.losses import JointsMSELoss, JointsOHKMLoss
+from omnipose.training.records import (
     DataError,
-    KeypointTrainDataset,
     center_scale_to_box,
     clean_coco_box,
-    half_body_box,
     load_detection_records,
     load_mpii_records,
-    load_split,
-    open_image_source,
-    target_weights,
 )
-from omnipose.training.evaluate import coco_keypoint_eval, coco_results, pckh
-from omnipose.training.losses import JointsMSELoss, JointsOHKMLoss
 
 NUM_JOINTS = 17
 
