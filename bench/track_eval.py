@@ -37,19 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from omnipose.service.detection import Detections, HogPersonDetector, PersonDetector
 from omnipose.service.loading import load_pose_model
 from omnipose.service.persons import crop_persons
+from omnipose.service.pose_boxes import pose_box
 from omnipose.service.track_metrics import (
     MIN_SCORED_JOINTS,
     FramePeople,
     evaluate_sequence,
     load_ground_truth,
 )
-from omnipose.service.tracking import (
-    TRACK_ID_KEY,
-    PoseTracker,
-    TrackingOptions,
-    merge_guided,
-    pose_box,
-)
+from omnipose.service.tracking import TRACK_ID_KEY, PoseTracker, TrackingOptions, merge_guided
 from omnipose.training import synth
 
 MAX_PERSONS = 100

@@ -40,7 +40,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "omnipose.service.server", "add_serve_parser", "run the REST + gRPC pose service"
     ),
     "synth": Subcommand(
-        "omnipose.training.synth",
+        "omnipose.training.synth.cli",
         "add_synth_parser",
         "render a synthetic COCO person-keypoints dataset",
     ),

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from omnipose.model.skeleton import COCO_KEYPOINTS
-from omnipose.service.tracking import box_iou
+from omnipose.service.pose_boxes import box_iou
 
 MATCH_IOU = 0.5
 MIN_SCORED_JOINTS = 6  # people with fewer joints in view (a third of a body) are not scored

@@ -11,15 +11,17 @@ holds one stream's state for that and nothing else; the engine runs the network.
 * The boxes given to the tracker are always the **pose extent** (confident joints, enlarged),
   whether the frame's crops came from the detector or from the previous poses: one box
   definition for the Kalman filter, whatever the source.
-* **Pose-guided boxes**: between detector frames each track's next crop box comes from its last
-  pose, moved by the Kalman velocity and placed around it as the detector's box was
-  (:class:`CropFit`). The detector runs every ``detect_every`` frames and whenever guided boxes
-  are not to be trusted: no track is alive, a track was just lost, a lost track is hidden
-  behind someone, or (``overlap_iou``) two people overlap.
-* **Smoothing**: One-Euro filters (Casiez et al., CHI 2012) per track, never shared: one on the
-  pose's centre (mean of its confident joints), one on the joints' offsets from it. A walking
-  person's steady translation then passes through the centre filter, which follows speed, and
-  the offsets filter can be slow (strong smoothing) without making the whole body lag.
+* **Pose-guided boxes** (geometry in :mod:`omnipose.service.pose_boxes`): between detector
+  frames each track's next crop box comes from its last pose, moved by the Kalman velocity and
+  placed around it as the detector's box was (:class:`CropFit`). The detector runs every
+  ``detect_every`` frames and whenever guided boxes are not to be trusted: no track is alive, a
+  track was just lost, a lost track is hidden behind someone, or (``overlap_iou``) two people
+  overlap.
+* **Smoothing** (:mod:`omnipose.service.smoothing`): One-Euro filters (Casiez et al., CHI 2012)
+  per track, never shared: one on the pose's centre (mean of its confident joints), one on the
+  joints' offsets from it. A walking person's steady translation then passes through the centre
+  filter, which follows speed, and the offsets filter can be slow (strong smoothing) without
+  making the whole body lag.
 * **Bounded state**: tracks unseen for ``max_missed`` frames are dropped, filters with them;
   :class:`StreamRegistry` bounds the number of client streams and expires idle ones.
 """
@@ -40,9 +42,19 @@ import numpy as np
 
 from omnipose.model.nms import oks_nms, oks_similarity
 from omnipose.model.topdown import PersonPose
+from omnipose.service.pose_boxes import (
+    CropFit,
+    box_area,
+    box_around,
+    box_iou,
+    clip_box,
+    inside_image,
+    pose_box,
+    pose_extent,
+)
+from omnipose.service.smoothing import PoseSmoother
 
 TRACK_ID_KEY = "track_id"  # PersonPose.extras key of a person's track id
-MIN_ASPECT = 0.35  # pose boxes are at least this wide for their height (and the converse)
 
 
 @dataclass(frozen=True)
@@ -98,99 +110,9 @@ class TrackingOptions:
             raise ValueError(f"oks_weight must be in [0, 1], got {self.oks_weight!r}")
 
 
-# --- One-Euro filter ---------------------------------------------------------------------------
-def _smoothing_factor(cutoff: np.ndarray | float, dt: float) -> np.ndarray | float:
-    tau = 1.0 / (2.0 * math.pi * cutoff)
-    return 1.0 / (1.0 + tau / dt)
-
-
-class OneEuroFilter:
-    """One-Euro filter over an array of values (e.g. J x 2 keypoints), each filtered on its own:
-    a low-pass whose cutoff rises with the speed, so still joints stop jittering and fast ones
-    do not lag."""
-
-    def __init__(self, min_cutoff: float, beta: float, d_cutoff: float) -> None:
-        self.min_cutoff, self.beta, self.d_cutoff = min_cutoff, beta, d_cutoff
-        self._value: np.ndarray | None = None
-        self._speed: np.ndarray | None = None
-
-    def __call__(self, value: np.ndarray, dt: float) -> np.ndarray:
-        value = np.asarray(value, dtype=np.float64)
-        if self._value is None or self._speed is None:
-            self._value, self._speed = value.copy(), np.zeros_like(value)
-            return value.copy()
-        speed = (value - self._value) / dt
-        a_d = _smoothing_factor(self.d_cutoff, dt)
-        self._speed = a_d * speed + (1.0 - a_d) * self._speed
-        cutoff = self.min_cutoff + self.beta * np.abs(self._speed)
-        a = _smoothing_factor(cutoff, dt)
-        self._value = a * value + (1.0 - a) * self._value
-        return self._value.copy()
-
-
-# --- geometry ----------------------------------------------------------------------------------
-def pose_extent(keypoints: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray] | None:
-    """Centre and size of the confident joints' extent, or None with fewer than two of them."""
-    confident = keypoints[keypoints[:, 2] > threshold, :2]
-    if len(confident) < 2:
-        return None
-    low, high = confident.min(axis=0), confident.max(axis=0)
-    size = np.maximum(high - low, 1.0)
-    # A body seen from the side has its joints nearly in a line: keep the box at least
-    # MIN_ASPECT as wide as it is tall (and the other way round), around the joints' centre.
-    size = np.maximum(size, MIN_ASPECT * size[::-1])
-    return (low + high) / 2, size
-
-
-def box_around(extent: tuple[np.ndarray, np.ndarray], margin: float) -> np.ndarray:
-    """x, y, w, h of ``extent`` grown by ``margin`` x its size on each side (joints sit inside
-    the body: the head top, hands and feet lie beyond them)."""
-    centre, size = extent
-    half = size * (0.5 + margin)
-    return np.array([centre[0] - half[0], centre[1] - half[1], 2 * half[0], 2 * half[1]])
-
-
-def pose_box(keypoints: np.ndarray, threshold: float, margin: float) -> np.ndarray | None:
-    """The confident joints' extent grown by ``margin`` (see :func:`box_around`), or None."""
-    extent = pose_extent(keypoints, threshold)
-    return None if extent is None else box_around(extent, margin)
-
-
 def pose_confidence(person: PersonPose) -> float:
     """Mean keypoint confidence: how sure the network is that the crop holds this pose."""
     return float(np.mean(person.keypoints[:, 2])) if len(person.keypoints) else 0.0
-
-
-def _area(box: np.ndarray | None) -> float:
-    return 0.0 if box is None else float(box[2] * box[3])
-
-
-def _inside(box: np.ndarray, width: int, height: int) -> bool:
-    return bool(box[0] >= 0 and box[1] >= 0 and box[0] + box[2] <= width
-                and box[1] + box[3] <= height)  # fmt: skip
-
-
-def clip_box(box: np.ndarray, width: int, height: int) -> np.ndarray | None:
-    """``box`` cut to the image, or None when too little of it (under 2 px a side) remains."""
-    x1, y1 = max(box[0], 0.0), max(box[1], 0.0)
-    x2, y2 = min(box[0] + box[2], float(width)), min(box[1] + box[3], float(height))
-    if x2 - x1 < 2 or y2 - y1 < 2:
-        return None
-    return np.array([x1, y1, x2 - x1, y2 - y1])
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU between x, y, w, h boxes ``a`` (N x 4) and ``b`` (M x 4) -> N x M."""
-    a, b = np.asarray(a, float).reshape(-1, 4), np.asarray(b, float).reshape(-1, 4)
-    ax2, ay2 = a[:, 0] + a[:, 2], a[:, 1] + a[:, 3]
-    bx2, by2 = b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
-    w = np.clip(np.minimum(ax2[:, None], bx2[None]) - np.maximum(a[:, None, 0], b[None, :, 0]),
-                0, None)  # fmt: skip
-    h = np.clip(np.minimum(ay2[:, None], by2[None]) - np.maximum(a[:, None, 1], b[None, :, 1]),
-                0, None)  # fmt: skip
-    inter = w * h
-    union = (a[:, 2] * a[:, 3])[:, None] + (b[:, 2] * b[:, 3])[None] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
 # --- the tracker ---------------------------------------------------------------------------------
@@ -271,54 +193,6 @@ class FrameTracking:
     persons: list[PersonPose]  # the frame's persons after duplicate removal
 
 
-class PoseSmoother:
-    """One track's keypoint smoothing: the centre of the confident joints and the joints'
-    offsets from it, each through its own One-Euro filter."""
-
-    def __init__(self, options: TrackingOptions) -> None:
-        o = options
-        self.centre = OneEuroFilter(o.min_cutoff, o.centre_beta, o.d_cutoff)
-        self.offsets = OneEuroFilter(o.min_cutoff, o.beta, o.d_cutoff)
-        self.threshold = o.keypoint_threshold
-
-    def __call__(self, keypoints: np.ndarray, dt: float) -> np.ndarray:
-        """Smoothed copy of ``keypoints`` (J x 3; confidences unchanged)."""
-        xy = keypoints[:, :2]
-        confident = keypoints[:, 2] > self.threshold
-        centre = xy[confident].mean(axis=0) if confident.sum() >= 2 else xy.mean(axis=0)
-        out = keypoints.copy()
-        out[:, :2] = self.centre(centre, dt) + self.offsets(xy - centre, dt)
-        return out
-
-
-@dataclass(frozen=True)
-class CropFit:
-    """Where a person's crop box sat around their pose on the last frame whose box came from
-    the detector: its centre's offset from the pose extent's centre and its size, both in
-    units of the extent's size (a person leaving or turning shrinks the crop with them). A
-    guided crop built with it is placed and sized like the detector's box, so the pose model
-    sees what it sees on detector frames. A crop built from the extent alone drifts: the
-    joints' extent is off-centre in the body (ankles above the soles, the head's top above the
-    eyes), so a crop centred on it is off-centre too, the next pose comes out a little shifted
-    and shortened, and the crop after that more so."""
-
-    offset: np.ndarray  # (crop centre - extent centre) / extent size, x and y
-    size: np.ndarray  # crop width and height / extent width and height
-
-    @classmethod
-    def measure(cls, crop_box: np.ndarray, extent: tuple[np.ndarray, np.ndarray]) -> CropFit:
-        centre, size = extent
-        crop_box = np.asarray(crop_box, dtype=np.float64)
-        offset = (crop_box[:2] + crop_box[2:] / 2 - centre) / size
-        return cls(offset, crop_box[2:] / size)
-
-    def box(self, extent: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        """x, y, w, h of the crop box for a pose of this ``extent``."""
-        centre = extent[0] + self.offset * extent[1]
-        size = self.size * extent[1]
-        return np.concatenate([centre - size / 2, size])
-
-
 @dataclass
 class _Guide:
     """A box for the next frame, from this frame's pose of one person."""
@@ -387,7 +261,7 @@ class PoseTracker:
         """``box`` cut to the image, or None when less than ``min_visible`` of it is inside (a
         person walking out of the picture)."""
         clipped = clip_box(box, width, height)
-        if clipped is None or _area(clipped) < self.options.min_visible * _area(box):
+        if clipped is None or box_area(clipped) < self.options.min_visible * box_area(box):
             return None
         return clipped
 
@@ -420,7 +294,7 @@ class PoseTracker:
         handed_out = []
         for guide in self._guides:
             box = guide.box
-            if guide.fitted_box is not None and _inside(guide.fitted_box, width, height):
+            if guide.fitted_box is not None and inside_image(guide.fitted_box, width, height):
                 box = guide.fitted_box
             moved = box.copy()
             velocity = velocities.get(guide.track_id)
@@ -538,7 +412,7 @@ class PoseTracker:
         if len(persons) < 2:
             return list(persons)
         keypoints = np.stack([p.keypoints for p in persons])
-        areas = np.array([_area(pose_box(p.keypoints, self.options.keypoint_threshold, 0.0))
+        areas = np.array([box_area(pose_box(p.keypoints, self.options.keypoint_threshold, 0.0))
                           for p in persons])  # fmt: skip
         scores = np.array([pose_confidence(p) for p in persons])
         keep = oks_nms(keypoints, scores, areas, self._sigmas, self.options.duplicate_oks,

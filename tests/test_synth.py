@@ -1,4 +1,4 @@
-"""Tests of the synthetic COCO person-keypoints generator (training/synth.py)."""
+"""Tests of the synthetic COCO person-keypoints generator (omnipose.training.synth)."""
 
 from __future__ import annotations
 

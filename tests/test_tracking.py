@@ -15,17 +15,17 @@ import pytest
 
 from omnipose.model.skeleton import COCO_KEYPOINTS
 from omnipose.model.topdown import PersonPose
+from omnipose.service.pose_boxes import pose_box
+from omnipose.service.smoothing import OneEuroFilter
 from omnipose.service.track_metrics import FramePeople, evaluate_sequence, load_ground_truth
 from omnipose.service.tracking import (
     TRACK_ID_KEY,
-    OneEuroFilter,
     PoseTracker,
     StreamLimitError,
     StreamRegistry,
     TrackedStream,
     TrackingOptions,
     merge_guided,
-    pose_box,
 )
 from omnipose.training import synth
 

@@ -24,8 +24,8 @@ USER_ERROR_EXIT = 2
 def _user_errors() -> tuple[type[BaseException], ...]:
     from omnipose.model.checkpoint import CheckpointError
     from omnipose.training.config import ConfigError
-    from omnipose.training.data import DataError
     from omnipose.training.engine import TrainingError
+    from omnipose.training.records import DataError
 
     return (ConfigError, DataError, TrainingError, CheckpointError)
 

@@ -15,7 +15,6 @@ uninterrupted one would have.
 
 from __future__ import annotations
 
-import collections
 import datetime
 import json
 import random
@@ -24,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -41,7 +39,13 @@ from omnipose.model.checkpoint import (
 )
 from omnipose.model.configs import ModelConfig
 from omnipose.model.network import OmniPose, build_model
-from omnipose.training.config import ExperimentConfig, per_process_batch_size
+from omnipose.training.config import (
+    DataSection,
+    ExperimentConfig,
+    ModelSection,
+    TrainSection,
+    per_process_batch_size,
+)
 from omnipose.training.data import KeypointTrainDataset, fork_safe_opencv, load_split
 from omnipose.training.distributed import (
     DistContext,
@@ -54,80 +58,20 @@ from omnipose.training.distributed import (
 from omnipose.training.evaluate import MEAN_OKS, EvalResult, evaluate_model
 from omnipose.training.init import InitError, load_imagenet_backbone
 from omnipose.training.losses import build_loss
+from omnipose.training.run_log import RunLog
+from omnipose.training.run_state import (
+    capture_rng_state,
+    load_scheduler_state,
+    restore_rng_state,
+    scheduler_state,
+)
 
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "model_best.pt"
-LOG_FILE = "train.log"
 
 
 class TrainingError(Exception):
     """A training run cannot start or continue; the message is one line."""
-
-
-# --- checkpoint helpers ---------------------------------------------------------------------------
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """RNG states of python, numpy and torch (CPU + CUDA) as tensors and plain numbers."""
-    version, python_state, gauss = random.getstate()
-    kind, numpy_keys, numpy_pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": {
-            "version": int(version),
-            "state": torch.tensor(python_state, dtype=torch.int64),
-            "gauss": gauss,
-        },
-        "numpy": {
-            "kind": str(kind),
-            "keys": torch.from_numpy(np.asarray(numpy_keys, dtype=np.int64)),
-            "pos": int(numpy_pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    python = state["python"]
-    random.setstate((python["version"], tuple(int(v) for v in python["state"]), python["gauss"]))
-    numpy_state = state["numpy"]
-    np.random.set_state(
-        (
-            numpy_state["kind"],
-            numpy_state["keys"].numpy().astype(np.uint32),
-            numpy_state["pos"],
-            numpy_state["has_gauss"],
-            numpy_state["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        cuda_states = state["cuda"][: torch.cuda.device_count()]
-        torch.cuda.set_rng_state_all(cuda_states)
-
-
-def _scheduler_state(scheduler: torch.optim.lr_scheduler.MultiStepLR) -> dict[str, Any]:
-    state = dict(scheduler.state_dict())
-    state["milestones"] = {int(k): int(v) for k, v in state["milestones"].items()}
-    return state
-
-
-def _load_scheduler_state(scheduler: torch.optim.lr_scheduler.MultiStepLR, state: dict) -> bool:
-    """Restore the scheduler's position; the configured milestones stay in force.
-
-    The milestones come from the resuming run's config, not the checkpoint, so a run can be
-    resumed with a longer schedule (``train.epochs=40 train.lr_steps=[30,36]``). With an
-    unchanged config this is the exact restore. Returns whether the milestones changed.
-    """
-    state = dict(state)
-    stored = collections.Counter({int(k): int(v) for k, v in state["milestones"].items()})
-    configured = collections.Counter(scheduler.milestones)
-    state["milestones"] = configured
-    scheduler.load_state_dict(state)
-    return stored != configured
 
 
 # --- the trainer ----------------------------------------------------------------------------------
@@ -176,6 +120,155 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def configure_torch(train: TrainSection, device: torch.device) -> None:
+    """Thread count and determinism settings of a run (cuDNN autotuning when not deterministic)."""
+    if train.num_threads:
+        torch.set_num_threads(train.num_threads)
+    if train.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def starting_network(
+    model_section: ModelSection, model_config: ModelConfig, log: RunLog
+) -> OmniPose:
+    """The starting network: an OmniPose checkpoint (either head), else a fresh one with an
+    optional ImageNet backbone (see :mod:`omnipose.training.init`)."""
+    if model_section.pretrained and model_section.init_weights:
+        raise TrainingError(
+            "model.pretrained (--init imagenet FILE) and model.init_weights (--init FILE) "
+            "are two starting points; give one"
+        )
+    if model_section.init_weights:
+        try:
+            network, _, _ = load_model(model_section.init_weights, model_config.name)
+        except CheckpointError as error:
+            raise TrainingError(f"--init: {error}") from None
+        log.say(f"fine-tuning from {model_section.init_weights}")
+        return network.train()
+    network = build_model(model_config)
+    if model_section.pretrained:
+        try:
+            report = load_imagenet_backbone(network, model_section.pretrained)
+        except InitError as error:
+            raise TrainingError(str(error)) from None
+        log.say(report.summary())
+    return network
+
+
+def for_processes(network: OmniPose, context: DistContext, sync_bn: bool) -> nn.Module:
+    """The module the loop runs: ``network`` itself, or under ``torchrun`` the network wrapped in
+    DistributedDataParallel (its BatchNorm synchronised across GPUs when ``sync_bn``)."""
+    model: nn.Module = network
+    if context.distributed:
+        device = context.device
+        if sync_bn:
+            if device.type == "cpu":
+                raise TrainingError(
+                    "model.sync_bn needs GPUs: SyncBatchNorm does not run on the CPU"
+                )
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+        )
+    return model
+
+
+def read_resume_checkpoint(path: Path, model_name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The payload of a ``last.pt`` and its training state, checked to train ``model_name``."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainingError(f"resume checkpoint {path} not found") from None
+    except Exception as error:
+        first = " ".join(str(error).strip().splitlines()[:1])[:200]
+        raise TrainingError(f"cannot read resume checkpoint {path}: {first}") from None
+    state = payload.get("training_state") if isinstance(payload, dict) else None
+    if state is None:
+        raise TrainingError(
+            f"{path} holds no training state (only weights); resume needs a {LAST_CHECKPOINT} "
+            "written by 'omnipose train' (use model.init_weights to fine-tune from weights)"
+        )
+    stored_name = payload.get("config", {}).get("name")
+    if stored_name != model_name:
+        raise TrainingError(
+            f"resume checkpoint {path} trains {stored_name} but the config trains {model_name}"
+        )
+    return payload, state
+
+
+def train_loader(
+    dataset: KeypointTrainDataset,
+    data: DataSection,
+    seed: int,
+    context: DistContext,
+    batch_per_process: int,
+) -> tuple[DataLoader, DistributedSampler]:
+    """This process's share of each epoch, shuffled per epoch from ``seed``."""
+    sampler = DistributedSampler(
+        dataset,
+        num_replicas=context.world_size,
+        rank=context.rank,
+        shuffle=True,
+        seed=seed,
+    )
+    per_rank = len(sampler)
+    fork_safe_opencv(data.num_workers)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_per_process,
+        sampler=sampler,
+        num_workers=data.num_workers,
+        pin_memory=context.device.type == "cuda",
+        # a last batch of one crop would break BatchNorm after global pooling
+        drop_last=per_rank > batch_per_process,
+    )
+    return loader, sampler
+
+
+def run_metadata(
+    config: ExperimentConfig,
+    model_config: ModelConfig,
+    *,
+    epoch: int,
+    global_step: int,
+    num_train_persons: int,
+    world_size: int,
+    batch_size_total: int,
+    best_metrics: dict[str, float] | None,
+    best_epoch: int,
+) -> dict[str, Any]:
+    """The ``metadata`` of a run's checkpoints: what was trained on what, how far, how well."""
+    return {
+        "experiment": config.name,
+        "model_config": model_config.name,
+        "input_size": list(model_config.input_size),
+        "heatmap_size": list(model_config.heatmap_size),
+        "training": {
+            "data_format": config.data.format,
+            "data_root": str(config.data.root),
+            "train_split": config.data.train_split,
+            "val_split": config.data.val_split,
+            "val_boxes": config.data.val_boxes,
+            "num_train_persons": num_train_persons,
+            "epochs_completed": epoch,
+            "epochs_planned": config.train.epochs,
+            "global_step": global_step,
+            "world_size": world_size,
+            "batch_size_total": batch_size_total,
+            "recipe": config.to_dict(),
+        },
+        "metrics": best_metrics or {},
+        "best_epoch": best_epoch,
+        "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "software": {"torch": torch.__version__},
+    }
+
+
 class Trainer:
     """Builds everything a run needs from an :class:`ExperimentConfig` and runs it."""
 
@@ -187,41 +280,21 @@ class Trainer:
         echo: bool = True,
     ) -> None:
         self.config = config.validate()
-        self.writer: Any = None
-        self._log_stream: Any = None
         self.context = context or DistContext()
         self.device = self.context.device
         self.model_config: ModelConfig = config.model_config()
         self.output_dir = Path(config.output_dir)
-        self.echo = echo and self.context.is_main
+        self.log = RunLog(echo and self.context.is_main)
         train = config.train
-        if train.num_threads:
-            torch.set_num_threads(train.num_threads)
-        if train.deterministic:
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.deterministic = True
-            torch.backends.cudnn.benchmark = False
-        elif self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+        configure_torch(train, self.device)
         # the published batch is one step's whole batch: split it over the processes
         self.batch_per_process, lr = per_process_batch_size(config, self.context.world_size)
         seed_everything(train.seed)  # same initial weights on every rank
 
-        self.network = self._build_network()
+        self.network = starting_network(config.model, self.model_config, self.log)
         self.amp = bool(train.amp and self.device.type == "cuda")
         self.network.to(self.device)
-        self.model: nn.Module = self.network
-        if self.context.distributed:
-            if config.model.sync_bn:
-                if self.device.type == "cpu":
-                    raise TrainingError(
-                        "model.sync_bn needs GPUs: SyncBatchNorm does not run on the CPU"
-                    )
-                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-            self.model = DistributedDataParallel(
-                self.model,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            )
+        self.model = for_processes(self.network, self.context, config.model.sync_bn)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(trainable, lr=lr, weight_decay=train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
@@ -253,73 +326,22 @@ class Trainer:
         if resume is not None:
             self._resume(Path(resume))
 
-    # --- setup --------------------------------------------------------------------------------
-    def _build_network(self) -> OmniPose:
-        """The starting network: an OmniPose checkpoint (either head), else a fresh one with an
-        optional ImageNet backbone (see :mod:`omnipose.training.init`)."""
-        model_section = self.config.model
-        if model_section.pretrained and model_section.init_weights:
-            raise TrainingError(
-                "model.pretrained (--init imagenet FILE) and model.init_weights (--init FILE) "
-                "are two starting points; give one"
-            )
-        if model_section.init_weights:
-            try:
-                network, _, _ = load_model(model_section.init_weights, self.model_config.name)
-            except CheckpointError as error:
-                raise TrainingError(f"--init: {error}") from None
-            self._say(f"fine-tuning from {model_section.init_weights}")
-            return network.train()
-        network = build_model(self.model_config)
-        if model_section.pretrained:
-            try:
-                report = load_imagenet_backbone(network, model_section.pretrained)
-            except InitError as error:
-                raise TrainingError(str(error)) from None
-            self._say(report.summary())
-        return network
-
-    def _say(self, message: str) -> None:
-        if self.echo:
-            tqdm.write(message)
-        if self._log_stream is not None:
-            self._log_stream.write(message + "\n")
-            self._log_stream.flush()
-
     def _resume(self, path: Path) -> None:
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise TrainingError(f"resume checkpoint {path} not found") from None
-        except Exception as error:
-            first = " ".join(str(error).strip().splitlines()[:1])[:200]
-            raise TrainingError(f"cannot read resume checkpoint {path}: {first}") from None
-        state = payload.get("training_state") if isinstance(payload, dict) else None
-        if state is None:
-            raise TrainingError(
-                f"{path} holds no training state (only weights); resume needs a {LAST_CHECKPOINT} "
-                "written by 'omnipose train' (use model.init_weights to fine-tune from weights)"
-            )
-        stored_name = payload.get("config", {}).get("name")
-        if stored_name != self.model_config.name:
-            raise TrainingError(
-                f"resume checkpoint {path} trains {stored_name} but the config trains "
-                f"{self.model_config.name}"
-            )
+        payload, state = read_resume_checkpoint(path, self.model_config.name)
         self.network.load_state_dict(payload["state_dict"], strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
         # the config's hyper-parameters stay in force (the lr is the schedule's position)
         stored_decay = self.optimizer.param_groups[0]["weight_decay"]
         if stored_decay != self.config.train.weight_decay:
-            self._say(
+            self.log.say(
                 f"resume: weight decay now {self.config.train.weight_decay} "
                 f"(the checkpoint's run had {stored_decay})"
             )
         for group in self.optimizer.param_groups:
             group["weight_decay"] = self.config.train.weight_decay
-        if _load_scheduler_state(self.scheduler, state["scheduler"]):
+        if load_scheduler_state(self.scheduler, state["scheduler"]):
             before = sorted(int(k) for k in state["scheduler"]["milestones"])
-            self._say(
+            self.log.say(
                 f"resume: lr steps now at epochs {list(self.config.train.lr_steps)} "
                 f"(the checkpoint's run had {before})"
             )
@@ -333,7 +355,7 @@ class Trainer:
         stored_seed = state.get("experiment", {}).get("train", {}).get("seed")
         if stored_seed is not None and int(stored_seed) != self.config.train.seed:
             # shuffling and augmentation are seeded from it: the run's own seed keeps it exact
-            self._say(
+            self.log.say(
                 f"resume: using the run's seed {stored_seed} (config says {self.config.train.seed})"
             )
             self.config.train.seed = int(stored_seed)
@@ -341,58 +363,21 @@ class Trainer:
         own = rng_states.get(str(self.context.rank)) or rng_states.get("0")
         if own is not None:
             restore_rng_state(own)
-        self._say(f"resumed from {path}: epoch {self.start_epoch}, step {self.global_step}")
-
-    def _train_loader(self, dataset: KeypointTrainDataset) -> tuple[DataLoader, DistributedSampler]:
-        train = self.config.train
-        context = self.context
-        sampler = DistributedSampler(
-            dataset,
-            num_replicas=context.world_size,
-            rank=context.rank,
-            shuffle=True,
-            seed=train.seed,
-        )
-        per_rank = len(sampler)
-        fork_safe_opencv(self.config.data.num_workers)
-        loader = DataLoader(
-            dataset,
-            batch_size=self.batch_per_process,
-            sampler=sampler,
-            num_workers=self.config.data.num_workers,
-            pin_memory=self.device.type == "cuda",
-            # a last batch of one crop would break BatchNorm after global pooling
-            drop_last=per_rank > self.batch_per_process,
-        )
-        return loader, sampler
+        self.log.say(f"resumed from {path}: epoch {self.start_epoch}, step {self.global_step}")
 
     # --- state ----------------------------------------------------------------------------------
     def _metadata(self, epoch: int) -> dict[str, Any]:
-        config = self.config
-        return {
-            "experiment": config.name,
-            "model_config": self.model_config.name,
-            "input_size": list(self.model_config.input_size),
-            "heatmap_size": list(self.model_config.heatmap_size),
-            "training": {
-                "data_format": config.data.format,
-                "data_root": str(config.data.root),
-                "train_split": config.data.train_split,
-                "val_split": config.data.val_split,
-                "val_boxes": config.data.val_boxes,
-                "num_train_persons": len(self.train_records),
-                "epochs_completed": epoch,
-                "epochs_planned": config.train.epochs,
-                "global_step": self.global_step,
-                "world_size": self.context.world_size,
-                "batch_size_total": self.batch_per_process * self.context.world_size,
-                "recipe": config.to_dict(),
-            },
-            "metrics": self.best_metrics or {},
-            "best_epoch": self.best_epoch,
-            "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "software": {"torch": torch.__version__},
-        }
+        return run_metadata(
+            self.config,
+            self.model_config,
+            epoch=epoch,
+            global_step=self.global_step,
+            num_train_persons=len(self.train_records),
+            world_size=self.context.world_size,
+            batch_size_total=self.batch_per_process * self.context.world_size,
+            best_metrics=self.best_metrics,
+            best_epoch=self.best_epoch,
+        )
 
     def _training_state(self, epoch: int, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -402,7 +387,7 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "best_metrics": self.best_metrics,
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": _scheduler_state(self.scheduler),
+            "scheduler": scheduler_state(self.scheduler),
             "scaler": self.scaler.state_dict() if self.amp else {},
             "rng": {str(rank): state for rank, state in enumerate(rng_states)},
             "experiment": self.config.to_dict(),
@@ -427,24 +412,6 @@ class Trainer:
         return path
 
     # --- loop -----------------------------------------------------------------------------------
-    def _open_logs(self) -> None:
-        if not self.context.is_main:
-            return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._log_stream = open(self.output_dir / LOG_FILE, "a")  # noqa: SIM115 - closed in fit
-        if self.config.train.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
-
-    def _close_logs(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        if self._log_stream is not None:
-            self._log_stream.close()
-            self._log_stream = None
-
     def train_one_epoch(
         self,
         epoch: int,
@@ -496,11 +463,9 @@ class Trainer:
             images += int(inputs.shape[0])
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.6f}")
-            if self.writer is not None and self.global_step % train.log_every == 0:
-                self.writer.add_scalar("train/loss", loss_value, self.global_step)
-                self.writer.add_scalar(
-                    "train/lr", self.optimizer.param_groups[0]["lr"], self.global_step
-                )
+            if self.log.tensorboard and self.global_step % train.log_every == 0:
+                self.log.scalar("train/loss", loss_value, self.global_step)
+                self.log.scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.global_step)
         bar.close()
         seconds = time.perf_counter() - start
         mean_loss = all_reduce_mean(loss_sum / max(1, done), self.context)
@@ -526,18 +491,6 @@ class Trainer:
         self.model.train()
         return result
 
-    def _log_samples(self, result: EvalResult, epoch: int) -> None:
-        if self.writer is None or not result.samples:
-            return
-        from omnipose.model.render import draw_poses
-
-        for index, (image_rgb, poses) in enumerate(result.samples):
-            canvas = draw_poses(
-                cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), poses, self.model_config.keypoints
-            )
-            rgb = cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB)
-            self.writer.add_image(f"val/sample_{index}", rgb, epoch, dataformats="HWC")
-
     def fit(self) -> TrainResult:
         """Train from ``start_epoch`` to ``train.epochs``; returns the run's figures."""
         config, train = self.config, self.config.train
@@ -549,12 +502,15 @@ class Trainer:
             augment=True,
             seed=train.seed,
         )
-        loader, sampler = self._train_loader(dataset)
+        loader, sampler = train_loader(
+            dataset, config.data, train.seed, self.context, self.batch_per_process
+        )
         result = TrainResult(self.best_metric, self.best_epoch, self.output_dir)
-        self._open_logs()
+        if self.context.is_main:
+            self.log.open(self.output_dir, train.tensorboard)
         try:
             if self.start_epoch == 0:
-                self._say(
+                self.log.say(
                     f"training {config.name}: {self.model_config.name}, "
                     f"{len(dataset)} persons, {self.context.world_size} process(es) on "
                     f"{self.device.type}, batch {self.batch_per_process}/process "
@@ -573,7 +529,7 @@ class Trainer:
                 metrics = None
                 if completed % train.val_every == 0 or completed == train.epochs:
                     evaluation = self.validate(
-                        keep_samples=config.test.num_vis_images if self.writer else 0
+                        keep_samples=config.test.num_vis_images if self.log.tensorboard else 0
                     )
                     metrics = evaluation.metrics
                     primary_name = evaluation.primary_name
@@ -588,24 +544,20 @@ class Trainer:
                                 self.model_config,
                                 self._metadata(completed),
                             )
-                    if self.writer is not None:
-                        for name, value in metrics.items():
-                            self.writer.add_scalar(f"val/{name}", value, completed)
-                        self._log_samples(evaluation, completed)
+                    for name, value in metrics.items():
+                        self.log.scalar(f"val/{name}", value, completed)
+                    self.log.samples(evaluation, completed, self.model_config.keypoints)
                 summary = EpochSummary(
                     completed, loss, lr, seconds, images / max(seconds, 1e-9), metrics
                 )
                 result.epochs.append(summary)
-                if self.writer is not None:
-                    self.writer.add_scalar("epoch/loss", loss, completed)
-                    self.writer.add_scalar(
-                        "epoch/images_per_second", summary.images_per_second, completed
-                    )
+                self.log.scalar("epoch/loss", loss, completed)
+                self.log.scalar("epoch/images_per_second", summary.images_per_second, completed)
                 self.save_last(completed)
-                self._say(summary.line(train.epochs, primary_name))
+                self.log.say(summary.line(train.epochs, primary_name))
                 barrier()
         finally:
-            self._close_logs()
+            self.log.close()
         result.best_metric = float(broadcast_object(self.best_metric, self.context))
         result.best_epoch = self.best_epoch
         return result

@@ -30,16 +30,10 @@ from omnipose.model.configs import ModelConfig
 from omnipose.model.skeleton import KeypointSpec
 from omnipose.model.topdown import OKS_NMS_THRESHOLD, PersonPose, TopDownPoseEstimator
 from omnipose.training.config import ExperimentConfig
-from omnipose.training.data import (
-    COMPARABLE_HEAD_SIZE_SOURCES,
-    EvalImages,
-    ImageSource,
-    PersonRecords,
-    collate_list,
-    fork_safe_opencv,
-    load_split,
-)
+from omnipose.training.data import EvalImages, collate_list, fork_safe_opencv, load_split
 from omnipose.training.distributed import DistContext, broadcast_object, gather_objects
+from omnipose.training.image_sources import ImageSource
+from omnipose.training.records import COMPARABLE_HEAD_SIZE_SOURCES, PersonRecords
 
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APM", "APL", "AR", "AR50", "AR75", "ARM", "ARL")
 MEAN_OKS = "OKS"  # mean over evaluated persons of their best-matching prediction's OKS
