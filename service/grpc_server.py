@@ -37,7 +37,7 @@ from omnipose.service.errors import (
 from omnipose.service.metrics import ServiceMetrics
 from omnipose.service.requests import ImageRequest, ImageResult
 from omnipose.service.settings import ServiceSettings
-from omnipose.service.tracking import TRACK_ID_KEY, TrackedStream
+from omnipose.service.tracking import TrackedStream
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def to_response(result: ImageResult, engine: PoseEngine) -> omnipose_pb2.Estimat
                                                     strict=True)]
         persons.append(omnipose_pb2.Person(
             bbox=omnipose_pb2.Box(x=x, y=y, width=w, height=h, score=person.box_score),
-            score=person.score, keypoints=keypoints, track_id=person.extras.get(TRACK_ID_KEY),
+            score=person.score, keypoints=keypoints, track_id=person.track_id,
         ))
     return omnipose_pb2.EstimateResponse(
         width=result.width, height=result.height,

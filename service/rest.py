@@ -51,7 +51,6 @@ from omnipose.service.schemas import (
     PoseResponse,
     numeric_image_id,
 )
-from omnipose.service.tracking import TRACK_ID_KEY
 from omnipose.service.uploads import (
     ClientDisconnected,
     body_too_large,
@@ -375,8 +374,8 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
         persons = []
         for person in result.persons:
             annotation = person.to_coco(image_id, spec)
-            if TRACK_ID_KEY in person.extras:  # an addition: COCO's fields stay as they are
-                annotation["track_id"] = person.extras[TRACK_ID_KEY]
+            if person.track_id is not None:  # an addition: COCO's fields stay as they are
+                annotation["track_id"] = person.track_id
             persons.append(annotation)
         body = {
             "image": {"width": result.width, "height": result.height},

@@ -41,7 +41,6 @@ import numpy as np
 from omnipose.model.nms import oks_nms, oks_similarity
 from omnipose.model.topdown import PersonPose
 
-TRACK_ID_KEY = "track_id"  # PersonPose.extras key of a person's track id
 MIN_ASPECT = 0.35  # pose boxes are at least this wide for their height (and the converse)
 
 
@@ -435,7 +434,7 @@ class PoseTracker:
 
     def update(self, persons: list[PersonPose], detector_ran: bool) -> FrameTracking:
         """Track this frame's persons: duplicates (one person estimated from a detector box and
-        a guided box) are removed by OKS-NMS, the rest get track ids (``extras["track_id"]``)
+        a guided box) are removed by OKS-NMS, the rest get track ids (``PersonPose.track_id``)
         and, when asked, smoothed keypoints (in place); the next frame's guided boxes are
         prepared. Returns the persons kept, in :attr:`FrameTracking.persons`."""
         with self._lock:
@@ -487,7 +486,7 @@ class PoseTracker:
                         _Guide(-1 - i, guide_boxes[i], fitted_boxes[i], person.box_score, fits[i])
                     )
                 continue
-            person.extras[TRACK_ID_KEY] = track_id
+            person.track_id = track_id
             track = self._tracks.get(track_id)
             if track is None:
                 track = _Track(self._new_filter(), person.box_score, self.frame_index)
