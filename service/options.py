@@ -28,7 +28,6 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from annotated_types import MaxLen
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
 from pydantic.json_schema import GetJsonSchemaHandler, JsonSchemaValue
@@ -179,15 +178,16 @@ def rules_of(name: str) -> list[Rule]:
     return [m for m in option_field(name).metadata if isinstance(m, Rule)]
 
 
+RANGE_KEYWORDS = ("minimum", "maximum", "minLength", "maxLength")
+
+
 def range_schema(name: str) -> dict[str, Any]:
     """The option's range as JSON schema keywords (``minimum``, ``maxLength``, ...), for
-    OpenAPI: the rules', and the length limit pydantic itself enforces."""
+    OpenAPI: its rules', and a length limit pydantic itself enforces (``image_id``)."""
+    prop = RequestOptions.model_json_schema()["properties"][name]
     schema: dict[str, Any] = {}
-    for rule in rules_of(name):
-        schema.update(rule.schema())
-    for limit in option_field(name).metadata:
-        if isinstance(limit, MaxLen):
-            schema["maxLength"] = limit.max_length
+    for part in [prop, *prop.get("anyOf", ())]:
+        schema.update({key: part[key] for key in RANGE_KEYWORDS if key in part})
     return schema
 
 
@@ -233,8 +233,9 @@ def options_from_message(message: Any) -> dict[str, Any]:
 # --- docs ------------------------------------------------------------------------------------
 def _range_text(name: str) -> str:
     texts = [rule.text() for rule in rules_of(name)]
-    texts += [f"at most {m.max_length} characters" for m in option_field(name).metadata
-              if isinstance(m, MaxLen)]
+    limit = range_schema(name).get("maxLength")
+    if not texts and limit is not None:
+        texts.append(f"at most {limit} characters")
     return ", ".join(texts)
 
 

@@ -82,6 +82,7 @@ POSE_ERRORS: dict[int | str, dict[str, Any]] = {
     504: _error_doc("The request's deadline (X-Request-Timeout or the default) passed"),
 }
 
+
 def _request_body_doc(file_field: str, many: bool) -> dict:
     """OpenAPI for bodies the handlers parse themselves (multipart or a raw image)."""
     file_schema: dict[str, Any] = {"type": "string", "format": "binary"}
