@@ -44,7 +44,7 @@ from omnipose.service.track_metrics import (
     evaluate_sequence,
     load_ground_truth,
 )
-from omnipose.service.tracking import TRACK_ID_KEY, PoseTracker, TrackingOptions, merge_guided
+from omnipose.service.tracking import PoseTracker, TrackingOptions, merge_guided
 from omnipose.training import synth
 
 MAX_PERSONS = 100
@@ -77,14 +77,13 @@ def run_sequence(
         if len(boxes):
             crops = crop_persons(estimator, image, Detections(boxes, scores))
             persons = estimator.decode(estimator.forward(crops.inputs), crops)
-        tracked = [
-            p for p in tracker.update(persons, detector_ran).persons if TRACK_ID_KEY in p.extras
-        ]
+        tracked = [p for p in tracker.update(persons, detector_ran).persons
+                   if p.track_id is not None]
         boxes_out = [pose_box(p.keypoints, options.keypoint_threshold, options.box_margin)
                      for p in tracked]  # fmt: skip
         keep = [i for i, b in enumerate(boxes_out) if b is not None]
         out.append(FramePeople(
-            ids=[tracked[i].extras[TRACK_ID_KEY] for i in keep],
+            ids=[tracked[i].track_id for i in keep],
             boxes=np.array([boxes_out[i] for i in keep]).reshape(-1, 4),
             keypoints=np.array([tracked[i].keypoints for i in keep]).reshape(len(keep), -1, 3)
             if keep else np.zeros((0, 17, 3)),

@@ -9,7 +9,7 @@ stage that must run on the model worker) and ``decode`` (heatmaps -> image keypo
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -66,7 +66,7 @@ class PersonPose:
     box_score: float
     keypoints: np.ndarray  # J x 3: x, y, confidence
     score: float  # box score x mean confidence of keypoints above KEYPOINT_SCORE_THRESHOLD
-    extras: dict = field(default_factory=dict)
+    track_id: int | None = None  # video streams: the person's identity, once a confirmed track
 
     def to_coco(self, image_id: int | str, spec: KeypointSpec, category_id: int = 1) -> dict:
         """COCO results-format annotation, plus keypoints by name for human readers."""

@@ -43,7 +43,6 @@ from omnipose.model.render import draw_poses
 from omnipose.model.topdown import KEYPOINT_SCORE_THRESHOLD, CropBatch, PersonPose
 from omnipose.service.admission import Admission, BudgetLease
 from omnipose.service.batcher import AllCoresRunner, DynamicBatcher, _Chunk
-from omnipose.service.boxes import BoxError
 from omnipose.service.detection import Detections, PersonDetector, build_detector
 from omnipose.service.errors import (
     IMAGE_ERROR_CODES,
@@ -67,8 +66,8 @@ from omnipose.service.images import (
 )
 from omnipose.service.loading import LoadedPoseModel, load_pose_model
 from omnipose.service.metrics import ServiceMetrics
-from omnipose.service.persons import client_persons, crop_persons, detected_persons
-from omnipose.service.requests import ImageRequest, ImageResult, client_boxes
+from omnipose.service.persons import crop_persons, detected_persons
+from omnipose.service.requests import ImageRequest, ImageResult, client_detections
 from omnipose.service.resources import (
     InstanceLayout,
     LoneBatchRule,
@@ -432,7 +431,7 @@ class PoseEngine:
 
     def _validate(self, request: ImageRequest) -> None:
         """Everything checkable before admission: options, and boxes where nothing detects."""
-        request.validate()
+        request.check()
         if (
             request.boxes is None
             and self.detector is not None
@@ -650,11 +649,8 @@ class PoseEngine:
         return crop_persons(self.pose_model.estimator, image, persons)
 
     def _client_persons(self, request: ImageRequest, width: int, height: int) -> Detections:
-        boxes = client_boxes(request.boxes, width, height)
-        try:
-            return client_persons(boxes, request.box_scores, self.settings.max_persons)
-        except BoxError as exc:
-            raise InvalidRequest(str(exc)) from None
+        return client_detections(request.boxes, request.box_scores, width, height,
+                                 self.settings.max_persons)
 
     def _select_persons(self, persons: list[PersonPose],
                         request: ImageRequest) -> list[PersonPose]:

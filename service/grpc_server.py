@@ -35,9 +35,10 @@ from omnipose.service.errors import (
     request_id_from,
 )
 from omnipose.service.metrics import ServiceMetrics
+from omnipose.service.options import options_from_message
 from omnipose.service.requests import ImageRequest, ImageResult
 from omnipose.service.settings import ServiceSettings
-from omnipose.service.tracking import TRACK_ID_KEY, TrackedStream
+from omnipose.service.tracking import TrackedStream
 
 log = logging.getLogger(__name__)
 
@@ -61,24 +62,15 @@ REQUEST_ID_KEY = "x-request-id"
 
 # --- conversions -----------------------------------------------------------------------------
 def to_image_request(message: omnipose_pb2.EstimateRequest) -> ImageRequest:
-    """Protobuf request -> engine request; the engine checks boxes and options like REST's."""
+    """Protobuf request -> engine request: the options field by field (options_from_message),
+    the boxes from their BoxList; the engine checks both as it does REST's."""
     boxes = scores = None
     if message.HasField("boxes"):
         listed = message.boxes.boxes
         boxes = [[b.x, b.y, b.width, b.height] for b in listed]
         scores = [b.score if b.HasField("score") else 1.0 for b in listed]
-    return ImageRequest(
-        data=message.image,
-        boxes=boxes,
-        box_scores=scores,
-        flip=message.flip if message.HasField("flip") else None,
-        min_keypoint_score=message.min_keypoint_score,
-        min_instance_score=message.min_instance_score,
-        max_persons=message.max_persons or None,
-        render=message.render,
-        stream_id=message.stream_id or None,
-        end_stream=message.end_stream,
-    )
+    return ImageRequest(message.image, boxes=boxes, box_scores=scores,
+                        **options_from_message(message))
 
 
 def to_response(result: ImageResult, engine: PoseEngine) -> omnipose_pb2.EstimateResponse:
@@ -92,7 +84,7 @@ def to_response(result: ImageResult, engine: PoseEngine) -> omnipose_pb2.Estimat
                                                     strict=True)]
         persons.append(omnipose_pb2.Person(
             bbox=omnipose_pb2.Box(x=x, y=y, width=w, height=h, score=person.box_score),
-            score=person.score, keypoints=keypoints, track_id=person.extras.get(TRACK_ID_KEY),
+            score=person.score, keypoints=keypoints, track_id=person.track_id,
         ))
     return omnipose_pb2.EstimateResponse(
         width=result.width, height=result.height,

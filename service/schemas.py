@@ -129,33 +129,3 @@ class ModelDescription(BaseModel):
 
 class HealthResponse(BaseModel):
     status: str = Field(..., examples=["ok", "ready", "starting", "draining"])
-
-
-class PoseOptions(BaseModel):
-    """Per-request options, from query parameters or (overriding them) multipart form fields."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    boxes: str | None = Field(
-        None, description="JSON list of person boxes [[x, y, w, h], ...] in image pixels; when"
-                          " given (even []), person detection is skipped",
-    )
-    flip: bool | None = Field(None, description="Flip test; default: the service's setting")
-    # Ranges are documented here and enforced by the engine (ImageRequest.validate), the one
-    # place both transports share.
-    min_keypoint_score: float = Field(
-        0.0, description="Keypoints below it are reported as 0, 0, 0 (0 to 1)",
-        json_schema_extra={"minimum": 0, "maximum": 1})
-    min_instance_score: float = Field(0.0, description="Drop persons below it (0 to 1)",
-                                      json_schema_extra={"minimum": 0, "maximum": 1})
-    max_persons: int | None = Field(None, description="Keep the top-scoring persons (at least 1)",
-                                    json_schema_extra={"minimum": 1})
-    render: bool = Field(False, description="Return an image/jpeg overlay instead of JSON")
-    stream_id: str | None = Field(
-        None, description="Frames sent under one stream_id (chosen by the client) are one video"
-                          " stream: persons carry track_id (docs/video.md)")
-    end_stream: bool = Field(False, description="With stream_id: forget the stream after this"
-                                                " frame")
-    image_id: str | None = Field(
-        None, max_length=200, description="Echoed as image_id in the annotations; a number of"
-        " up to 15 ASCII digits becomes an integer id")

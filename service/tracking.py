@@ -54,8 +54,6 @@ from omnipose.service.pose_boxes import (
 )
 from omnipose.service.smoothing import PoseSmoother
 
-TRACK_ID_KEY = "track_id"  # PersonPose.extras key of a person's track id
-
 
 @dataclass(frozen=True)
 class TrackingOptions:
@@ -309,7 +307,7 @@ class PoseTracker:
 
     def update(self, persons: list[PersonPose], detector_ran: bool) -> FrameTracking:
         """Track this frame's persons: duplicates (one person estimated from a detector box and
-        a guided box) are removed by OKS-NMS, the rest get track ids (``extras["track_id"]``)
+        a guided box) are removed by OKS-NMS, the rest get track ids (``PersonPose.track_id``)
         and, when asked, smoothed keypoints (in place); the next frame's guided boxes are
         prepared. Returns the persons kept, in :attr:`FrameTracking.persons`."""
         with self._lock:
@@ -361,7 +359,7 @@ class PoseTracker:
                         _Guide(-1 - i, guide_boxes[i], fitted_boxes[i], person.box_score, fits[i])
                     )
                 continue
-            person.extras[TRACK_ID_KEY] = track_id
+            person.track_id = track_id
             track = self._tracks.get(track_id)
             if track is None:
                 track = _Track(self._new_filter(), person.box_score, self.frame_index)

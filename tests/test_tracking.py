@@ -19,7 +19,6 @@ from omnipose.service.pose_boxes import pose_box
 from omnipose.service.smoothing import OneEuroFilter
 from omnipose.service.track_metrics import FramePeople, evaluate_sequence, load_ground_truth
 from omnipose.service.tracking import (
-    TRACK_ID_KEY,
     PoseTracker,
     StreamLimitError,
     StreamRegistry,
@@ -62,11 +61,11 @@ def _track(truth: list[FramePeople], options: TrackingOptions, noise: float = 0.
     predicted, smoothed = [], []
     for frame in truth:
         kept = tracker.update(_persons(frame, rng, noise), detector_ran=True).persons
-        tracked = [p for p in kept if TRACK_ID_KEY in p.extras]
+        tracked = [p for p in kept if p.track_id is not None]
         boxes = [pose_box(p.keypoints, 0.2, 0.15) for p in tracked]
         predicted.append(
             FramePeople(
-                [p.extras[TRACK_ID_KEY] for p in tracked],
+                [p.track_id for p in tracked],
                 np.array(boxes).reshape(-1, 4),
                 np.array([p.keypoints for p in tracked]).reshape(-1, 17, 3),
             )
@@ -231,7 +230,7 @@ def test_smoothing_never_mixes_tracks() -> None:
     by_x = sorted(out, key=lambda p: p.keypoints[0, 0])
     np.testing.assert_allclose(by_x[0].keypoints[:, :2], pose[:, :2], atol=1e-6)
     np.testing.assert_allclose(by_x[1].keypoints[:, 0], pose[:, 0] + 200, atol=1e-6)
-    assert by_x[0].extras[TRACK_ID_KEY] != by_x[1].extras[TRACK_ID_KEY]
+    assert by_x[0].track_id != by_x[1].track_id
 
 
 # --- pose-guided boxes ----------------------------------------------------------------------
@@ -359,7 +358,7 @@ def test_a_track_found_again_restarts_its_smoothing() -> None:
     back = _one_person(74, 80)
     raw = back.keypoints.copy()
     kept = tracker.update([back], detector_ran=True).persons
-    assert kept[0].extras.get(TRACK_ID_KEY) is not None
+    assert kept[0].track_id is not None
     np.testing.assert_allclose(kept[0].keypoints, raw)
 
 
