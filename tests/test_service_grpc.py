@@ -192,7 +192,7 @@ def test_stream_keeps_a_bounded_number_of_frames_in_flight(server: ServerProcess
     assert 1 <= peak <= STREAM_MAX_INFLIGHT
 
 
-CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 413: grpc.StatusCode.INVALID_ARGUMENT,
          415: grpc.StatusCode.INVALID_ARGUMENT}
 
 
@@ -242,7 +242,9 @@ def test_invalid_options_and_batch_errors(stub, images) -> None:
     assert_still_serving(stub, images)
 
 
-def test_message_over_the_grpc_limit_is_resource_exhausted(stub, images) -> None:
+def test_oversized_messages_and_images_are_refused(stub, images) -> None:
+    """gRPC's own message limit answers RESOURCE_EXHAUSTED (it cannot be changed); the service's
+    image limits answer INVALID_ARGUMENT, so clients never retry a request that cannot pass."""
     oversized = images.bus + b"\0" * GRPC_MAX_MESSAGE_BYTES
     with pytest.raises(grpc.RpcError) as error:
         stub.Estimate(estimate_request(oversized, images.bus_boxes), timeout=30)
@@ -253,11 +255,11 @@ def test_message_over_the_grpc_limit_is_resource_exhausted(stub, images) -> None
     assert len(big_image) < GRPC_MAX_MESSAGE_BYTES
     with pytest.raises(grpc.RpcError) as error:
         stub.Estimate(estimate_request(big_image, images.bus_boxes), timeout=30)
-    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "limit" in error.value.details()
     with pytest.raises(grpc.RpcError) as error:
         stub.Estimate(estimate_request(png_header_claiming(50_000, 50_000)), timeout=30)
-    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert_still_serving(stub, images)
 
 
