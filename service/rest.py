@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from omnipose.service.admission import BudgetLease, SharedBudget
 from omnipose.service.auth import KeyChecker, http_path_needs_key, load_key_digests, presented_key
 from omnipose.service.boxes import BoxError, load_json
+from omnipose.service.docs_ui import mount_docs
 from omnipose.service.engine import PoseEngine
 from omnipose.service.errors import (
     REQUEST_ID,
@@ -303,7 +304,7 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
     settings = engine.settings
     docs = settings.docs_access != "off"
     app = FastAPI(
-        docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+        docs_url=None, redoc_url=None,  # served from local assets by mount_docs below
         openapi_url="/openapi.json" if docs else None,
         title="OmniPose Serve",
         version="1.0",
@@ -321,6 +322,7 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
     app.state.inflight = InflightRequests()
     app.add_middleware(TransportGuard, inflight=app.state.inflight)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    mount_docs(app)
 
     @app.exception_handler(EngineError)
     async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
