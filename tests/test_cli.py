@@ -233,6 +233,21 @@ def test_predict_loads_the_authors_training_checkpoint_layout(tmp_path) -> None:
         np.testing.assert_allclose(keypoints, expected[tuple(annotation["bbox"])], atol=1e-3)
 
 
+def test_info_is_quick_and_names_recipes_and_the_embedded_default() -> None:
+    """The stored table prints without importing torch; a training recipe shows its network."""
+    script = (
+        "import sys; from omnipose.cli.main import main; main(['info']); "
+        "main(['info', 'synth-w8-96x64']); assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "coco-w8-96x64: the embedded default model" in proc.stdout
+    assert sum(line.startswith("coco-w8-96x64 ") for line in lines) == 2
+    assert "synth-w8-96x64: the training recipe of coco-w8-96x64" in proc.stdout
+
+
 def test_info_shows_the_head(tmp_path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "omnipose.cli", "info", "coco-w48-384x288-waspv1", "coco-w8-96x64"],
