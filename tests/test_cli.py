@@ -259,3 +259,15 @@ def test_info_shows_the_head(tmp_path) -> None:
     assert released.split()[:2] == ["coco-w48-384x288-waspv1", "WASPv1"]
     assert "68,197,613" in released
     assert light.split()[:2] == ["coco-w8-96x64", "WASPv2"]
+
+
+def test_serve_help_is_plain_text(capsys) -> None:
+    """No docstring markup or Python names in ``omnipose serve --help``; flags say what to give."""
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at any space
+    assert text.startswith("usage: omnipose serve [OPTIONS]")
+    for markup in ("``", ":class:", ":func:", "ServiceSettings", "add_serve_parser"):
+        assert markup not in text, markup
+    assert "--max-inflight-pixels N" in text and "--shutdown-grace-s SECONDS" in text
+    assert "at least --max-image-pixels" in text  # other settings named as their flags
