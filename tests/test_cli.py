@@ -271,3 +271,17 @@ def test_serve_help_is_plain_text(capsys) -> None:
         assert markup not in text, markup
     assert "--max-inflight-pixels N" in text and "--shutdown-grace-s SECONDS" in text
     assert "at least --max-image-pixels" in text  # other settings named as their flags
+
+
+def test_training_overrides_may_follow_options(capsys) -> None:
+    """``eval NAME --weights FILE data.root=DIR`` reads as the same command with the override
+    first; a stray word that is no override is still refused."""
+    from omnipose.cli.main import build_parser, parse_arguments
+
+    args = parse_arguments(build_parser("eval"), [
+        "eval", "synth-w8-96x64", "train.lr=1e-4", "--weights", "w.pt", "data.root=data/synth",
+        "--split", "test"])  # fmt: skip
+    assert args.overrides == ["train.lr=1e-4", "data.root=data/synth"] and args.split == "test"
+    with pytest.raises(SystemExit):
+        parse_arguments(build_parser("predict"), ["predict", "a.jpg", "--out", "r.json", "k=v"])
+    assert "unrecognized arguments: k=v" in capsys.readouterr().err
