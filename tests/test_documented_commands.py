@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from omnipose.cli.main import build_parser
+from omnipose.cli.main import build_parser, parse_arguments
 from tests.conftest import REPO_ROOT, free_port
 
 pytestmark = pytest.mark.slow
@@ -211,7 +211,7 @@ def test_documented_commands_that_need_data_or_hours_parse(key: str) -> None:
     (command,) = [c for c in documented_commands() if c.key == key]
     argv = _argv(command)
     try:
-        args = build_parser(argv[0]).parse_args(argv)
+        args = parse_arguments(build_parser(argv[0]), argv)
     except SystemExit as exc:
         pytest.fail(f"{command.document}: {key!r} does not parse (exit {exc.code})")
     if argv[0] in ("train", "eval"):
