@@ -91,11 +91,24 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ImageError, CheckpointError, DetectorError, BoxError, ValueError, OSError)
 
 
+def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """``parser.parse_args``, except that the training commands' ``KEY=VALUE`` overrides may
+    also follow options (``eval NAME --weights FILE data.root=DIR``): argparse fills the
+    positionals in one run, so overrides after an option would otherwise be refused."""
+    args, extras = parser.parse_known_args(argv)
+    overrides = [word for word in extras if "=" in word and not word.startswith("-")]
+    if extras and (overrides != extras or not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    if overrides:
+        args.overrides = [*(args.overrides or []), *overrides]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _requested_command(argv)
     parser = build_parser(command if command in SUBCOMMANDS else None)
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

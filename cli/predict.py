@@ -60,7 +60,7 @@ def image_id_for(path: Path, position: int) -> int:
 
 def run_predict(args: argparse.Namespace) -> int:
     from omnipose.model.render import draw_poses
-    from omnipose.service.loading import EMBEDDED_DEFAULT_NOTE, UNTRAINED_WARNING, load_pose_model
+    from omnipose.service.loading import UNTRAINED_WARNING, load_pose_model
 
     images = [Path(p) for p in args.images]
     boxes_by_image = load_boxes_file(Path(args.boxes), images) if args.boxes else {}
@@ -70,8 +70,6 @@ def run_predict(args: argparse.Namespace) -> int:
     if not loaded.trained:
         banner = "!" * 78
         print(f"{banner}\n{UNTRAINED_WARNING}\n{banner}", file=sys.stderr)
-    elif loaded.is_embedded_default:
-        print(EMBEDDED_DEFAULT_NOTE, file=sys.stderr)
     needs_detector = any(image not in boxes_by_image for image in images)
     detector = None
     if needs_detector:

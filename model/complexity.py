@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
-from omnipose.model.configs import CONFIGS, get_config
+from omnipose.model.configs import ModelConfig
 from omnipose.model.network import build_model
 
 
@@ -44,25 +42,9 @@ def count_macs(model: nn.Module, input_size: tuple[int, int]) -> int:
     return counter.get_total_flops() // 2
 
 
-def config_table(names: Sequence[str] | None = None) -> list[str]:
-    """``omnipose info``'s table, header first: one row per config (all registered by default).
-
-    Builds each network to count its parameters and MACs, so a row is never out of date; on
-    the meta device, because only shapes matter (seconds instead of initialising W48 weights).
-    """
-    lines = [
-        f"{'config':<24} {'head':<6} {'joints':>6} {'input':>9} {'heatmap':>8} "
-        f"{'params':>12} {'GMACs':>7}"
-    ]
-    for name in names or list(CONFIGS):  # the registry lists dataset, width, head, then size
-        config = get_config(name)
-        with torch.device("meta"):
-            network = build_model(config)
-        macs = count_macs(network, config.input_size)
-        h, w = config.input_size
-        hh, hw = config.heatmap_size
-        lines.append(
-            f"{config.name:<24} {config.head_label:<6} {config.num_joints:>6} {f'{h}x{w}':>9} "
-            f"{f'{hh}x{hw}':>8} {count_parameters(network):>12,} {macs / 1e9:>7.2f}"
-        )
-    return lines
+def measure_size(config: ModelConfig) -> tuple[int, int]:
+    """(parameters, MACs per crop) of ``config``'s network, built on the meta device because only
+    shapes matter (seconds instead of initialising W48 weights)."""
+    with torch.device("meta"):
+        network = build_model(config)
+    return count_parameters(network), count_macs(network, config.input_size)

@@ -21,6 +21,7 @@ HEADS = ("waspv2", "waspv1")
 DEFAULT_HEAD = "waspv2"
 HEAD_LABELS = {"waspv2": "WASPv2", "waspv1": "WASPv1"}
 RELEASED_WIDTH = 48  # the authors' downloadable checkpoints (WASPv1 head)
+EMBEDDED_DEFAULT_CONFIG = "coco-w8-96x64"  # the network of model/weights/default.pt
 _NAME_PATTERN = re.compile(r"^(coco|mpii)-w(\d+)-(\d+)x(\d+)(?:-(waspv1))?$")
 
 

@@ -25,6 +25,7 @@ import grpc
 HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 OPEN_HTTP_PATHS = frozenset({"/healthz", "/readyz"})
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+DOCS_ASSETS_PREFIX = "/docs/assets"  # the docs pages' JavaScript, CSS and icon (service.docs_ui)
 OPEN_GRPC_SERVICES = ("grpc.health.v1.Health",)
 REFLECTION_SERVICES = (
     "grpc.reflection.v1alpha.ServerReflection",
@@ -107,7 +108,7 @@ def http_path_needs_key(path: str, metrics_access: str, docs_access: str) -> boo
         return False
     if path == "/metrics":
         return metrics_access == "auth"
-    if path in DOCS_PATHS:
+    if path in DOCS_PATHS or path.startswith(f"{DOCS_ASSETS_PREFIX}/"):
         return docs_access == "auth"
     return True
 

@@ -241,6 +241,7 @@ def uvicorn_config(
         ssl_certfile=tls_cert_file,
         ssl_keyfile=tls_key_file,
         lifespan="off",
+        log_config=None,  # uvicorn's loggers go through the process's logging set-up (one format)
         log_level=log_level,
         access_log=log_level == "debug",
         http=guarded_protocol(limits),

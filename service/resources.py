@@ -132,6 +132,14 @@ class LoneBatchRule:
     def all_cores_faster(self, units: int) -> bool:
         return self.all_cores_s(units) < self.spread_s(units)
 
+    def __str__(self) -> str:
+        """The measured latencies in milliseconds, for the start-up log."""
+        return (
+            f"1 crop on each of {self.instances} instances at once {self.spread_one_s * 1e3:.1f}"
+            f" ms; on one instance with every core: 1 crop {self.all_cores_one_s * 1e3:.1f} ms,"
+            f" {self.probe_units} crops {self.all_cores_probe_s * 1e3:.1f} ms"
+        )
+
 
 def measure_lone_batches(
     forward: Callable[[int], object], layout: InstanceLayout, cpus: int, probe_units: int,

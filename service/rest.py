@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from omnipose.service.admission import BudgetLease, SharedBudget
 from omnipose.service.auth import KeyChecker, load_key_digests
+from omnipose.service.docs_ui import mount_docs
 from omnipose.service.engine import PoseEngine
 from omnipose.service.errors import ErrorCode, InvalidRequest, within_deadline
 from omnipose.service.http_server import InflightRequests, TransportGuard
@@ -426,7 +427,7 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
     settings = engine.settings
     docs = settings.docs_access != "off"
     app = FastAPI(
-        docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+        docs_url=None, redoc_url=None,  # served from local assets by mount_docs below
         openapi_url="/openapi.json" if docs else None,
         title="OmniPose Serve",
         version="1.0",
@@ -450,6 +451,7 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
         app.add_middleware(ApiKeyMiddleware, checker=checker, settings=settings)
     app.add_middleware(TransportGuard, inflight=app.state.inflight)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    mount_docs(app)
     app.include_router(router)
     if settings.metrics_access != "off":
         app.include_router(metrics_router)

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -52,8 +53,24 @@ log = logging.getLogger("omnipose.server")
 
 
 # --- command line ----------------------------------------------------------------------------
-def _flag_kwargs(annotation: Any) -> dict[str, Any]:
-    """argparse options for a settings field's type (Optional unwrapped, Literal -> choices)."""
+SERVE_DESCRIPTION = """\
+Run the pose service: REST (port 8000) and gRPC (port 50051) in one process, over one engine
+that batches the work of all requests.
+
+Both ports listen at once (/healthz answers while the model loads); /readyz and gRPC health
+report ready once the model is loaded and warmed up. SIGTERM or SIGINT drains: new requests are
+refused (503 / UNAVAILABLE), requests in progress finish within --shutdown-grace-s, and the
+process exits 0.
+
+Every option can also be set in the environment as OMNIPOSE_<OPTION> (--max-batch-size is
+OMNIPOSE_MAX_BATCH_SIZE) or in an --env-file; options on the command line win. With no
+--weights the embedded default model runs (trained on synthetic figures only).
+"""
+
+
+def _flag_kwargs(name: str, annotation: Any) -> dict[str, Any]:
+    """argparse options for a settings field's type (Optional unwrapped, Literal -> choices)
+    with a metavar that says what to give."""
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         annotation = next(a for a in args if a is not type(None))
@@ -62,21 +79,38 @@ def _flag_kwargs(annotation: Any) -> dict[str, Any]:
         return {"choices": list(args), "type": str}
     if annotation is bool:
         return {"action": argparse.BooleanOptionalAction}
+    if annotation is Path:
+        return {"type": str, "metavar": "FILE"}
     if annotation in (int, float):
-        return {"type": annotation}
-    return {"type": str}
+        unit = {"_s": "SECONDS", "_ms": "MS"}.get(name[name.rfind("_"):])
+        return {"type": annotation, "metavar": unit or "N"}
+    return {"type": str, "metavar": "VALUE"}
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _help_text(description: str | None) -> str:
+    """A setting's description with the other settings it names written as their flags."""
+    text = description or ""
+    for other in ServiceSettings.model_fields:
+        if "_" in other:  # one-word names (weights, device) are ordinary words in the text
+            text = re.sub(rf"\b{other}\b", _flag(other), text)
+    return text.replace("%", "%%")
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per ServiceSettings field; unset flags leave env/defaults in charge."""
-    parser.add_argument("--env-file", type=Path, default=argparse.SUPPRESS,
-                        help="Read OMNIPOSE_* settings from this file (flags still win)")
+    parser.add_argument("--env-file", type=Path, default=argparse.SUPPRESS, metavar="FILE",
+                        help="Read OMNIPOSE_* settings from this file (options still win)")
     for name, field in ServiceSettings.model_fields.items():
         default = field.default if field.default is not None else "none"
         parser.add_argument(
-            f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
-            help=f"{field.description} (env OMNIPOSE_{name.upper()}; default {default})",
-            **_flag_kwargs(field.annotation),
+            _flag(name), dest=name, default=argparse.SUPPRESS,
+            help=f"{_help_text(field.description)} (env OMNIPOSE_{name.upper()}; "
+                 f"default {default})",
+            **_flag_kwargs(name, field.annotation),
         )
 
 
@@ -103,8 +137,8 @@ def serve_command(args: argparse.Namespace) -> int:
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``serve``; its handler is ``args.func(args) -> exit code``."""
     parser = subparsers.add_parser(
-        "serve", help="Run the REST + gRPC pose service",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "serve", help="Run the REST + gRPC pose service", usage="omnipose serve [OPTIONS]",
+        description=SERVE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_settings_arguments(parser)
     parser.set_defaults(func=serve_command)
@@ -269,7 +303,8 @@ def run(settings: ServiceSettings) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m omnipose.service.server", description=__doc__,
+        prog="python -m omnipose.service.server", description=SERVE_DESCRIPTION,
+        usage="python -m omnipose.service.server [OPTIONS]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_settings_arguments(parser)

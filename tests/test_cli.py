@@ -233,6 +233,21 @@ def test_predict_loads_the_authors_training_checkpoint_layout(tmp_path) -> None:
         np.testing.assert_allclose(keypoints, expected[tuple(annotation["bbox"])], atol=1e-3)
 
 
+def test_info_is_quick_and_names_recipes_and_the_embedded_default() -> None:
+    """The stored table prints without importing torch; a training recipe shows its network."""
+    script = (
+        "import sys; from omnipose.cli.main import main; main(['info']); "
+        "main(['info', 'synth-w8-96x64']); assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "coco-w8-96x64: the embedded default model" in proc.stdout
+    assert sum(line.startswith("coco-w8-96x64 ") for line in lines) == 2
+    assert "synth-w8-96x64: the training recipe of coco-w8-96x64" in proc.stdout
+
+
 def test_info_shows_the_head(tmp_path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "omnipose.cli", "info", "coco-w48-384x288-waspv1", "coco-w8-96x64"],
@@ -244,3 +259,29 @@ def test_info_shows_the_head(tmp_path) -> None:
     assert released.split()[:2] == ["coco-w48-384x288-waspv1", "WASPv1"]
     assert "68,197,613" in released
     assert light.split()[:2] == ["coco-w8-96x64", "WASPv2"]
+
+
+def test_serve_help_is_plain_text(capsys) -> None:
+    """No docstring markup or Python names in ``omnipose serve --help``; flags say what to give."""
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at any space
+    assert text.startswith("usage: omnipose serve [OPTIONS]")
+    for markup in ("``", ":class:", ":func:", "ServiceSettings", "add_serve_parser"):
+        assert markup not in text, markup
+    assert "--max-inflight-pixels N" in text and "--shutdown-grace-s SECONDS" in text
+    assert "at least --max-image-pixels" in text  # other settings named as their flags
+
+
+def test_training_overrides_may_follow_options(capsys) -> None:
+    """``eval NAME --weights FILE data.root=DIR`` reads as the same command with the override
+    first; a stray word that is no override is still refused."""
+    from omnipose.cli.main import build_parser, parse_arguments
+
+    args = parse_arguments(build_parser("eval"), [
+        "eval", "synth-w8-96x64", "train.lr=1e-4", "--weights", "w.pt", "data.root=data/synth",
+        "--split", "test"])  # fmt: skip
+    assert args.overrides == ["train.lr=1e-4", "data.root=data/synth"] and args.split == "test"
+    with pytest.raises(SystemExit):
+        parse_arguments(build_parser("predict"), ["predict", "a.jpg", "--out", "r.json", "k=v"])
+    assert "unrecognized arguments: k=v" in capsys.readouterr().err

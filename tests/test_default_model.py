@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from omnipose.model.checkpoint import read_checkpoint
+from omnipose.model.configs import EMBEDDED_DEFAULT_CONFIG
 from omnipose.service import loading
 from omnipose.training.config import load_config
 from omnipose.training.evaluate import evaluate_model
@@ -34,6 +35,7 @@ def test_default_checkpoint_ships_with_its_model_card() -> None:
     assert re.search(rf"SHA-256 `{sha256}`", card), "model card names another file"
     checkpoint = read_checkpoint(path)
     assert checkpoint.config is not None and checkpoint.config.name == "coco-w8-96x64"
+    assert checkpoint.config.name == EMBEDDED_DEFAULT_CONFIG  # what `omnipose info` lists
     training = checkpoint.metadata["training"]
     assert training["data_root"] == "data/synth" and training["recipe"]["name"] == "synth-w8-96x64"
     assert checkpoint.metadata["metrics"]["AP"] > 0

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from omnipose.model.complexity import count_macs, count_parameters
+from omnipose.model.complexity import count_macs, count_parameters, measure_size
 from omnipose.model.configs import CONFIGS, UnknownConfigError, get_config
 from omnipose.model.network import (
     HEAD_OUTPUT_KEYS,
@@ -21,6 +21,7 @@ from omnipose.model.network import (
     build_model,
     gaussian_kernel2d,
 )
+from omnipose.model.sizes import STORED_SIZES, table_config_names
 
 # Copies of /work/shared/reference/*.tsv, kept in the repo so a clean clone can run the tests.
 REFERENCE_DIR = Path(__file__).resolve().parent / "data" / "reference"
@@ -386,3 +387,11 @@ def test_count_macs_matches_per_layer_formula() -> None:
     for handle in handles:
         handle.remove()
     assert count_macs(model, (64, 64)) == expected
+
+
+@pytest.mark.slow
+def test_stored_sizes_are_the_counted_ones() -> None:
+    """``omnipose info`` prints stored figures: each must be what counting the network gives."""
+    assert set(STORED_SIZES) == set(table_config_names())
+    for name, stored in STORED_SIZES.items():
+        assert measure_size(get_config(name)) == stored, name

@@ -420,3 +420,19 @@ def test_tracking_options_reject_bad_values() -> None:
         TrackingOptions(min_cutoff=0)
     with pytest.raises(ValueError, match="beta"):
         TrackingOptions(beta=-1)
+
+
+def test_track_ids_on_the_first_frame_at_once_later_arrivals_once_confirmed() -> None:
+    """docs/video.md's rule (ByteTrack's): the people of a stream's first frame get ids at once;
+    a person who appears later gets one on the next frame that finds them again."""
+    tracker = PoseTracker(SIGMAS, TrackingOptions(smooth=False))
+    ids = lambda persons: [p.extras.get(TRACK_ID_KEY) for p in persons]  # noqa: E731
+    first = tracker.update([_one_person(50, 80), _one_person(150, 80)], detector_ran=True)
+    assert None not in ids(first.persons) and len(set(ids(first.persons))) == 2
+    second = tracker.update([_one_person(50, 80), _one_person(150, 80)], detector_ran=True)
+    assert ids(second.persons) == ids(first.persons)
+    arrival = [_one_person(50, 80), _one_person(150, 80), _one_person(100, 120)]
+    assert ids(tracker.update(arrival, detector_ran=True).persons)[2] is None
+    again = [_one_person(50, 80), _one_person(150, 80), _one_person(100, 120)]
+    confirmed = ids(tracker.update(again, detector_ran=True).persons)
+    assert confirmed[2] is not None and confirmed[2] not in ids(first.persons)
