@@ -426,7 +426,7 @@ def test_track_ids_on_the_first_frame_at_once_later_arrivals_once_confirmed() ->
     """docs/video.md's rule (ByteTrack's): the people of a stream's first frame get ids at once;
     a person who appears later gets one on the next frame that finds them again."""
     tracker = PoseTracker(SIGMAS, TrackingOptions(smooth=False))
-    ids = lambda persons: [p.extras.get(TRACK_ID_KEY) for p in persons]  # noqa: E731
+    ids = lambda persons: [p.track_id for p in persons]  # noqa: E731
     first = tracker.update([_one_person(50, 80), _one_person(150, 80)], detector_ran=True)
     assert None not in ids(first.persons) and len(set(ids(first.persons))) == 2
     second = tracker.update([_one_person(50, 80), _one_person(150, 80)], detector_ran=True)
