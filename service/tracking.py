@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from omnipose.model.detection import box_iou
 from omnipose.model.nms import oks_nms, oks_similarity
 from omnipose.model.topdown import PersonPose
 
@@ -177,20 +178,6 @@ def clip_box(box: np.ndarray, width: int, height: int) -> np.ndarray | None:
     if x2 - x1 < 2 or y2 - y1 < 2:
         return None
     return np.array([x1, y1, x2 - x1, y2 - y1])
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU between x, y, w, h boxes ``a`` (N x 4) and ``b`` (M x 4) -> N x M."""
-    a, b = np.asarray(a, float).reshape(-1, 4), np.asarray(b, float).reshape(-1, 4)
-    ax2, ay2 = a[:, 0] + a[:, 2], a[:, 1] + a[:, 3]
-    bx2, by2 = b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
-    w = np.clip(np.minimum(ax2[:, None], bx2[None]) - np.maximum(a[:, None, 0], b[None, :, 0]),
-                0, None)  # fmt: skip
-    h = np.clip(np.minimum(ay2[:, None], by2[None]) - np.maximum(a[:, None, 1], b[None, :, 1]),
-                0, None)  # fmt: skip
-    inter = w * h
-    union = (a[:, 2] * a[:, 3])[:, None] + (b[:, 2] * b[:, 3])[None] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
 # --- the tracker ---------------------------------------------------------------------------------
@@ -555,26 +542,6 @@ class PoseTracker:
             del self._tracks[track_id]
             self._byte.poses.pop(track_id, None)
             self._byte.centres.pop(track_id, None)
-
-
-def merge_guided(
-    detected: tuple[np.ndarray, np.ndarray],
-    guided: tuple[np.ndarray, np.ndarray],
-    max_boxes: int,
-    iou: float = 0.3,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Detector boxes plus the guided boxes of tracks no detection covers (IoU <= ``iou``): a
-    detector that misses someone for a frame does not end the person's track. At most
-    ``max_boxes``, detections first."""
-    boxes, scores = detected
-    extra_boxes, extra_scores = guided
-    if len(extra_boxes):
-        if len(boxes):
-            covered = box_iou(extra_boxes, boxes).max(axis=1) > iou
-            extra_boxes, extra_scores = extra_boxes[~covered], extra_scores[~covered]
-        boxes = np.concatenate([boxes.reshape(-1, 4), extra_boxes])
-        scores = np.concatenate([scores.reshape(-1), extra_scores])
-    return boxes[:max_boxes], scores[:max_boxes]
 
 
 # --- client streams ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from omnipose.model.persons import merge_guided
 from omnipose.model.skeleton import COCO_KEYPOINTS
 from omnipose.model.topdown import PersonPose
 from omnipose.service.track_metrics import FramePeople, evaluate_sequence, load_ground_truth
@@ -24,7 +25,6 @@ from omnipose.service.tracking import (
     StreamRegistry,
     TrackedStream,
     TrackingOptions,
-    merge_guided,
     pose_box,
 )
 from omnipose.training import synth
