@@ -32,7 +32,7 @@ from omnipose.model.detection import Detections, NoDetector, PersonDetector
 from omnipose.model.persons import client_persons, detected_persons
 from omnipose.model.topdown import TopDownPoseEstimator
 from omnipose.model.transforms import IMAGENET_MEAN, IMAGENET_STD
-from omnipose.service.batcher import AllCoresRunner, DynamicBatcher, Chunk
+from omnipose.service.batcher import AllCoresRunner, Chunk, DynamicBatcher
 from omnipose.service.boxes import BoxError
 from omnipose.service.engine import PoseEngine
 from omnipose.service.errors import (
