@@ -21,7 +21,8 @@ holds one stream's state for that and nothing else; the engine runs the network.
   person's steady translation then passes through the centre filter, which follows speed, and
   the offsets filter can be slow (strong smoothing) without making the whole body lag.
 * **Bounded state**: tracks unseen for ``max_missed`` frames are dropped, filters with them;
-  :class:`StreamRegistry` bounds the number of client streams and expires idle ones.
+  :class:`omnipose.service.streams.StreamRegistry` bounds the number of client streams and
+  expires idle ones.
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ import asyncio
 import math
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
@@ -545,10 +544,6 @@ class PoseTracker:
 
 
 # --- client streams ------------------------------------------------------------------------------
-class StreamLimitError(RuntimeError):
-    """Too many client streams are open."""
-
-
 @dataclass
 class TrackedStream:
     """One stream's tracker and the lock that keeps its frames one at a time, in order."""
@@ -556,52 +551,3 @@ class TrackedStream:
     tracker: PoseTracker
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_used: float = field(default_factory=time.monotonic)
-
-
-class StreamRegistry:
-    """Tracking state of streams that clients feed frame by frame (REST or unary gRPC) under a
-    ``stream_id`` of their choosing: at most ``max_streams`` at once, each dropped after
-    ``idle_s`` seconds without a frame. Thread-safe."""
-
-    def __init__(self, max_streams: int, idle_s: float) -> None:
-        self.max_streams, self.idle_s = max_streams, idle_s
-        self._streams: OrderedDict[str, TrackedStream] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._streams)
-
-    def __contains__(self, stream_id: str) -> bool:
-        return stream_id in self._streams
-
-    def acquire(self, stream_id: str, factory: Callable[[], TrackedStream]) -> TrackedStream:
-        """The stream's state, created with ``factory()`` when new; StreamLimitError when full."""
-        now = time.monotonic()
-        with self._lock:
-            self._expire(now)
-            stream = self._streams.get(stream_id)
-            if stream is None:
-                if len(self._streams) >= self.max_streams:
-                    raise StreamLimitError(
-                        f"{len(self._streams)} streams are open, the limit is {self.max_streams};"
-                        f" streams expire after {self.idle_s:g} s without frames"
-                    )
-                stream = factory()
-                self._streams[stream_id] = stream
-            stream.last_used = now
-            self._streams.move_to_end(stream_id)
-            return stream
-
-    def release(self, stream_id: str) -> bool:
-        """Forget a stream now (the client ended it); whether it existed."""
-        with self._lock:
-            return self._streams.pop(stream_id, None) is not None
-
-    def _expire(self, now: float) -> None:
-        """Drop streams idle for over ``idle_s``, oldest first. A stream whose frame is being
-        processed is not idle, however long that frame takes (deadlines may exceed idle_s)."""
-        for stream_id, stream in list(self._streams.items()):
-            if now - stream.last_used <= self.idle_s:
-                break
-            if not stream.lock.locked():
-                del self._streams[stream_id]

@@ -16,13 +16,12 @@ import pytest
 from omnipose.model.persons import merge_guided
 from omnipose.model.skeleton import COCO_KEYPOINTS
 from omnipose.model.topdown import PersonPose
+from omnipose.service.streams import StreamLimitError, StreamRegistry
 from omnipose.service.track_metrics import FramePeople, evaluate_sequence, load_ground_truth
 from omnipose.service.tracking import (
     TRACK_ID_KEY,
     OneEuroFilter,
     PoseTracker,
-    StreamLimitError,
-    StreamRegistry,
     TrackedStream,
     TrackingOptions,
     pose_box,
