@@ -27,8 +27,8 @@ def main() -> int:
 
     from omnipose.model.configs import get_config
     from omnipose.model.network import build_model
-    from omnipose.model.onnx_runtime import OnnxRuntimeNetwork
     from omnipose.model.precision import cpu_has_native_bf16
+    from omnipose.model.runners import OnnxRuntimeRunner
     from omnipose.model.topdown import TopDownPoseEstimator
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -47,7 +47,7 @@ def main() -> int:
             copy.deepcopy(network), config, precision="bf16", flip_test=False
         )
     backends["onnxruntime fp32"] = TopDownPoseEstimator(
-        OnnxRuntimeNetwork.from_network(copy.deepcopy(network), config.input_size),
+        OnnxRuntimeRunner.from_network(copy.deepcopy(network), config.input_size),
         config,
         flip_test=False,
     )

@@ -34,9 +34,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from omnipose.service.detection import Detections, HogPersonDetector, PersonDetector
+from omnipose.model.detection import Detections, HogPersonDetector, PersonDetector
+from omnipose.model.predictor import PosePredictor
 from omnipose.service.loading import load_pose_model
-from omnipose.service.persons import crop_persons
 from omnipose.service.pose_boxes import pose_box
 from omnipose.service.track_metrics import (
     MIN_SCORED_JOINTS,
@@ -44,7 +44,7 @@ from omnipose.service.track_metrics import (
     evaluate_sequence,
     load_ground_truth,
 )
-from omnipose.service.tracking import PoseTracker, TrackingOptions, merge_guided
+from omnipose.service.tracking import PoseTracker, TrackingOptions
 from omnipose.training import synth
 
 MAX_PERSONS = 100
@@ -53,32 +53,18 @@ MAX_PERSONS = 100
 def run_sequence(
     estimator, detector: PersonDetector, frames: list[np.ndarray], options: TrackingOptions
 ) -> tuple[list[FramePeople], dict]:
-    """The stream pipeline over ``frames`` (BGR), as the service runs it: predictions per frame
-    (tracked persons only, boxes = pose extent) and counts."""
+    """The stream pipeline over ``frames`` (BGR), as the service runs it (its predictor):
+    predictions per frame (tracked persons only, boxes = pose extent) and counts."""
+    predictor = PosePredictor(estimator, detector, MAX_PERSONS)
     tracker = PoseTracker(np.asarray(estimator.keypoints.sigmas), options)
     out, detector_frames = [], 0
     started = time.perf_counter()
     for index, image in enumerate(frames):
         if isinstance(detector, GroundTruthDetector):
             detector.frame = index
-        height, width = image.shape[:2]
-        planned = tracker.plan(width, height)
-        detector_ran = planned is None
-        if detector_ran:
-            detections = detector.detect(image).top(MAX_PERSONS)
-            planned = merge_guided(
-                (detections.boxes, detections.scores),
-                tracker.guided_boxes(width, height),
-                MAX_PERSONS,
-            )
-            detector_frames += 1
-        boxes, scores = planned
-        persons = []
-        if len(boxes):
-            crops = crop_persons(estimator, image, Detections(boxes, scores))
-            persons = estimator.decode(estimator.forward(crops.inputs), crops)
-        tracked = [p for p in tracker.update(persons, detector_ran).persons
-                   if p.track_id is not None]
+        prediction = predictor.predict(image, tracker=tracker)
+        detector_frames += prediction.detector_ran
+        tracked = [p for p in prediction.persons if p.track_id is not None]
         boxes_out = [pose_box(p.keypoints, options.keypoint_threshold, options.box_margin)
                      for p in tracked]  # fmt: skip
         keep = [i for i, b in enumerate(boxes_out) if b is not None]

@@ -84,8 +84,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean the user asked for something impossible (imported when one happens)."""
     from omnipose.model.checkpoint import CheckpointError
+    from omnipose.model.detection import DetectorError
     from omnipose.service.boxes import BoxError
-    from omnipose.service.detection import DetectorError
     from omnipose.service.images import ImageError
 
     return (ImageError, CheckpointError, DetectorError, BoxError, ValueError, OSError)

@@ -1,7 +1,7 @@
 """``omnipose predict``: estimate poses in image files and write COCO-format results.
 
-Runs the same model, detector, person selection and crops as the service, in one process without
-batching across requests.
+Runs the service's pipeline (:class:`omnipose.model.predictor.PosePredictor`: the same model,
+detector, person selection, crops and decoding), in one process without batching across requests.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import cv2
 import numpy as np
 
 from omnipose.cli.errors import CliError
+from omnipose.model.detection import DETECTOR_KINDS, build_detector
+from omnipose.model.predictor import PosePredictor
 from omnipose.service.boxes import BoxError, parse_boxes
-from omnipose.service.detection import DETECTOR_KINDS, build_detector
 from omnipose.service.images import read_image_file
-from omnipose.service.persons import client_persons, crop_persons, detected_persons
 from omnipose.service.schemas import numeric_image_id
 
 
@@ -82,31 +82,25 @@ def run_predict(args: argparse.Namespace) -> int:
     render_dir = Path(args.render) if args.render else None
     if render_dir:
         render_dir.mkdir(parents=True, exist_ok=True)
+    predictor = PosePredictor(loaded.estimator, detector, args.max_persons,
+                              args.whole_image_if_no_person)
     for position, path in enumerate(images, start=1):
         image_bgr = read_image_file(path, exif_orientation=args.exif_orientation)
         height, width = image_bgr.shape[:2]
-        if path in boxes_by_image:
-            try:
-                boxes = parse_boxes(boxes_by_image[path].tolist(), width, height)
-                persons = client_persons(boxes, None, args.max_persons)
-            except BoxError as exc:
-                raise CliError(f"{path.name}: {exc}") from None
-        else:
-            assert detector is not None
-            persons = detected_persons(
-                detector.detect(image_bgr),
-                image_bgr.shape,
-                args.max_persons,
-                args.whole_image_if_no_person,
-            )
-        crops = crop_persons(loaded.estimator, image_bgr, persons)
-        poses = loaded.estimator.decode(loaded.estimator.forward(crops.inputs), crops)
+        try:
+            boxes = (parse_boxes(boxes_by_image[path].tolist(), width, height)
+                     if path in boxes_by_image else None)
+            prediction = predictor.predict(image_bgr, boxes)
+        except BoxError as exc:
+            raise CliError(f"{path.name}: {exc}") from None
+        poses = prediction.persons
         image_id = image_id_for(path, position)
         for pose in poses:
             annotation = pose.to_coco(image_id, loaded.keypoints)
             annotation["image_file"] = str(path)
             results.append(annotation)
-        note = "" if len(persons) else " (no person detected; see --whole-image-if-no-person)"
+        note = ("" if prediction.candidates
+                else " (no person detected; see --whole-image-if-no-person)")
         print(f"{path.name}: {len(poses)} person(s){note}", file=sys.stderr)
         if render_dir:
             overlay = draw_poses(image_bgr, poses, loaded.keypoints)

@@ -1,23 +1,19 @@
-"""ONNX export of the pose network and an ONNX Runtime backend for it.
+"""ONNX export of the pose network, and the checks that the exported graph equals it.
 
 The export is head-agnostic: it traces whatever network ``build_model`` made (WASPv2, or any
 other head) from crops ``[batch, 3, H, W]`` to heatmaps ``[batch, J, h, w]``, with the batch
-dimension dynamic, so nothing here names a layer. :class:`OnnxRuntimeNetwork` runs such a graph
-behind the same call as the torch network, so :class:`omnipose.model.topdown.TopDownPoseEstimator`
-and the service's model instances use it unchanged (fp32; each instance thread gets its own session
-with that thread's torch thread count, as instance groups in Triton do).
+dimension dynamic, so nothing here names a layer. The runner that executes such a graph is
+:class:`omnipose.model.runners.OnnxRuntimeRunner`.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import threading
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -86,52 +82,14 @@ def max_difference(
 ) -> float:
     """Largest absolute heatmap difference between the graph in ONNX Runtime and the network in
     PyTorch, on random crops at each batch size (checks the dynamic batch too)."""
-    runtime = OnnxRuntimeNetwork(onnx_model)
+    from omnipose.model.runners import OnnxRuntimeRunner
+
+    runtime = OnnxRuntimeRunner(onnx_model)
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
     with torch.inference_mode():
         for batch in batch_sizes:
             crops = torch.randn(batch, 3, *input_size, generator=generator)
             expected = network.eval()(crops)
-            worst = max(worst, float((runtime(crops) - expected).abs().max()))
+            worst = max(worst, float((runtime.run(crops) - expected).abs().max()))
     return worst
-
-
-class OnnxRuntimeNetwork(nn.Module):
-    """An exported pose network in ONNX Runtime, called like the torch network (fp32)."""
-
-    def __init__(self, onnx_model: bytes, device: torch.device | str = "cpu") -> None:
-        super().__init__()
-        self.onnx_model = onnx_model
-        self.device = torch.device(device)
-        self._local = threading.local()
-
-    @classmethod
-    def from_network(
-        cls, network: nn.Module, input_size: tuple[int, int], device: torch.device | str = "cpu"
-    ) -> OnnxRuntimeNetwork:
-        return cls(export_onnx(network, input_size), device)
-
-    def _session(self) -> Any:
-        """This thread's session: its intra-op threads = this thread's torch thread count."""
-        session = getattr(self._local, "session", None)
-        if session is None:
-            import onnxruntime
-
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()
-            options.inter_op_num_threads = 1
-            providers = ["CPUExecutionProvider"]
-            if (
-                self.device.type == "cuda"
-                and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-            ):
-                providers.insert(0, "CUDAExecutionProvider")
-            session = onnxruntime.InferenceSession(self.onnx_model, options, providers=providers)
-            self._local.session = session
-        return session
-
-    def forward(self, crops: torch.Tensor) -> torch.Tensor:
-        inputs = np.ascontiguousarray(crops.detach().float().cpu().numpy())
-        (heatmaps,) = self._session().run([OUTPUT_NAME], {INPUT_NAME: inputs})
-        return torch.from_numpy(heatmaps).to(crops.device)

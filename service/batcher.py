@@ -47,7 +47,7 @@ class AllCoresRunner:
     """
 
     faster: Callable[[int], bool]
-    run_batch: Callable[[Sequence[_Chunk]], list[Any]]
+    run_batch: Callable[[Sequence[Chunk]], list[Any]]
 
 
 @dataclass(eq=False)
@@ -72,7 +72,9 @@ class _Job:
 
 
 @dataclass
-class _Chunk:
+class Chunk:
+    """Units ``start:stop`` of one job, as they ride in one batch (what a batch runner gets)."""
+
     job: _Job
     start: int
     stop: int
@@ -101,7 +103,7 @@ class DynamicBatcher:
     def __init__(
         self,
         name: str,
-        run_batch: Callable[[Sequence[_Chunk]], list[Any]],
+        run_batch: Callable[[Sequence[Chunk]], list[Any]],
         combine: Callable[[list[Any]], Any],
         max_batch_size: int,
         max_delay_s: float,
@@ -281,10 +283,10 @@ class DynamicBatcher:
             return self.max_batch_size
         return max(1, min(self.max_batch_size, math.ceil(pending / self._idle_instances)))
 
-    def _take(self, room: int) -> tuple[list[_Chunk], list[_Job]]:
+    def _take(self, room: int) -> tuple[list[Chunk], list[_Job]]:
         """Up to ``room`` units in arrival order; expired jobs are dropped, not run."""
         now = time.monotonic()
-        chunks: list[_Chunk] = []
+        chunks: list[Chunk] = []
         expired: list[_Job] = []
         while self._queue and room > 0:
             job = self._queue[0]
@@ -294,7 +296,7 @@ class DynamicBatcher:
                 expired.append(job)
                 continue
             count = min(room, job.size - job.taken)
-            chunks.append(_Chunk(job, job.taken, job.taken + count))
+            chunks.append(Chunk(job, job.taken, job.taken + count))
             job.taken += count
             if job.first_batch_at is None:
                 job.first_batch_at = now
@@ -312,7 +314,7 @@ class DynamicBatcher:
             self._on_depth(self._pending_units())
         job.loop.call_soon_threadsafe(_resolve, job.future, None, error)
 
-    def _execute(self, chunks: list[_Chunk], on_all_cores: bool = False) -> None:
+    def _execute(self, chunks: list[Chunk], on_all_cores: bool = False) -> None:
         started = time.perf_counter()
         try:
             run = self._all_cores.run_batch if on_all_cores and self._all_cores else self._run_batch

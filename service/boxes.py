@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from omnipose.model.persons import BoxError
+
 # No real person box is this far from the origin (or this large) in pixels; beyond it float
 # arithmetic in the crop transform loses all precision, so such boxes are refused outright.
 MAX_BOX_COORDINATE = 1e6
@@ -15,10 +17,6 @@ MAX_BOX_COORDINATE = 1e6
 MAX_BOX_TO_IMAGE_RATIO = 10.0
 # Box JSON is a list of lists: anything deeper is malformed (and deep enough, a RecursionError).
 MAX_JSON_DEPTH = 3
-
-
-class BoxError(ValueError):
-    """Boxes that cannot be used; the message names the offending box."""
 
 
 def _json_depth_exceeds(text: str, limit: int) -> bool:

@@ -195,7 +195,7 @@ class DecodedImage:
     """One decoded, upright image, held where it was decoded: a host BGR array (OpenCV) or an RGB
     ``3 x H x W`` uint8 tensor on the pose model's device (torchvision).
 
-    The crops are cut from whichever it holds (:func:`omnipose.service.persons.crop_persons`). Only
+    The crops are cut from whichever it holds (:func:`omnipose.model.crops.crop_persons`). Only
     the detector and rendering need the host BGR array; :meth:`host_bgr` makes it from the tensor on
     first need (on a GPU: colour order and layout changed there, then one download) and keeps it.
     It is lazy on purpose: a frame whose persons are the client's boxes or the tracker's

@@ -16,6 +16,7 @@ import omnipose.model as model_package
 from omnipose.model.checkpoint import load_model, read_checkpoint
 from omnipose.model.configs import ModelConfig, get_config
 from omnipose.model.precision import PrecisionSetting
+from omnipose.model.runners import build_runner
 from omnipose.model.skeleton import KeypointSpec
 from omnipose.model.topdown import TopDownPoseEstimator
 
@@ -116,8 +117,9 @@ def load_pose_model(
 ) -> LoadedPoseModel:
     """Load weights (or the default) and wrap them in a TopDownPoseEstimator on ``device``.
 
-    ``backend="onnxruntime"`` exports the loaded network to ONNX in memory and runs that graph in
-    ONNX Runtime (fp32: ``auto`` precision means fp32 there; fp16/bf16 are refused).
+    ``backend`` names the runner (:data:`omnipose.model.runners.RUNNER_FACTORIES`):
+    ``onnxruntime`` exports the loaded network to ONNX in memory and runs that graph in ONNX
+    Runtime (fp32: ``auto`` precision means fp32 there; fp16/bf16 are refused).
     """
     path = resolve_weights(weights)
     if weights is None and path is not None and config_name is not None:
@@ -130,19 +132,9 @@ def load_pose_model(
         path, config_name or (UNTRAINED_CONFIG if path is None else None), device="cpu"
     )
     keypoints = (checkpoint.keypoints if checkpoint and checkpoint.keypoints else config.keypoints)
-    if backend == "onnxruntime":
-        if precision not in ("auto", "fp32"):
-            raise ValueError(f"the onnxruntime backend runs fp32, not {precision}")
-        precision = "fp32"
-        from omnipose.model.onnx_runtime import OnnxRuntimeNetwork
-        from omnipose.model.topdown import resolve_device
-
-        network = OnnxRuntimeNetwork.from_network(network, config.input_size,
-                                                  resolve_device(device))
-    estimator = TopDownPoseEstimator(
-        network, config, keypoints, device=device, precision=precision, flip_test=flip_test,
-        flip_shift=flip_shift,
-    )
+    runner = build_runner(backend, network, config.input_size, device, precision)
+    estimator = TopDownPoseEstimator(runner, config, keypoints, flip_test=flip_test,
+                                     flip_shift=flip_shift)
     return LoadedPoseModel(
         estimator=estimator,
         config=config,

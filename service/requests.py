@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 from pydantic import ConfigDict
 
+from omnipose.model.detection import Detections
+from omnipose.model.persons import BoxError, client_persons
 from omnipose.model.topdown import PersonPose
-from omnipose.service.boxes import BoxError, load_json, parse_boxes
-from omnipose.service.detection import Detections
+from omnipose.service.boxes import load_json, parse_boxes
 from omnipose.service.errors import InvalidRequest
 from omnipose.service.options import RequestOptions
-from omnipose.service.persons import client_persons
 
 
 @contextlib.contextmanager
@@ -34,7 +34,7 @@ def client_detections(boxes: Any, box_scores: Any, image_width: int, image_heigh
                       max_persons: int) -> Detections:
     """The client's boxes (``[[x, y, w, h], ...]``, its JSON text, or an N x 4 array) and scores
     for an image of this size, or InvalidRequest. :func:`omnipose.service.boxes.parse_boxes` and
-    :func:`omnipose.service.persons.client_persons` are the checks."""
+    :func:`omnipose.model.persons.client_persons` are the checks."""
     if isinstance(boxes, np.ndarray):
         boxes = boxes.tolist()
     with _boxes_refused():

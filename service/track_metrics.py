@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from omnipose.model.detection import box_iou
 from omnipose.model.skeleton import COCO_KEYPOINTS
-from omnipose.service.pose_boxes import box_iou
 
 MATCH_IOU = 0.5
 MIN_SCORED_JOINTS = 6  # people with fewer joints in view (a third of a body) are not scored

@@ -23,7 +23,8 @@ holds one stream's state for that and nothing else; the engine runs the network.
   filter, which follows speed, and the offsets filter can be slow (strong smoothing) without
   making the whole body lag.
 * **Bounded state**: tracks unseen for ``max_missed`` frames are dropped, filters with them;
-  :class:`StreamRegistry` bounds the number of client streams and expires idle ones.
+  :class:`omnipose.service.streams.StreamRegistry` bounds the number of client streams and
+  expires idle ones.
 """
 
 from __future__ import annotations
@@ -32,21 +33,19 @@ import asyncio
 import math
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
+from omnipose.model.detection import box_iou
 from omnipose.model.nms import oks_nms, oks_similarity
 from omnipose.model.topdown import PersonPose
 from omnipose.service.pose_boxes import (
     CropFit,
     box_area,
     box_around,
-    box_iou,
     clip_box,
     inside_image,
     pose_box,
@@ -429,31 +428,7 @@ class PoseTracker:
             self._byte.centres.pop(track_id, None)
 
 
-def merge_guided(
-    detected: tuple[np.ndarray, np.ndarray],
-    guided: tuple[np.ndarray, np.ndarray],
-    max_boxes: int,
-    iou: float = 0.3,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Detector boxes plus the guided boxes of tracks no detection covers (IoU <= ``iou``): a
-    detector that misses someone for a frame does not end the person's track. At most
-    ``max_boxes``, detections first."""
-    boxes, scores = detected
-    extra_boxes, extra_scores = guided
-    if len(extra_boxes):
-        if len(boxes):
-            covered = box_iou(extra_boxes, boxes).max(axis=1) > iou
-            extra_boxes, extra_scores = extra_boxes[~covered], extra_scores[~covered]
-        boxes = np.concatenate([boxes.reshape(-1, 4), extra_boxes])
-        scores = np.concatenate([scores.reshape(-1), extra_scores])
-    return boxes[:max_boxes], scores[:max_boxes]
-
-
 # --- client streams ------------------------------------------------------------------------------
-class StreamLimitError(RuntimeError):
-    """Too many client streams are open."""
-
-
 @dataclass
 class TrackedStream:
     """One stream's tracker and the lock that keeps its frames one at a time, in order."""
@@ -461,52 +436,3 @@ class TrackedStream:
     tracker: PoseTracker
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_used: float = field(default_factory=time.monotonic)
-
-
-class StreamRegistry:
-    """Tracking state of streams that clients feed frame by frame (REST or unary gRPC) under a
-    ``stream_id`` of their choosing: at most ``max_streams`` at once, each dropped after
-    ``idle_s`` seconds without a frame. Thread-safe."""
-
-    def __init__(self, max_streams: int, idle_s: float) -> None:
-        self.max_streams, self.idle_s = max_streams, idle_s
-        self._streams: OrderedDict[str, TrackedStream] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._streams)
-
-    def __contains__(self, stream_id: str) -> bool:
-        return stream_id in self._streams
-
-    def acquire(self, stream_id: str, factory: Callable[[], TrackedStream]) -> TrackedStream:
-        """The stream's state, created with ``factory()`` when new; StreamLimitError when full."""
-        now = time.monotonic()
-        with self._lock:
-            self._expire(now)
-            stream = self._streams.get(stream_id)
-            if stream is None:
-                if len(self._streams) >= self.max_streams:
-                    raise StreamLimitError(
-                        f"{len(self._streams)} streams are open, the limit is {self.max_streams};"
-                        f" streams expire after {self.idle_s:g} s without frames"
-                    )
-                stream = factory()
-                self._streams[stream_id] = stream
-            stream.last_used = now
-            self._streams.move_to_end(stream_id)
-            return stream
-
-    def release(self, stream_id: str) -> bool:
-        """Forget a stream now (the client ended it); whether it existed."""
-        with self._lock:
-            return self._streams.pop(stream_id, None) is not None
-
-    def _expire(self, now: float) -> None:
-        """Drop streams idle for over ``idle_s``, oldest first. A stream whose frame is being
-        processed is not idle, however long that frame takes (deadlines may exceed idle_s)."""
-        for stream_id, stream in list(self._streams.items()):
-            if now - stream.last_used <= self.idle_s:
-                break
-            if not stream.lock.locked():
-                del self._streams[stream_id]

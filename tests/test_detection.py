@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from omnipose.service.detection import (
+from omnipose.model.detection import (
     Detections,
     DetectorError,
     HogPersonDetector,

@@ -23,8 +23,9 @@ from PIL import Image
 from torch import nn
 
 from omnipose.model.configs import get_config
+from omnipose.model.crops import crop_persons
+from omnipose.model.detection import Detections, NoDetector, PersonDetector
 from omnipose.model.topdown import TopDownPoseEstimator
-from omnipose.service.detection import Detections, NoDetector, PersonDetector
 from omnipose.service.engine import PoseEngine
 from omnipose.service.errors import InvalidRequest
 from omnipose.service.images import (
@@ -40,7 +41,6 @@ from omnipose.service.images import (
 )
 from omnipose.service.loading import LoadedPoseModel
 from omnipose.service.metrics import ServiceMetrics
-from omnipose.service.persons import crop_persons
 from omnipose.service.requests import ImageRequest
 from omnipose.service.settings import ServiceSettings
 from tests.samples import BUS_JPG

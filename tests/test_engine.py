@@ -27,11 +27,13 @@ from pydantic import ValidationError
 from torch import nn
 
 from omnipose.model.configs import get_config
+from omnipose.model.crops import crop_persons
+from omnipose.model.detection import Detections, NoDetector, PersonDetector
+from omnipose.model.persons import client_persons, detected_persons
 from omnipose.model.topdown import TopDownPoseEstimator
 from omnipose.model.transforms import IMAGENET_MEAN, IMAGENET_STD
-from omnipose.service.batcher import AllCoresRunner, DynamicBatcher, _Chunk
+from omnipose.service.batcher import AllCoresRunner, Chunk, DynamicBatcher
 from omnipose.service.boxes import BoxError
-from omnipose.service.detection import Detections, NoDetector, PersonDetector
 from omnipose.service.engine import PoseEngine
 from omnipose.service.errors import (
     REQUEST_ID,
@@ -44,7 +46,6 @@ from omnipose.service.errors import (
 )
 from omnipose.service.loading import LoadedPoseModel
 from omnipose.service.metrics import STAGES, ServiceMetrics
-from omnipose.service.persons import client_persons, crop_persons, detected_persons
 from omnipose.service.requests import ImageRequest
 from omnipose.service.resources import (
     InstanceLayout,
@@ -132,7 +133,7 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> No
 def test_batcher_coalesces_jobs_and_splits_large_ones() -> None:
     batches: list[int] = []
 
-    def identity(chunks: Sequence[_Chunk]) -> list[torch.Tensor]:
+    def identity(chunks: Sequence[Chunk]) -> list[torch.Tensor]:
         batches.append(sum(c.stop - c.start for c in chunks))
         return [c.job.payload[c.start:c.stop] for c in chunks]
 
@@ -160,7 +161,7 @@ def test_batcher_spreads_one_request_over_idle_instances_and_keeps_its_order() -
     finishes last is still put back in its place."""
     calls: list[tuple[str, int, int, float, float]] = []
 
-    def slow_first_half(chunks: Sequence[_Chunk]) -> list[torch.Tensor]:
+    def slow_first_half(chunks: Sequence[Chunk]) -> list[torch.Tensor]:
         started = time.monotonic()
         time.sleep(0.4 if chunks[0].start == 0 else 0.1)  # the first half finishes last
         calls.append((threading.current_thread().name, chunks[0].start, chunks[-1].stop,
@@ -189,7 +190,7 @@ def test_batcher_instances_take_full_batches_under_load() -> None:
     sizes: list[int] = []
     release = threading.Event()
 
-    def run(chunks: Sequence[_Chunk]) -> list[list[int]]:
+    def run(chunks: Sequence[Chunk]) -> list[list[int]]:
         release.wait(10)
         sizes.append(sum(c.stop - c.start for c in chunks))
         return [list(range(c.start, c.stop)) for c in chunks]
@@ -213,13 +214,13 @@ def test_batcher_instances_take_full_batches_under_load() -> None:
     assert sorted(sizes) == [1, 1, 4, 4, 4, 4]
 
 
-def lone_three_batcher(observe: Callable[[str, Sequence[_Chunk]], None]) -> DynamicBatcher:
+def lone_three_batcher(observe: Callable[[str, Sequence[Chunk]], None]) -> DynamicBatcher:
     """Two instances, batches of up to 4 units, no batching delay; a lone batch of exactly 3
     units runs on "all cores", anything else "spread". ``observe(runner, chunks)`` sees every
     batch before it returns (each unit's result is its index in its job)."""
 
-    def runner(name: str) -> Callable[[Sequence[_Chunk]], list[list[int]]]:
-        def run(chunks: Sequence[_Chunk]) -> list[list[int]]:
+    def runner(name: str) -> Callable[[Sequence[Chunk]], list[list[int]]]:
+        def run(chunks: Sequence[Chunk]) -> list[list[int]]:
             observe(name, chunks)
             return [list(range(c.start, c.stop)) for c in chunks]
 
@@ -238,7 +239,7 @@ def test_batcher_runs_a_lone_batch_on_all_cores_only_where_faster_and_alone() ->
     calls: list[tuple[str, int]] = []
     hold = threading.Event()
 
-    def observe(name: str, chunks: Sequence[_Chunk]) -> None:
+    def observe(name: str, chunks: Sequence[Chunk]) -> None:
         if any(c.job.payload == "hold" for c in chunks):
             hold.wait(10)
         calls.append((name, sum(c.stop - c.start for c in chunks)))
@@ -274,7 +275,7 @@ def test_other_instances_start_nothing_while_a_batch_has_every_core() -> None:
     running: list[tuple[str, str]] = []
     release = threading.Event()
 
-    def observe(name: str, chunks: Sequence[_Chunk]) -> None:
+    def observe(name: str, chunks: Sequence[Chunk]) -> None:
         running.append((name, chunks[0].job.payload))
         if name == "all cores":
             release.wait(10)
@@ -333,7 +334,7 @@ def test_batcher_cancelled_job_leaves_the_queue_and_never_runs() -> None:
     release = threading.Event()
     seen: list[int] = []
 
-    def blocking(chunks: Sequence[_Chunk]) -> list[int]:
+    def blocking(chunks: Sequence[Chunk]) -> list[int]:
         seen.extend(c.job.payload for c in chunks)
         release.wait(10)
         return [c.job.payload for c in chunks]
@@ -367,7 +368,7 @@ def test_batcher_drops_expired_work_before_running_it() -> None:
     release = threading.Event()
     seen: list[str] = []
 
-    def blocking(chunks: Sequence[_Chunk]) -> list[str]:
+    def blocking(chunks: Sequence[Chunk]) -> list[str]:
         seen.extend(c.job.payload for c in chunks)
         release.wait(10)
         return [c.job.payload for c in chunks]
@@ -434,8 +435,8 @@ def test_flip_groups_run_as_separate_passes(random_model: LoadedPoseModel) -> No
         def __init__(self, payload: torch.Tensor, flip: bool) -> None:
             self.payload, self.key = payload, flip
 
-    chunks = [_Chunk(FakeJob(a, True), 0, 2), _Chunk(FakeJob(b, False), 0, 1),
-              _Chunk(FakeJob(c, True), 0, 3)]
+    chunks = [Chunk(FakeJob(a, True), 0, 2), Chunk(FakeJob(b, False), 0, 1),
+              Chunk(FakeJob(c, True), 0, 3)]
     outputs = engine._run_pose_batch(chunks)
     flipped = estimator.forward(torch.cat([a, c]), True)
     assert torch.equal(outputs[0], flipped[:2])
@@ -748,7 +749,7 @@ def test_batcher_fails_only_the_culprit_and_drops_the_rest_of_it(caplog) -> None
     fails, is re-run chunk by chunk, only poison fails, and its third unit never runs."""
     calls: list[list[tuple[str, int, int]]] = []
 
-    def run(chunks: Sequence[_Chunk]) -> list[list[int]]:
+    def run(chunks: Sequence[Chunk]) -> list[list[int]]:
         calls.append([(c.job.payload[0], c.start, c.stop) for c in chunks])
         if any(c.job.payload[0] == "poison" for c in chunks):
             raise ValueError("secret detail: /opt/weights/model.pt")

@@ -13,11 +13,11 @@ from omnipose.cli.main import main
 from omnipose.model.configs import get_config
 from omnipose.model.network import build_model
 from omnipose.model.onnx_runtime import (
-    OnnxRuntimeNetwork,
     export_onnx,
     max_difference,
     read_onnx_metadata,
 )
+from omnipose.model.runners import OnnxRuntimeRunner
 from omnipose.service import loading
 from omnipose.service.engine import PoseEngine
 from omnipose.service.metrics import ServiceMetrics
@@ -32,12 +32,12 @@ def test_export_has_a_dynamic_batch_and_equals_pytorch(name: str) -> None:
     network = build_model(config).eval()
     graph = export_onnx(network, config.input_size, {"model_config": config.name})
     assert read_onnx_metadata(graph) == {"model_config": config.name}
-    runtime = OnnxRuntimeNetwork(graph)
+    runtime = OnnxRuntimeRunner(graph)
     for batch in (1, 4, 7):  # exported with 2: other sizes prove the batch is dynamic
         crops = torch.randn(batch, 3, *config.input_size)
         with torch.inference_mode():
             expected = network(crops)
-        got = runtime(crops)
+        got = runtime.run(crops)
         assert got.shape == expected.shape == (batch, config.num_joints, *config.heatmap_size)
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert max_difference(network, graph, config.input_size) < 1e-4

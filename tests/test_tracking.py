@@ -13,18 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from omnipose.model.persons import merge_guided
 from omnipose.model.skeleton import COCO_KEYPOINTS
 from omnipose.model.topdown import PersonPose
 from omnipose.service.pose_boxes import pose_box
 from omnipose.service.smoothing import OneEuroFilter
+from omnipose.service.streams import StreamLimitError, StreamRegistry
 from omnipose.service.track_metrics import FramePeople, evaluate_sequence, load_ground_truth
 from omnipose.service.tracking import (
     PoseTracker,
-    StreamLimitError,
-    StreamRegistry,
     TrackedStream,
     TrackingOptions,
-    merge_guided,
 )
 from omnipose.training import synth
 

@@ -1,11 +1,12 @@
 """Evaluation as published: COCO OKS AP/AR (pycocotools) and MPII PCKh.
 
-Inference goes through :class:`omnipose.model.topdown.TopDownPoseEstimator` (the service's own
-crop, flip test, DARK decoding, instance rescoring and OKS-NMS), so the figures measure what is
-served. COCO: every person box of an image (ground truth or detections) is estimated, the instance
-score is box score x mean confidence of keypoints above 0.2, OKS-NMS at 0.9 removes duplicates, and
-pycocotools' keypoint evaluation scores the results. MPII: one crop per annotated person (its
-center/scale), PCKh as published (see :func:`mpii_metrics`).
+Inference goes through the service's pipeline stages
+(:class:`omnipose.model.predictor.PosePredictor`: its crops, runner with flip test, DARK decoding,
+instance rescoring and OKS-NMS), batched across the images of a loader batch, so the figures
+measure what is served. COCO: every person box of an image (ground truth or detections) is
+estimated, the instance score is box score x mean confidence of keypoints above 0.2, OKS-NMS at
+0.9 removes duplicates, and pycocotools' keypoint evaluation scores the results. MPII: one crop
+per annotated person (its center/scale), PCKh as published (see :func:`mpii_metrics`).
 
 Under DDP each rank estimates a share of the images; rank 0 gathers and scores them, and every
 rank receives the metrics.
@@ -27,6 +28,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from omnipose.model.configs import ModelConfig
+from omnipose.model.detection import Detections
+from omnipose.model.predictor import PosePredictor
 from omnipose.model.skeleton import KeypointSpec
 from omnipose.model.topdown import OKS_NMS_THRESHOLD, PersonPose, TopDownPoseEstimator
 from omnipose.training.config import ExperimentConfig
@@ -221,9 +224,9 @@ def estimate_records(
     are also returned for visualisation.
     """
     context = context or DistContext(device=device)
-    estimator = TopDownPoseEstimator(
+    predictor = PosePredictor(TopDownPoseEstimator(
         _unwrap(model), model_config, device=device, flip_test=flip_test, flip_shift=flip_shift
-    )
+    ))
     dataset = EvalImages(records, images, max_images)
     shard = Subset(dataset, range(context.rank, len(dataset), context.world_size))
     fork_safe_opencv(num_workers)
@@ -246,12 +249,13 @@ def estimate_records(
     with torch.inference_mode():
         for items in loader:
             crops = [
-                estimator.prepare(image, records.boxes[rows], records.scores[rows])
+                predictor.prepare(image, Detections(records.boxes[rows], records.scores[rows]),
+                                  channels="rgb")
                 for _, image, rows in items
             ]
             inputs = torch.cat([crop.inputs for crop in crops])
             heatmaps = (
-                torch.cat([estimator.forward(chunk) for chunk in inputs.split(batch_size)])
+                torch.cat([predictor.run(chunk) for chunk in inputs.split(batch_size)])
                 if len(inputs)
                 else inputs.new_zeros(0)
             )
@@ -259,7 +263,7 @@ def estimate_records(
             for (image_row, image, _), crop in zip(items, crops, strict=True):
                 image_heatmaps = heatmaps[start : start + len(crop)]
                 start += len(crop)
-                poses = estimator.decode(image_heatmaps, crop, nms_threshold=nms_threshold)
+                poses = predictor.decode(image_heatmaps, crop, nms_threshold=nms_threshold)
                 outputs.append((image_row, poses))
                 if len(samples) < keep_samples:
                     samples.append((image, poses))

@@ -173,6 +173,20 @@ def clip_boxes(boxes_xywh: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.stack([x1, y1, x2 - x1, y2 - y1], axis=1)
 
 
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU between x, y, w, h boxes ``a`` (N x 4) and ``b`` (M x 4) -> N x M."""
+    a, b = np.asarray(a, float).reshape(-1, 4), np.asarray(b, float).reshape(-1, 4)
+    ax2, ay2 = a[:, 0] + a[:, 2], a[:, 1] + a[:, 3]
+    bx2, by2 = b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
+    w = np.clip(np.minimum(ax2[:, None], bx2[None]) - np.maximum(a[:, None, 0], b[None, :, 0]),
+                0, None)  # fmt: skip
+    h = np.clip(np.minimum(ay2[:, None], by2[None]) - np.maximum(a[:, None, 1], b[None, :, 1]),
+                0, None)  # fmt: skip
+    inter = w * h
+    union = (a[:, 2] * a[:, 3])[:, None] + (b[:, 2] * b[:, 3])[None] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
 def build_detector(kind: DetectorKind, weights: str | Path | None = None, device: str = "cpu",
                    min_score: float = 0.25) -> PersonDetector:
     """The detector the user asked for, or a DetectorError that says what is missing."""
