@@ -70,10 +70,12 @@ def merge_guided(
 
 
 def filter_poses(persons: list[PersonPose], max_persons: int, min_instance_score: float = 0.0,
-                 min_keypoint_score: float = 0.0) -> list[PersonPose]:
-    """At most ``max_persons`` persons scoring ``min_instance_score`` or more, best first, with
-    keypoints under ``min_keypoint_score`` zeroed (in a copy of each keypoint array)."""
-    persons = [p for p in persons if p.score >= min_instance_score]
+                 min_keypoint_score: float = 0.0, min_box_score: float = 0.0) -> list[PersonPose]:
+    """At most ``max_persons`` persons scoring ``min_instance_score`` or more whose box scored
+    ``min_box_score`` or more, best first, with keypoints under ``min_keypoint_score`` zeroed (in
+    a copy of each keypoint array)."""
+    persons = [p for p in persons
+               if p.score >= min_instance_score and p.box_score >= min_box_score]
     persons.sort(key=lambda p: p.score, reverse=True)
     persons = persons[:max_persons]
     if min_keypoint_score > 0:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1domnipose/proto/omnipose.proto\x12\x0bomnipose.v1\"X\n\x03\x42ox\x12\t\n\x01x\x18\x01 \x01(\x02\x12\t\n\x01y\x18\x02 \x01(\x02\x12\r\n\x05width\x18\x03 \x01(\x02\x12\x0e\n\x06height\x18\x04 \x01(\x02\x12\x12\n\x05score\x18\x05 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_score\"*\n\x07\x42oxList\x12\x1f\n\x05\x62oxes\x18\x01 \x03(\x0b\x32\x10.omnipose.v1.Box\"\xe5\x01\n\x0f\x45stimateRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12#\n\x05\x62oxes\x18\x02 \x01(\x0b\x32\x14.omnipose.v1.BoxList\x12\x11\n\x04\x66lip\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x1a\n\x12min_keypoint_score\x18\x04 \x01(\x02\x12\x1a\n\x12min_instance_score\x18\x05 \x01(\x02\x12\x13\n\x0bmax_persons\x18\x06 \x01(\r\x12\x0e\n\x06render\x18\x07 \x01(\x08\x12\x11\n\tstream_id\x18\x08 \x01(\t\x12\x12\n\nend_stream\x18\t \x01(\x08\x42\x07\n\x05_flip\"=\n\x08Keypoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\t\n\x01x\x18\x02 \x01(\x02\x12\t\n\x01y\x18\x03 \x01(\x02\x12\r\n\x05score\x18\x04 \x01(\x02\"\x85\x01\n\x06Person\x12\x1e\n\x04\x62\x62ox\x18\x01 \x01(\x0b\x32\x10.omnipose.v1.Box\x12\r\n\x05score\x18\x02 \x01(\x02\x12(\n\tkeypoints\x18\x03 \x03(\x0b\x32\x15.omnipose.v1.Keypoint\x12\x15\n\x08track_id\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x0b\n\t_track_id\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\xb4\x02\n\x10\x45stimateResponse\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12$\n\x05model\x18\x03 \x01(\x0b\x32\x15.omnipose.v1.ModelRef\x12$\n\x07persons\x18\x04 \x03(\x0b\x32\x13.omnipose.v1.Person\x12@\n\ntimings_ms\x18\x05 \x03(\x0b\x32,.omnipose.v1.EstimateResponse.TimingsMsEntry\x12\x15\n\rrendered_jpeg\x18\x06 \x01(\x0c\x12\x19\n\x0c\x64\x65tector_ran\x18\x07 \x01(\x08H\x00\x88\x01\x01\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0f\n\r_detector_ran\"D\n\x14\x45stimateBatchRequest\x12,\n\x06images\x18\x01 \x03(\x0b\x32\x1c.omnipose.v1.EstimateRequest\"G\n\x15\x45stimateBatchResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.omnipose.v1.EstimateResponse\"N\n\x0bStreamFrame\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12-\n\x07request\x18\x02 \x01(\x0b\x32\x1c.omnipose.v1.EstimateRequest\"+\n\nFrameError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x88\x01\n\x0cStreamResult\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12\x31\n\x08response\x18\x02 \x01(\x0b\x32\x1d.omnipose.v1.EstimateResponseH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.omnipose.v1.FrameErrorH\x00\x42\t\n\x07outcome\"\x11\n\x0fGetModelRequest\"*\n\tJointPair\x12\r\n\x05\x66irst\x18\x01 \x01(\r\x12\x0e\n\x06second\x18\x02 \x01(\r\"\xbc\x03\n\x10ModelDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x63onfig\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\r\n\x05width\x18\x05 \x01(\r\x12\x14\n\x0cinput_height\x18\x06 \x01(\r\x12\x13\n\x0binput_width\x18\x07 \x01(\r\x12\x16\n\x0eheatmap_height\x18\x08 \x01(\r\x12\x15\n\rheatmap_width\x18\t \x01(\r\x12\x13\n\x0bjoint_names\x18\n \x03(\t\x12*\n\nflip_pairs\x18\x0b \x03(\x0b\x32\x16.omnipose.v1.JointPair\x12%\n\x05limbs\x18\x0c \x03(\x0b\x32\x16.omnipose.v1.JointPair\x12\x0e\n\x06sigmas\x18\r \x03(\x02\x12\x16\n\x0eweights_sha256\x18\x0e \x01(\t\x12\x0f\n\x07trained\x18\x0f \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x10 \x01(\t\x12\x11\n\tprecision\x18\x11 \x01(\t\x12\x11\n\tflip_test\x18\x12 \x01(\x08\x12\x10\n\x08\x64\x65tector\x18\x13 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x14 \x01(\r2\xc5\x02\n\x0ePoseEstimation\x12G\n\x08\x45stimate\x12\x1c.omnipose.v1.EstimateRequest\x1a\x1d.omnipose.v1.EstimateResponse\x12V\n\rEstimateBatch\x12!.omnipose.v1.EstimateBatchRequest\x1a\".omnipose.v1.EstimateBatchResponse\x12I\n\x0eStreamEstimate\x12\x18.omnipose.v1.StreamFrame\x1a\x19.omnipose.v1.StreamResult(\x01\x30\x01\x12G\n\x08GetModel\x12\x1c.omnipose.v1.GetModelRequest\x1a\x1d.omnipose.v1.ModelDescriptionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1domnipose/proto/omnipose.proto\x12\x0bomnipose.v1\"X\n\x03\x42ox\x12\t\n\x01x\x18\x01 \x01(\x02\x12\t\n\x01y\x18\x02 \x01(\x02\x12\r\n\x05width\x18\x03 \x01(\x02\x12\x0e\n\x06height\x18\x04 \x01(\x02\x12\x12\n\x05score\x18\x05 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_score\"*\n\x07\x42oxList\x12\x1f\n\x05\x62oxes\x18\x01 \x03(\x0b\x32\x10.omnipose.v1.Box\"\xfc\x01\n\x0f\x45stimateRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12#\n\x05\x62oxes\x18\x02 \x01(\x0b\x32\x14.omnipose.v1.BoxList\x12\x11\n\x04\x66lip\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x1a\n\x12min_keypoint_score\x18\x04 \x01(\x02\x12\x1a\n\x12min_instance_score\x18\x05 \x01(\x02\x12\x13\n\x0bmax_persons\x18\x06 \x01(\r\x12\x0e\n\x06render\x18\x07 \x01(\x08\x12\x11\n\tstream_id\x18\x08 \x01(\t\x12\x12\n\nend_stream\x18\t \x01(\x08\x12\x15\n\rmin_box_score\x18\n \x01(\x02\x42\x07\n\x05_flip\"=\n\x08Keypoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\t\n\x01x\x18\x02 \x01(\x02\x12\t\n\x01y\x18\x03 \x01(\x02\x12\r\n\x05score\x18\x04 \x01(\x02\"\x85\x01\n\x06Person\x12\x1e\n\x04\x62\x62ox\x18\x01 \x01(\x0b\x32\x10.omnipose.v1.Box\x12\r\n\x05score\x18\x02 \x01(\x02\x12(\n\tkeypoints\x18\x03 \x03(\x0b\x32\x15.omnipose.v1.Keypoint\x12\x15\n\x08track_id\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x0b\n\t_track_id\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\xb4\x02\n\x10\x45stimateResponse\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12$\n\x05model\x18\x03 \x01(\x0b\x32\x15.omnipose.v1.ModelRef\x12$\n\x07persons\x18\x04 \x03(\x0b\x32\x13.omnipose.v1.Person\x12@\n\ntimings_ms\x18\x05 \x03(\x0b\x32,.omnipose.v1.EstimateResponse.TimingsMsEntry\x12\x15\n\rrendered_jpeg\x18\x06 \x01(\x0c\x12\x19\n\x0c\x64\x65tector_ran\x18\x07 \x01(\x08H\x00\x88\x01\x01\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0f\n\r_detector_ran\"D\n\x14\x45stimateBatchRequest\x12,\n\x06images\x18\x01 \x03(\x0b\x32\x1c.omnipose.v1.EstimateRequest\"G\n\x15\x45stimateBatchResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.omnipose.v1.EstimateResponse\"N\n\x0bStreamFrame\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12-\n\x07request\x18\x02 \x01(\x0b\x32\x1c.omnipose.v1.EstimateRequest\"+\n\nFrameError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x88\x01\n\x0cStreamResult\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12\x31\n\x08response\x18\x02 \x01(\x0b\x32\x1d.omnipose.v1.EstimateResponseH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.omnipose.v1.FrameErrorH\x00\x42\t\n\x07outcome\"\x11\n\x0fGetModelRequest\"*\n\tJointPair\x12\r\n\x05\x66irst\x18\x01 \x01(\r\x12\x0e\n\x06second\x18\x02 \x01(\r\"\xbc\x03\n\x10ModelDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x63onfig\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\r\n\x05width\x18\x05 \x01(\r\x12\x14\n\x0cinput_height\x18\x06 \x01(\r\x12\x13\n\x0binput_width\x18\x07 \x01(\r\x12\x16\n\x0eheatmap_height\x18\x08 \x01(\r\x12\x15\n\rheatmap_width\x18\t \x01(\r\x12\x13\n\x0bjoint_names\x18\n \x03(\t\x12*\n\nflip_pairs\x18\x0b \x03(\x0b\x32\x16.omnipose.v1.JointPair\x12%\n\x05limbs\x18\x0c \x03(\x0b\x32\x16.omnipose.v1.JointPair\x12\x0e\n\x06sigmas\x18\r \x03(\x02\x12\x16\n\x0eweights_sha256\x18\x0e \x01(\t\x12\x0f\n\x07trained\x18\x0f \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x10 \x01(\t\x12\x11\n\tprecision\x18\x11 \x01(\t\x12\x11\n\tflip_test\x18\x12 \x01(\x08\x12\x10\n\x08\x64\x65tector\x18\x13 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x14 \x01(\r2\xc5\x02\n\x0ePoseEstimation\x12G\n\x08\x45stimate\x12\x1c.omnipose.v1.EstimateRequest\x1a\x1d.omnipose.v1.EstimateResponse\x12V\n\rEstimateBatch\x12!.omnipose.v1.EstimateBatchRequest\x1a\".omnipose.v1.EstimateBatchResponse\x12I\n\x0eStreamEstimate\x12\x18.omnipose.v1.StreamFrame\x1a\x19.omnipose.v1.StreamResult(\x01\x30\x01\x12G\n\x08GetModel\x12\x1c.omnipose.v1.GetModelRequest\x1a\x1d.omnipose.v1.ModelDescriptionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,33 +38,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BOXLIST']._serialized_start=136
   _globals['_BOXLIST']._serialized_end=178
   _globals['_ESTIMATEREQUEST']._serialized_start=181
-  _globals['_ESTIMATEREQUEST']._serialized_end=410
-  _globals['_KEYPOINT']._serialized_start=412
-  _globals['_KEYPOINT']._serialized_end=473
-  _globals['_PERSON']._serialized_start=476
-  _globals['_PERSON']._serialized_end=609
-  _globals['_MODELREF']._serialized_start=611
-  _globals['_MODELREF']._serialized_end=652
-  _globals['_ESTIMATERESPONSE']._serialized_start=655
-  _globals['_ESTIMATERESPONSE']._serialized_end=963
-  _globals['_ESTIMATERESPONSE_TIMINGSMSENTRY']._serialized_start=898
-  _globals['_ESTIMATERESPONSE_TIMINGSMSENTRY']._serialized_end=946
-  _globals['_ESTIMATEBATCHREQUEST']._serialized_start=965
-  _globals['_ESTIMATEBATCHREQUEST']._serialized_end=1033
-  _globals['_ESTIMATEBATCHRESPONSE']._serialized_start=1035
-  _globals['_ESTIMATEBATCHRESPONSE']._serialized_end=1106
-  _globals['_STREAMFRAME']._serialized_start=1108
-  _globals['_STREAMFRAME']._serialized_end=1186
-  _globals['_FRAMEERROR']._serialized_start=1188
-  _globals['_FRAMEERROR']._serialized_end=1231
-  _globals['_STREAMRESULT']._serialized_start=1234
-  _globals['_STREAMRESULT']._serialized_end=1370
-  _globals['_GETMODELREQUEST']._serialized_start=1372
-  _globals['_GETMODELREQUEST']._serialized_end=1389
-  _globals['_JOINTPAIR']._serialized_start=1391
-  _globals['_JOINTPAIR']._serialized_end=1433
-  _globals['_MODELDESCRIPTION']._serialized_start=1436
-  _globals['_MODELDESCRIPTION']._serialized_end=1880
-  _globals['_POSEESTIMATION']._serialized_start=1883
-  _globals['_POSEESTIMATION']._serialized_end=2208
+  _globals['_ESTIMATEREQUEST']._serialized_end=433
+  _globals['_KEYPOINT']._serialized_start=435
+  _globals['_KEYPOINT']._serialized_end=496
+  _globals['_PERSON']._serialized_start=499
+  _globals['_PERSON']._serialized_end=632
+  _globals['_MODELREF']._serialized_start=634
+  _globals['_MODELREF']._serialized_end=675
+  _globals['_ESTIMATERESPONSE']._serialized_start=678
+  _globals['_ESTIMATERESPONSE']._serialized_end=986
+  _globals['_ESTIMATERESPONSE_TIMINGSMSENTRY']._serialized_start=921
+  _globals['_ESTIMATERESPONSE_TIMINGSMSENTRY']._serialized_end=969
+  _globals['_ESTIMATEBATCHREQUEST']._serialized_start=988
+  _globals['_ESTIMATEBATCHREQUEST']._serialized_end=1056
+  _globals['_ESTIMATEBATCHRESPONSE']._serialized_start=1058
+  _globals['_ESTIMATEBATCHRESPONSE']._serialized_end=1129
+  _globals['_STREAMFRAME']._serialized_start=1131
+  _globals['_STREAMFRAME']._serialized_end=1209
+  _globals['_FRAMEERROR']._serialized_start=1211
+  _globals['_FRAMEERROR']._serialized_end=1254
+  _globals['_STREAMRESULT']._serialized_start=1257
+  _globals['_STREAMRESULT']._serialized_end=1393
+  _globals['_GETMODELREQUEST']._serialized_start=1395
+  _globals['_GETMODELREQUEST']._serialized_end=1412
+  _globals['_JOINTPAIR']._serialized_start=1414
+  _globals['_JOINTPAIR']._serialized_end=1456
+  _globals['_MODELDESCRIPTION']._serialized_start=1459
+  _globals['_MODELDESCRIPTION']._serialized_end=1903
+  _globals['_POSEESTIMATION']._serialized_start=1906
+  _globals['_POSEESTIMATION']._serialized_end=2231
 # @@protoc_insertion_point(module_scope)

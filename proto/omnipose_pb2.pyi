@@ -27,7 +27,7 @@ class BoxList(_message.Message):
     def __init__(self, boxes: _Optional[_Iterable[_Union[Box, _Mapping]]] = ...) -> None: ...
 
 class EstimateRequest(_message.Message):
-    __slots__ = ("image", "boxes", "flip", "min_keypoint_score", "min_instance_score", "max_persons", "render", "stream_id", "end_stream")
+    __slots__ = ("image", "boxes", "flip", "min_keypoint_score", "min_instance_score", "max_persons", "render", "stream_id", "end_stream", "min_box_score")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     BOXES_FIELD_NUMBER: _ClassVar[int]
     FLIP_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class EstimateRequest(_message.Message):
     RENDER_FIELD_NUMBER: _ClassVar[int]
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     END_STREAM_FIELD_NUMBER: _ClassVar[int]
+    MIN_BOX_SCORE_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     boxes: BoxList
     flip: bool
@@ -46,7 +47,8 @@ class EstimateRequest(_message.Message):
     render: bool
     stream_id: str
     end_stream: bool
-    def __init__(self, image: _Optional[bytes] = ..., boxes: _Optional[_Union[BoxList, _Mapping]] = ..., flip: _Optional[bool] = ..., min_keypoint_score: _Optional[float] = ..., min_instance_score: _Optional[float] = ..., max_persons: _Optional[int] = ..., render: _Optional[bool] = ..., stream_id: _Optional[str] = ..., end_stream: _Optional[bool] = ...) -> None: ...
+    min_box_score: float
+    def __init__(self, image: _Optional[bytes] = ..., boxes: _Optional[_Union[BoxList, _Mapping]] = ..., flip: _Optional[bool] = ..., min_keypoint_score: _Optional[float] = ..., min_instance_score: _Optional[float] = ..., max_persons: _Optional[int] = ..., render: _Optional[bool] = ..., stream_id: _Optional[str] = ..., end_stream: _Optional[bool] = ..., min_box_score: _Optional[float] = ...) -> None: ...
 
 class Keypoint(_message.Message):
     __slots__ = ("name", "x", "y", "score")

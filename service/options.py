@@ -138,6 +138,9 @@ class RequestOptions(BaseModel):
         0.0, description="Keypoints below it are reported as 0, 0, 0")
     min_instance_score: Annotated[float, UNIT_INTERVAL] = Field(
         0.0, description="Drop persons scoring below it")
+    min_box_score: Annotated[float, UNIT_INTERVAL] = Field(
+        0.0, description="Drop persons whose box scored below it (the detector's score, or the"
+                         " client's box score)")
     max_persons: Annotated[int | None, Between(1)] = Field(
         None, description="Keep the top-scoring persons; default and cap: the service's"
                           " max_persons")

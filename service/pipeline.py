@@ -239,4 +239,4 @@ class ImagePipeline:
         """The client's filters: instance score, person count, keypoint score (cheap)."""
         limit = min(request.max_persons or self.settings.max_persons, self.settings.max_persons)
         return filter_poses(persons, limit, request.min_instance_score,
-                            request.min_keypoint_score)
+                            request.min_keypoint_score, request.min_box_score)

@@ -77,6 +77,7 @@ requests = st.builds(
     flip=st.booleans(),
     min_keypoint_score=st.floats(width=32),
     min_instance_score=st.floats(width=32),
+    min_box_score=st.floats(width=32),
     max_persons=st.integers(min_value=0, max_value=2**32 - 1),
     render=st.booleans(),
 )

@@ -221,10 +221,21 @@ def test_malformed_boxes_are_invalid_argument(stub, images, boxes, words) -> Non
     assert_still_serving(stub, images)
 
 
+def test_min_box_score_drops_persons_whose_box_scored_lower(stub, images) -> None:
+    request = estimate_request(images.bus, images.bus_boxes)
+    request.boxes.boxes[0].score, request.boxes.boxes[1].score = 0.3, 0.9
+    assert len(stub.Estimate(request, timeout=30).persons) == 2
+    request.min_box_score = 0.5
+    kept = stub.Estimate(request, timeout=30).persons
+    assert len(kept) == 1
+    assert kept[0].bbox.x == pytest.approx(images.bus_boxes[1][0], abs=1)
+
+
 def test_invalid_options_and_batch_errors(stub, images) -> None:
     invalid = [
         estimate_request(images.bus, images.bus_boxes, min_keypoint_score=1.5),
         estimate_request(images.bus, images.bus_boxes, min_instance_score=-0.1),
+        estimate_request(images.bus, images.bus_boxes, min_box_score=1.5),
     ]
     scored = estimate_request(images.bus, images.bus_boxes)
     scored.boxes.boxes[0].score = 2.0

@@ -141,6 +141,17 @@ def test_form_fields_override_query_and_filters_apply(http: httpx.Client, images
     assert all(p["score"] >= cutoff for p in kept)
 
 
+def test_min_box_score_drops_detections_that_scored_lower(http: httpx.Client, images) -> None:
+    detected = pose(http, images.bus).json()["persons"]  # the server's HOG detector
+    scores = sorted(p["box_score"] for p in detected)
+    assert len(set(scores)) >= 2, scores  # the bus photo gives detections of several scores
+    cutoff = scores[len(scores) // 2]
+    kept = pose(http, images.bus, min_box_score=cutoff).json()["persons"]
+    assert sorted(p["box_score"] for p in kept) == [s for s in scores if s >= cutoff]
+    refused = pose(http, images.bus, min_box_score=2)
+    assert refused.status_code == 422 and "min_box_score" in refused.json()["error"]["message"]
+
+
 def test_render_returns_a_jpeg_of_the_image(http: httpx.Client, images) -> None:
     response = pose(http, images.bus, boxes=images.bus_boxes, render="true")
     assert response.status_code == 200
