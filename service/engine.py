@@ -307,52 +307,29 @@ class PoseEngine:
             raise InvalidRequest(NO_DETECTOR)
 
     # -- public API ---------------------------------------------------------------------------
-    def admit(self) -> contextlib.AbstractContextManager[BudgetLease]:
-        """Hold a request slot for the ``with`` block (or refuse: 503 / 429) before the request
-        is even read, so a transport can refuse before receiving its bytes; pass the lease to
-        :meth:`estimate` or :meth:`estimate_many`."""
-        return self._admission()
+    @contextlib.contextmanager
+    def admit(self, timeout_s: float | None = None) -> Iterator[Admitted]:
+        """The one way work enters the engine: a request slot held for the ``with`` block (or a
+        refusal: 503 / 429) and the request's deadline, started now. A transport admits before it
+        reads the request's bytes, so an overloaded service refuses without receiving them."""
+        deadline = self.deadline_from(timeout_s)
+        with self._admission() as lease:
+            yield Admitted(self, lease, deadline)
 
     async def estimate(self, request: ImageRequest, timeout_s: float | None = None,
-                       stream: TrackedStream | None = None,
-                       admitted: BudgetLease | None = None,
-                       deadline: float | None = None) -> ImageResult:
-        """Persons in one image. Raises an EngineError subclass for anything but a result.
-
-        Frames of a video stream (``stream``, from :meth:`open_stream`, or the client's
-        ``request.stream_id``) are tracked: one at a time, in the order they arrive.
-        ``admitted``: the lease of an :meth:`admit` block the caller already holds.
-        ``deadline``: an absolute one (:meth:`deadline_from`) the caller started earlier, e.g.
-        at admission, before reading the body; it replaces ``timeout_s``."""
-        deadline = self.deadline_from(timeout_s) if deadline is None else deadline
+                       stream: TrackedStream | None = None) -> ImageResult:
+        """Persons in one image (checked, admitted, estimated); see :meth:`Admitted.estimate`.
+        An invalid request is refused before it takes a slot."""
         self._validate(request)
-        if admitted is not None:
-            return await self._estimate_admitted(request, deadline, stream, admitted)
-        with self._admission() as lease:
-            return await self._estimate_admitted(request, deadline, stream, lease)
+        with self.admit(timeout_s) as admitted:
+            return await admitted.estimate(request, stream)
 
-    async def _estimate_admitted(self, request: ImageRequest, deadline: float,
-                                 stream: TrackedStream | None,
-                                 lease: BudgetLease) -> ImageResult:
-        """One admitted image. A client ``stream_id`` is looked up only now, so a refused request
-        registers no stream; a tracked frame waits for its stream within its own deadline."""
-        if stream is None and request.stream_id is not None:
-            stream = self.stream_sessions.acquire(request.stream_id)
-        try:
-            if stream is None:
-                return await within_deadline(
-                    deadline, self._pipeline.process(request, deadline, lease), ANSWERED)
-            return await within_deadline(
-                deadline, self._process_in_stream(request, deadline, lease, stream), ANSWERED)
-        finally:
-            if request.end_stream and request.stream_id is not None:
-                self.stream_sessions.release(request.stream_id)
-
-    async def _process_in_stream(self, request: ImageRequest, deadline: float,
-                                 lease: BudgetLease, stream: TrackedStream) -> ImageResult:
-        """A tracked frame, after the stream's earlier frames (each plans from the last)."""
-        async with stream.lock:
-            return await self._pipeline.process(request, deadline, lease, stream.tracker)
+    async def estimate_many(self, requests: Sequence[ImageRequest],
+                            timeout_s: float | None = None) -> list[ImageResult]:
+        """Several images as one request; see :meth:`Admitted.estimate_many`."""
+        check_batch(requests, self.settings.max_images_per_batch, self._validate)
+        with self.admit(timeout_s) as admitted:
+            return await admitted.estimate_many(requests)
 
     # -- video streams ------------------------------------------------------------------------
     def _keypoint_sigmas(self) -> np.ndarray:
@@ -374,26 +351,55 @@ class PoseEngine:
         """Streams holding tracking state: open bidirectional streams and client stream_ids."""
         return self.stream_sessions.count
 
-    async def estimate_many(
-        self, requests: Sequence[ImageRequest], timeout_s: float | None = None,
-        admitted: BudgetLease | None = None, deadline: float | None = None,
-    ) -> list[ImageResult]:
-        """Several images as one admitted request, answered in order; the first error fails all
-        (its message names the image by index) and cancels the rest. ``admitted`` and
-        ``deadline`` as for :meth:`estimate`."""
-        deadline = self.deadline_from(timeout_s) if deadline is None else deadline
-        check_batch(requests, self.settings.max_images_per_batch, self._validate)
-        if admitted is not None:
-            return await within_deadline(
-                deadline, self._process_all(requests, deadline, admitted), ANSWERED)
-        with self._admission() as lease:
-            return await within_deadline(
-                deadline, self._process_all(requests, deadline, lease), ANSWERED)
 
-    async def _process_all(
-        self, requests: Sequence[ImageRequest], deadline: float, lease: BudgetLease
-    ) -> list[ImageResult]:
-        tasks = [asyncio.create_task(self._pipeline.process(r, deadline, lease)) for r in requests]
+class Admitted:
+    """An admitted request: its slot (``lease``, also holding its pixel budget) and its absolute
+    ``deadline``. Everything an admitted request asks of the engine goes through here."""
+
+    def __init__(self, engine: PoseEngine, lease: BudgetLease, deadline: float) -> None:
+        self.engine = engine
+        self.lease = lease
+        self.deadline = deadline
+
+    async def estimate(self, request: ImageRequest,
+                       stream: TrackedStream | None = None) -> ImageResult:
+        """Persons in one image. Raises an EngineError subclass for anything but a result.
+
+        Frames of a video stream (``stream``, from :meth:`PoseEngine.open_stream`, or the
+        client's ``request.stream_id``) are tracked: one at a time, in the order they arrive. A
+        client ``stream_id`` is looked up only now, so a refused request registers no stream; a
+        tracked frame waits for its stream within its own deadline."""
+        engine = self.engine
+        engine._validate(request)
+        if stream is None and request.stream_id is not None:
+            stream = engine.stream_sessions.acquire(request.stream_id)
+        try:
+            if stream is None:
+                work = engine._pipeline.process(request, self.deadline, self.lease)
+            else:
+                work = self._process_in_stream(request, stream)
+            return await within_deadline(self.deadline, work, ANSWERED)
+        finally:
+            if request.end_stream and request.stream_id is not None:
+                engine.stream_sessions.release(request.stream_id)
+
+    async def _process_in_stream(self, request: ImageRequest,
+                                 stream: TrackedStream) -> ImageResult:
+        """A tracked frame, after the stream's earlier frames (each plans from the last)."""
+        async with stream.lock:
+            return await self.engine._pipeline.process(request, self.deadline, self.lease,
+                                                       stream.tracker)
+
+    async def estimate_many(self, requests: Sequence[ImageRequest]) -> list[ImageResult]:
+        """Several images as one request, answered in order; the first error fails all (its
+        message names the image by index) and cancels the rest."""
+        engine = self.engine
+        check_batch(requests, engine.settings.max_images_per_batch, engine._validate)
+        return await within_deadline(self.deadline, self._process_all(requests), ANSWERED)
+
+    async def _process_all(self, requests: Sequence[ImageRequest]) -> list[ImageResult]:
+        process = self.engine._pipeline.process
+        tasks = [asyncio.create_task(process(r, self.deadline, self.lease)) for r in requests]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for index, task in enumerate(tasks):
@@ -412,4 +418,3 @@ class PoseEngine:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from omnipose.service.admission import BudgetLease, SharedBudget
 from omnipose.service.auth import KeyChecker, load_key_digests
 from omnipose.service.docs_ui import mount_docs
-from omnipose.service.engine import PoseEngine
+from omnipose.service.engine import Admitted, PoseEngine
 from omnipose.service.errors import ErrorCode, InvalidRequest, within_deadline
 from omnipose.service.http_server import InflightRequests, TransportGuard
 from omnipose.service.metrics import ServiceMetrics
@@ -245,16 +245,18 @@ RequestTimeout = Annotated[float | None, Header(
 
 @contextlib.asynccontextmanager
 async def _admitted(request: Request, engine: PoseEngine, body_budget: SharedBudget,
-                    body_limit: int) -> AsyncIterator[tuple[BudgetLease, BudgetLease]]:
+                    body_limit: int,
+                    timeout: float | None) -> AsyncIterator[tuple[Admitted, BudgetLease]]:
     """Admission before bytes: a body declared over ``body_limit`` (413), a full queue (429), a
     draining or loading engine (503) and a full body budget (429) are all refused before a byte
-    of the body is read."""
+    of the body is read. The request's deadline starts here, so an upload still incomplete at it
+    gets 504 and gives its slot back."""
     length = declared_length(request.scope["headers"])
     if length is not None and length > body_limit:
         raise body_too_large(body_limit, length)
-    with engine.admit() as lease, body_budget.lease() as body:
+    with engine.admit(timeout) as admitted, body_budget.lease() as body:
         body_budget.take(body, length or 0)
-        yield lease, body
+        yield admitted, body
 
 
 def _to_json(engine: PoseEngine, result: ImageResult, image_id: int | str) -> dict[str, Any]:
@@ -305,8 +307,8 @@ async def estimate_pose(
             ErrorCode.UNSUPPORTED_MEDIA_TYPE,
         )
     body_limit = settings.max_image_bytes + (MULTIPART_OVERHEAD_BYTES if multipart else 0)
-    async with _admitted(request, engine, body_budget, body_limit) as (lease, body):
-        deadline = engine.deadline_from(timeout)
+    async with _admitted(request, engine, body_budget, body_limit, timeout) as (admitted, body):
+        deadline = admitted.deadline
         if multipart:
             one_file = InvalidRequest("the multipart body must hold exactly one file, the"
                                       " 'image' field; use /v1/pose/batch for several images")
@@ -332,7 +334,7 @@ async def estimate_pose(
             return JSONResponse(_to_json(engine, result, image_id))
 
         return await _answer(
-            request, engine.estimate(image_request, admitted=lease, deadline=deadline), build)
+            request, admitted.estimate(image_request), build)
 
 
 @router.post(
@@ -358,8 +360,8 @@ async def estimate_pose_batch(
     too_many = InvalidRequest(f"more than {limit} images in one batch, over the limit of"
                               f" {limit}", ErrorCode.PAYLOAD_TOO_LARGE)
     body_limit = limit * settings.max_image_bytes + MULTIPART_OVERHEAD_BYTES
-    async with _admitted(request, engine, body_budget, body_limit) as (lease, body):
-        deadline = engine.deadline_from(timeout)
+    async with _admitted(request, engine, body_budget, body_limit, timeout) as (admitted, body):
+        deadline = admitted.deadline
         form = await _received_by(deadline, read_multipart(
             request.receive, request.headers["content-type"], body, body_budget, body_limit,
             file_field="images", max_files=limit, file_limit=settings.max_image_bytes,
@@ -384,7 +386,7 @@ async def estimate_pose_batch(
                                              for r, i in zip(results, ids, strict=True)]})
 
         return await _answer(
-            request, engine.estimate_many(requests, admitted=lease, deadline=deadline), build)
+            request, admitted.estimate_many(requests), build)
 
 
 @router.get("/v1/models", response_model=ModelDescription,

@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 
 from omnipose.proto import omnipose_pb2, omnipose_pb2_grpc
-from omnipose.service.engine import PoseEngine
+from omnipose.service.engine import Admitted, PoseEngine
 from omnipose.service.metrics import ServiceMetrics
 from omnipose.service.rest import create_app
 from omnipose.service.schemas import (
@@ -348,7 +348,7 @@ def test_every_response_carries_a_request_id(http: httpx.Client, images) -> None
     assert re.fullmatch(r"[0-9a-f]{16}", replaced.headers["x-request-id"])
 
 
-def test_unexpected_errors_answer_only_a_request_id(caplog) -> None:
+def test_unexpected_errors_answer_only_a_request_id(caplog, monkeypatch) -> None:
     """The exception's text (paths, internals) goes to the log under the request id; the client
     gets the id, in the message and in X-Request-Id."""
     engine = PoseEngine(ServiceSettings(device="cpu", detector="none", warmup=False),
@@ -357,7 +357,7 @@ def test_unexpected_errors_answer_only_a_request_id(caplog) -> None:
     async def explode(*args: object, **kwargs: object) -> None:
         raise RuntimeError("secret: /srv/weights/model.pt is corrupt")
 
-    engine.estimate = explode
+    monkeypatch.setattr(Admitted, "estimate", explode)
     engine.state = "ready"  # admission (before the body is read) needs no model: estimate fails
     app = create_app(engine)
 
