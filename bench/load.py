@@ -44,7 +44,10 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-import omnipose.service  # noqa: E402, F401  (the server's OpenMP settings, before torch loads)
+from omnipose.service.openmp import configure_openmp  # noqa: E402
+
+configure_openmp()  # the server's OpenMP wait policy, before torch loads
+
 from bench.local_server import local_server  # noqa: E402
 from omnipose.proto import omnipose_pb2, omnipose_pb2_grpc  # noqa: E402
 
