@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.samples import BUS_JPG, ZIDANE_JPG
+from bench.samples import BUS_JPG, ZIDANE_JPG
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LIGHT_CONFIG = "coco-w18-128x96"

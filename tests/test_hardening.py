@@ -19,12 +19,11 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.samples import BUS_JPG, jpeg_with_orientation
 from omnipose.cli.main import main as cli_main
 from omnipose.proto import omnipose_pb2 as pb
 from omnipose.proto import omnipose_pb2_grpc
 from tests.conftest import REPO_ROOT, ServerProcess, running_server
-from tests.samples import BUS_JPG
-from tests.test_images import jpeg_with_orientation
 from tests.test_service_rest import assert_error, assert_still_serving, pose, wait_for_inflight
 
 pytestmark = pytest.mark.slow
