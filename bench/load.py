@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def summarise(args: argparse.Namespace, results: list[LevelResult],
               busy: LevelResult | None, raws: list[float], raw_latency: dict) -> list[str]:
-    """The issue-10 ratios: latency at 1 client, throughput vs raw, oversubscription."""
+    """The service-against-raw ratios: latency at 1 client, throughput vs raw, oversubscription."""
     lines = [f"summary ({args.config}, precision {args.precision}, {args.persons} boxes/image,"
              f" flip {'off' if args.no_flip else 'on'}):"]
     if raw_latency:

@@ -10,7 +10,7 @@ the kernel's socket buffers took is all that moved).
 
     .venv/bin/python bench/upload_memory.py                  # 48 x 20 MiB against a queue of 4
 
-The issue's target: RSS growth at most 300 MB, every refusal before the body is read.
+What it checks: RSS growth at most 300 MB, every refusal before the body is read.
 Linux only (reads /proc). The machine may be shared: the RSS figures are the server's own.
 """
 

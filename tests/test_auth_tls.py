@@ -1,16 +1,14 @@
-"""Optional API keys and TLS (hardening issue, defect 9), against a real server on loopback with
+"""Optional API keys and TLS, against a real server on loopback with
 certificates made at test time: HTTPS and gRPC TLS with client certificates (mTLS), keys from a
 mounted file, health and readiness open, /metrics behind the key, docs and reflection off."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import ipaddress
 import json
 import ssl
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from omnipose.proto import omnipose_pb2 as pb
 from omnipose.proto import omnipose_pb2_grpc
 from omnipose.service.auth import KeyChecker, digest, load_key_digests, presented_key
-from tests.conftest import STARTUP_TIMEOUT_S, ServerProcess
+from tests.conftest import ServerProcess, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -123,27 +121,8 @@ def secure_server(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterato
         "--grpc-tls-client-ca-file",
         str(pki.ca),
     ]
-    server = ServerProcess(args, root / "secure.log").start()
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert server.process.poll() is None, server.log()
-            with contextlib.suppress(httpx.HTTPError):
-                url = f"https://127.0.0.1:{server.http_port}/readyz"
-                if (
-                    httpx.get(
-                        url, verify=ssl.create_default_context(cafile=pki.ca), timeout=1
-                    ).status_code
-                    == 200
-                ):
-                    break
-            time.sleep(0.2)
-        else:
-            pytest.fail(f"secure server not ready:\n{server.log()}")
+    with running_server(root, "secure", args, tls_ca=pki.ca) as server:
         yield server
-    finally:
-        if server.process.poll() is None:
-            server.terminate()
 
 
 @pytest.fixture
