@@ -177,7 +177,7 @@ def test_overrides_are_typed_and_checked(tmp_path: Path) -> None:
     assert config.train.lr_steps == (1, 2) and config.train.amp is False
     assert config.data.val_boxes is None and config.train.lr == pytest.approx(3e-4)
     for bad in (["train.epoch=3"], ["train.epochs=three"], ["nosection.x=1"], ["train.epochs"],
-                ["omnipose.model.config=coco-w18-100x96"], ["data.format=mpii"]):  # fmt: skip
+                ["model.config=coco-w18-100x96"], ["data.format=mpii"]):  # fmt: skip
         with pytest.raises(ConfigError):
             load_config("synth-w18-128x96", bad)
     with pytest.raises(ConfigError, match="unknown training config"):
@@ -556,7 +556,7 @@ def test_mpii_evaluation_scores_ground_truth_perfectly(tmp_path: Path) -> None:
         (tmp_path / image).rename(tmp_path / "images" / image)
     config = load_config(
         "mpii-w18-256x256",
-        [f"data.root={tmp_path}", "data.num_workers=0", "omnipose.model.config=mpii-w8-256x256"],
+        [f"data.root={tmp_path}", "data.num_workers=0", "model.config=mpii-w8-256x256"],
     )
     records, _, _ = load_split(config.data, config.model_config(), "valid")
     outputs = [
