@@ -19,7 +19,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-import omnipose.service  # noqa: E402, F401  (the server's OpenMP settings, before torch loads)
+from omnipose.service.openmp import configure_openmp  # noqa: E402
+
+configure_openmp()  # the server's OpenMP wait policy, before torch loads
 
 
 def main() -> int:

@@ -26,12 +26,15 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-import omnipose.service  # noqa: E402, F401  (the server's OpenMP settings, before torch loads)
+from omnipose.service.openmp import configure_openmp  # noqa: E402
+
+configure_openmp()  # the server's OpenMP wait policy, before torch loads
 
 
 def check_device_crops(device) -> bool:
     import cv2
 
+    from bench.samples import BUS_JPG
     from omnipose.model.device_crops import crop_on_device, image_to_device
     from omnipose.model.transforms import (
         BOX_PADDING,
@@ -39,7 +42,6 @@ def check_device_crops(device) -> bool:
         get_affine_transforms,
         warp_crops,
     )
-    from tests.samples import BUS_JPG
 
     image = cv2.cvtColor(cv2.imread(str(BUS_JPG)), cv2.COLOR_BGR2RGB)
     height, width = image.shape[:2]
@@ -82,8 +84,7 @@ def _jpeg_samples() -> dict[str, bytes]:
     import cv2
     from PIL import Image
 
-    from tests.samples import BUS_JPG
-    from tests.test_images import jpeg_with_orientation
+    from bench.samples import BUS_JPG, jpeg_with_orientation
 
     bus = cv2.imread(str(BUS_JPG))
     samples = {"bus.jpg": BUS_JPG.read_bytes()}

@@ -44,7 +44,10 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-import omnipose.service  # noqa: E402, F401  (the server's OpenMP settings, before torch loads)
+from omnipose.service.openmp import configure_openmp  # noqa: E402
+
+configure_openmp()  # the server's OpenMP wait policy, before torch loads
+
 from bench.local_server import local_server  # noqa: E402
 from omnipose.proto import omnipose_pb2, omnipose_pb2_grpc  # noqa: E402
 
@@ -464,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def summarise(args: argparse.Namespace, results: list[LevelResult],
               busy: LevelResult | None, raws: list[float], raw_latency: dict) -> list[str]:
-    """The issue-10 ratios: latency at 1 client, throughput vs raw, oversubscription."""
+    """The service-against-raw ratios: latency at 1 client, throughput vs raw, oversubscription."""
     lines = [f"summary ({args.config}, precision {args.precision}, {args.persons} boxes/image,"
              f" flip {'off' if args.no_flip else 'on'}):"]
     if raw_latency:

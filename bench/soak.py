@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import threading
@@ -31,7 +30,7 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.local_server import local_server, rss_mb  # noqa: E402
+from bench.local_server import local_server, rss_mb, service_environment  # noqa: E402
 from omnipose.proto import omnipose_pb2 as pb  # noqa: E402
 from omnipose.proto import omnipose_pb2_grpc  # noqa: E402
 
@@ -164,8 +163,7 @@ def main() -> int:
     parser.add_argument("--config", default="coco-w18-128x96")
     args = parser.parse_args()
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIPOSE_")}
-    env.update(YOLO_OFFLINE="1")
+    env = service_environment()
     server_args = ["--config", args.config, "--device", "cpu", "--detector", "hog",
                    "--max-queue-size", "16", "--log-level", "error"]
     with local_server(server_args, env) as server:

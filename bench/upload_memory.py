@@ -12,7 +12,7 @@ the kernel's socket buffers took is all that moved).
     .venv/bin/python bench/upload_memory.py --clients 32 --max-queue-size 32 --rounds 3
                                                    # admitted floods; RSS --settle-s after each
 
-The issue's target: RSS growth at most 300 MB, every refusal before the body is read.
+What it checks: RSS growth at most 300 MB, every refusal before the body is read.
 Linux only (reads /proc). The machine may be shared: the RSS figures are the server's own.
 """
 
@@ -34,7 +34,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.local_server import local_server, rss_mb  # noqa: E402
+from bench.local_server import local_server, rss_mb, service_environment  # noqa: E402
 
 BUS = next(REPO_ROOT.glob(".venv/lib/python3.11/site-packages/ultralytics/assets/bus.jpg"), None)
 PIECE = 256 * 1024
@@ -81,8 +81,7 @@ def main() -> int:
                         help="extra server flag (repeatable), e.g. --server-arg=--max-queue-size=8")
     args = parser.parse_args()
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIPOSE_")}
-    env.update(YOLO_OFFLINE="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
+    env = service_environment(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     server_args = ["--config", args.config, "--device", "cpu", "--detector", "none",
                    "--log-level", "warning", "--max-queue-size", str(args.max_queue_size),
                    "--max-image-bytes", str(int(args.body_mib * 1024 * 1024) + 1),

@@ -3,7 +3,7 @@
 Each policy runs in its own process (OpenMP reads its environment once, when torch loads):
 median latency of a forward pass over ``--crops`` crops with ``--threads`` intra-op threads, first
 on an otherwise idle machine, then while another process keeps one core busy (the
-oversubscribed case: the situation passive waiting was once chosen for).
+oversubscribed case: the situation passive waiting is meant for).
 
     .venv/bin/python bench/wait_policy.py --config coco-w48-128x96 --repeats 7
 

@@ -8,8 +8,8 @@ then are answered 503/UNAVAILABLE), both servers close, the engine stops, and th
 
 ``python -m omnipose.service.server --help`` lists the flags; the ``omnipose serve`` subcommand has
 the same ones (``add_serve_parser``). Every flag is a :class:`ServiceSettings` field, which can also
-be set as ``OMNIPOSE_<FIELD>`` in the environment; flags win. The OpenMP wait policy is set by
-the ``service`` package itself, which Python imports before this module.
+be set as ``OMNIPOSE_<FIELD>`` in the environment; flags win. The OpenMP wait policy
+(:func:`~omnipose.service.openmp.configure_openmp`) is set here before the imports that load torch.
 """
 
 from __future__ import annotations
@@ -29,13 +29,17 @@ from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-from pydantic import ValidationError
+from omnipose.service.openmp import configure_openmp
 
-from omnipose.service.auth import AuthConfigError
-from omnipose.service.engine import PoseEngine
-from omnipose.service.grpc_server import GrpcServer
-from omnipose.service.http_server import (
+configure_openmp()  # before the imports below load torch: libgomp reads the setting once
+
+import uvicorn  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+
+from omnipose.service.auth import AuthConfigError  # noqa: E402
+from omnipose.service.engine import PoseEngine  # noqa: E402
+from omnipose.service.grpc_server import GrpcServer  # noqa: E402
+from omnipose.service.http_server import (  # noqa: E402
     AcceptFailureLog,
     HttpLimits,
     InflightRequests,
@@ -43,11 +47,11 @@ from omnipose.service.http_server import (
     tls_handshake_timeout,
     uvicorn_config,
 )
-from omnipose.service.memory import IdleMemoryTrim
-from omnipose.service.metrics import ServiceMetrics
-from omnipose.service.resources import configure_threads
-from omnipose.service.rest import create_app
-from omnipose.service.settings import ServiceSettings
+from omnipose.service.memory import IdleMemoryTrim  # noqa: E402
+from omnipose.service.metrics import ServiceMetrics  # noqa: E402
+from omnipose.service.resources import configure_threads  # noqa: E402
+from omnipose.service.rest import create_app  # noqa: E402
+from omnipose.service.settings import ServiceSettings  # noqa: E402
 
 log = logging.getLogger("omnipose.server")
 

@@ -1,37 +1,44 @@
-"""Shared fixtures: real service processes on loopback, small real photos, a metrics scraper.
+"""Shared fixtures: real service processes on loopback, small real photos, a metrics scraper,
+and a check that no test leaves threads running.
 
 The service tests talk to ``python -m omnipose.service.server`` started as a subprocess on free
-ports, with real clients (httpx, the generated gRPC stubs), so they exercise exactly what is
-deployed: uvicorn, the grpc.aio server, signal handling and the process's thread setup. A process
-starts once per session (``server``) and a second one with a tiny queue and a slow batcher
-(``slow_server``) for backpressure, deadline and disconnect tests. The light model config and
-small images keep them fast on two CPU cores.
+ports (``bench.local_server``, the launcher the benchmarks use too), with real clients (httpx,
+the generated gRPC stubs), so they exercise exactly what is deployed: uvicorn, the grpc.aio
+server, signal handling and the process's thread setup. Servers are shared by the whole session,
+one per distinct command line (``servers``): the main one (``server``) and one with a tiny queue
+and a slow batcher (``slow_server``) for backpressure, deadline and disconnect tests. A server
+that one module alone needs is started by that module (``running_server``) and stopped after it,
+so only a few servers hold memory at once. The light model config and small images keep them
+fast on two CPU cores.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from omnipose.service.openmp import configure_openmp
 
-import cv2
-import httpx
-import numpy as np
-import pytest
-from prometheus_client.parser import text_string_to_metric_families
+configure_openmp()  # the server's OpenMP wait policy in this process too, before torch loads
 
-from tests.samples import BUS_JPG, ZIDANE_JPG
+import contextlib  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Iterator, Sequence  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+import cv2  # noqa: E402
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from bench.local_server import REPO_ROOT, ServerProcess, running, service_environment  # noqa: E402
+from bench.samples import BUS_JPG, ZIDANE_JPG  # noqa: E402
+
+__all__ = ["REPO_ROOT", "ServerProcess", "running_server", "wait_until"]
+
 LIGHT_CONFIG = "coco-w18-128x96"
 STARTUP_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 30.0
+TEST_SERVER_ARGS = ("--config", LIGHT_CONFIG, "--device", "cpu", "--log-level", "warning")
 
 # Limits of the main test server, small enough that tests can exceed them cheaply.
 MAX_IMAGE_BYTES = 1_000_000
@@ -42,114 +49,87 @@ STREAM_MAX_INFLIGHT = 3
 SLOW_QUEUE_DELAY_MS = 3000
 
 
-def free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class ServerProcess:
-    """A running ``python -m omnipose.service.server`` with helpers to reach and inspect it."""
-
-    args: list[str]
-    log_path: Path
-    http_port: int = field(default_factory=free_port)
-    grpc_port: int = field(default_factory=free_port)
-    process: subprocess.Popen | None = None
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc_target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def start(self) -> ServerProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIPOSE_")}
-        env["YOLO_OFFLINE"] = "1"
-        command = [sys.executable, "-m", "omnipose.service.server", "--host", "127.0.0.1",
-                   "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-                   "--config", LIGHT_CONFIG, "--device", "cpu", "--log-level", "warning",
-                   *self.args]
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log,
-                                            stderr=subprocess.STDOUT)
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"server exited with {self.process.returncode}:\n{self.log()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.http_url}/readyz", timeout=1.0).status_code == 200:
-                    return
-            time.sleep(0.2)
-        pytest.fail(f"server not ready after {timeout} s:\n{self.log()}")
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        """SIGTERM and wait; returns the exit code (kills it if it hangs, and fails)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            pytest.fail(f"server did not stop within {timeout} s of SIGTERM:\n{self.log()}")
-
-    # -- metrics ---------------------------------------------------------------------------
-    def scrape(self) -> dict[tuple[str, frozenset], float]:
-        """All samples of /metrics as {(sample name, frozenset(labels)): value}."""
-        text = httpx.get(f"{self.http_url}/metrics", timeout=10).text
-        return {
-            (sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        }
-
-    def metric(self, name: str, **labels: str) -> float:
-        """One sample's value (0 when absent: counters start at zero)."""
-        return self.scrape().get((name, frozenset(labels.items())), 0.0)
+def server_process(log_dir: Path, name: str, args: Sequence[str],
+                tls_ca: Path | None = None) -> ServerProcess:
+    """A (not yet started) server with the tests' defaults: the light config on the CPU, quiet
+    logging, no ``OMNIPOSE_*`` settings from this environment; ``args`` come after them and win.
+    """
+    return ServerProcess([*TEST_SERVER_ARGS, *args], log_dir / f"{name}.log",
+                         env=service_environment(), tls_ca=tls_ca)  # fmt: skip
 
 
 @contextlib.contextmanager
-def running_server(tmp_dir: Path, name: str, args: Sequence[str]) -> Iterator[ServerProcess]:
-    server = ServerProcess(list(args), tmp_dir / f"{name}.log").start()
-    try:
-        server.wait_ready()
+def running_server(log_dir: Path, name: str, args: Sequence[str],
+                   tls_ca: Path | None = None) -> Iterator[ServerProcess]:
+    """A server of this test alone (one it stops or kills), SIGTERM on leaving."""
+    with running(server_process(log_dir, name, args, tls_ca), STARTUP_TIMEOUT_S,
+                 STOP_TIMEOUT_S) as server:  # fmt: skip
         yield server
+
+
+class ServerPool:
+    """Servers started on first use and shared until the session ends, one per command line:
+    a test module asking for settings another already started gets that process."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self._log_dir = log_dir
+        self._servers: dict[tuple[str, ...], ServerProcess] = {}
+        self._stack = contextlib.ExitStack()
+
+    def get(self, name: str, args: Sequence[str], tls_ca: Path | None = None) -> ServerProcess:
+        key = (*args, str(tls_ca))
+        if key not in self._servers:
+            server = server_process(self._log_dir, f"{name}-{len(self._servers)}", args, tls_ca)
+            self._servers[key] = self._stack.enter_context(
+                running(server, STARTUP_TIMEOUT_S, STOP_TIMEOUT_S)
+            )
+        return self._servers[key]
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPool]:
+    pool = ServerPool(tmp_path_factory.mktemp("servers"))
+    try:
+        yield pool
     finally:
-        if server.process.poll() is None:
-            server.terminate()
+        pool.close()
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(servers: ServerPool) -> ServerProcess:
     """The main service: HOG detector, short batching delay, small limits."""
-    args = ["--detector", "hog", "--max-batch-size", "16", "--max-queue-delay-ms", "20",
-            "--max-queue-size", "64", "--max-image-bytes", str(MAX_IMAGE_BYTES),
-            "--max-image-pixels", str(MAX_IMAGE_PIXELS),
-            "--max-images-per-batch", str(MAX_IMAGES_PER_BATCH),
-            "--grpc-max-message-bytes", str(GRPC_MAX_MESSAGE_BYTES),
-            "--stream-max-inflight", str(STREAM_MAX_INFLIGHT)]
-    with running_server(tmp_path_factory.mktemp("server"), "main", args) as process:
-        yield process
+    return servers.get("main", [
+        "--detector", "hog", "--max-batch-size", "16", "--max-queue-delay-ms", "20",
+        "--max-queue-size", "64", "--max-image-bytes", str(MAX_IMAGE_BYTES),
+        "--max-image-pixels", str(MAX_IMAGE_PIXELS),
+        "--max-images-per-batch", str(MAX_IMAGES_PER_BATCH),
+        "--grpc-max-message-bytes", str(GRPC_MAX_MESSAGE_BYTES),
+        "--stream-max-inflight", str(STREAM_MAX_INFLIGHT),
+    ])  # fmt: skip
 
 
 @pytest.fixture(scope="session")
-def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def slow_server(servers: ServerPool) -> ServerProcess:
     """One request at a time, and a batcher that waits seconds for a batch to fill: a request
     stays queued long enough to test backpressure, deadlines and disconnects deterministically."""
-    args = ["--detector", "none", "--max-queue-size", "1", "--max-batch-size", "8",
-            "--max-queue-delay-ms", str(SLOW_QUEUE_DELAY_MS)]
-    with running_server(tmp_path_factory.mktemp("slow"), "slow", args) as process:
-        yield process
+    return servers.get("slow", [
+        "--detector", "none", "--max-queue-size", "1", "--max-batch-size", "8",
+        "--max-queue-delay-ms", str(SLOW_QUEUE_DELAY_MS),
+    ])  # fmt: skip
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0,
+               what: str = "condition") -> None:
+    """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds. Tests wait
+    for the state they need, never for a fixed time, so a loaded machine only slows them."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not reached within {timeout:g} s")
+        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -188,3 +168,28 @@ def images() -> SampleImages:
         bus_size=(bus.shape[1], bus.shape[0]), zidane_size=(zidane.shape[1], zidane.shape[0]),
         bus_boxes=[[20.0, 110.0, 110.0, 330.0], [250.0, 110.0, 100.0, 320.0]],
     )
+
+
+# --- threads ---------------------------------------------------------------------------------
+ENGINE_THREAD_PREFIX = "omnipose-"  # the batcher's instance threads and the engine's CPU pool
+THREAD_EXIT_GRACE_S = 5.0
+
+
+def lingering(thread: threading.Thread) -> bool:
+    """A thread that would outlive its test: non-daemon (it keeps the interpreter alive) or one
+    of the engine's (an engine that was never closed)."""
+    return not thread.daemon or thread.name.startswith(ENGINE_THREAD_PREFIX)
+
+
+@pytest.fixture(autouse=True)
+def no_threads_left_running() -> Iterator[None]:
+    """Fail a test that leaves threads running: each test cleans up after itself, so the next
+    one's timing and thread counts are its own. Threads get a grace period to finish."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + THREAD_EXIT_GRACE_S
+    for thread in [t for t in threading.enumerate() if t not in before and lingering(t)]:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    left = [t for t in threading.enumerate() if t not in before and lingering(t) and t.is_alive()]
+    if left:
+        pytest.fail(f"threads left running: {', '.join(sorted(t.name for t in left))}")

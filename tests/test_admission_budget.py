@@ -1,4 +1,4 @@
-"""Memory budgets applied per image, before pixels exist (hardening issue, defect 5): a batch
+"""Memory budgets applied per image, before pixels exist: a batch
 request alone in the engine may not decode more pixels at once than ``max_inflight_pixels``."""
 
 from __future__ import annotations

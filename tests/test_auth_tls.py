@@ -1,4 +1,4 @@
-"""Optional API keys and TLS (hardening issue, defect 9), against a real server on loopback with
+"""Optional API keys and TLS, against a real server on loopback with
 certificates made at test time: HTTPS and gRPC TLS with client certificates (mTLS), keys from a
 mounted file, health and readiness open, /metrics behind the key, docs and reflection off."""
 
@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from omnipose.proto import omnipose_pb2 as pb
 from omnipose.proto import omnipose_pb2_grpc
 from omnipose.service.auth import KeyChecker, digest, load_key_digests, presented_key
-from tests.conftest import STARTUP_TIMEOUT_S, ServerProcess
+from tests.conftest import ServerProcess, running_server
 
 TLS_HEADER_TIMEOUT_S = 2.0
 ASYNCIO_DEFAULT_HANDSHAKE_TIMEOUT_S = 60.0
@@ -129,27 +129,8 @@ def secure_server(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterato
         "--http-header-timeout-s",
         str(TLS_HEADER_TIMEOUT_S),
     ]
-    server = ServerProcess(args, root / "secure.log").start()
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert server.process.poll() is None, server.log()
-            with contextlib.suppress(httpx.HTTPError):
-                url = f"https://127.0.0.1:{server.http_port}/readyz"
-                if (
-                    httpx.get(
-                        url, verify=ssl.create_default_context(cafile=pki.ca), timeout=1
-                    ).status_code
-                    == 200
-                ):
-                    break
-            time.sleep(0.2)
-        else:
-            pytest.fail(f"secure server not ready:\n{server.log()}")
+    with running_server(root, "secure", args, tls_ca=pki.ca) as server:
         yield server
-    finally:
-        if server.process.poll() is None:
-            server.terminate()
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.samples import BUS_JPG, ZIDANE_JPG
 from omnipose.cli.main import main
 from omnipose.cli.predict import image_id_for
 from omnipose.model.checkpoint import save_checkpoint
@@ -22,7 +23,6 @@ from omnipose.model.configs import get_config
 from omnipose.model.network import OmniPose, build_model
 from omnipose.service import loading
 from omnipose.service.server import add_settings_arguments, settings_from_args
-from tests.samples import BUS_JPG, ZIDANE_JPG
 
 LIGHT = "coco-w18-128x96"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bench.samples import BUS_JPG, ZIDANE_JPG
 from omnipose.model.detection import (
     Detections,
     DetectorError,
@@ -14,7 +15,6 @@ from omnipose.model.detection import (
     build_detector,
 )
 from omnipose.service.images import read_image_file
-from tests.samples import BUS_JPG, ZIDANE_JPG
 
 
 def test_hog_finds_people_on_the_bus_photo() -> None:

@@ -22,6 +22,7 @@ import torchvision.io
 from PIL import Image
 from torch import nn
 
+from bench.samples import BUS_JPG, jpeg_with_orientation
 from omnipose.model.configs import get_config
 from omnipose.model.crops import crop_persons
 from omnipose.model.detection import Detections, NoDetector, PersonDetector
@@ -43,8 +44,7 @@ from omnipose.service.loading import LoadedPoseModel
 from omnipose.service.metrics import ServiceMetrics
 from omnipose.service.requests import ImageRequest
 from omnipose.service.settings import ServiceSettings
-from tests.samples import BUS_JPG
-from tests.test_images import asymmetric_image, jpeg_with_orientation
+from tests.test_images import asymmetric_image
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec (not installed here).
 pytestmark = pytest.mark.filterwarnings(

@@ -560,7 +560,7 @@ def test_dashboard_metrics_exist_in_the_service_registry(dashboard: dict) -> Non
             known = labels[family] | TARGET_LABELS | ({"le"} if name.endswith("_bucket") else set())
             assert used <= known, f"{name}: labels {used - known} do not exist"
 
-    # What the issue asks the dashboard to show.
+    # What the dashboard must show: requests, latency (total and per stage), batching, load.
     wanted = {
         "omnipose_requests",
         "omnipose_request_duration_seconds",

@@ -202,9 +202,10 @@ def test_batcher_instances_take_full_batches_under_load() -> None:
         await wait_until(lambda: batcher.idle_instances == 2)  # both threads in their loops
         far = time.monotonic() + 30
         first = [asyncio.create_task(batcher.submit(i, 1, far)) for i in range(2)]
-        await asyncio.sleep(0.1)  # both instances now hold one unit each and are blocked
+        # both instances now hold one unit each and are blocked
+        await wait_until(lambda: batcher.idle_instances == 0 and batcher.depth == 0)
         rest = [asyncio.create_task(batcher.submit(i, 2, far)) for i in range(8)]
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: batcher.depth == 16)  # all eight queued behind them
         release.set()
         results = await asyncio.gather(*first, *rest)
         batcher.stop()
@@ -347,7 +348,7 @@ def test_batcher_cancelled_job_leaves_the_queue_and_never_runs() -> None:
         while not seen:  # the worker is now busy with job 1
             await asyncio.sleep(0.01)
         second = asyncio.create_task(batcher.submit(2, 1, far))
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: batcher.depth == 1)  # queued behind job 1
         depth_before = batcher.depth
         second.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -355,7 +356,7 @@ def test_batcher_cancelled_job_leaves_the_queue_and_never_runs() -> None:
         depth_after = batcher.depth
         release.set()
         await first
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: batcher.idle_instances == 1)  # back in its loop, nothing to run
         batcher.stop()
         return depth_before, depth_after
 
@@ -379,8 +380,10 @@ def test_batcher_drops_expired_work_before_running_it() -> None:
         first = asyncio.create_task(batcher.submit("first", 1, time.monotonic() + 30))
         while not seen:
             await asyncio.sleep(0.01)
-        late = asyncio.create_task(batcher.submit("late", 1, time.monotonic() + 0.05))
-        await asyncio.sleep(0.15)
+        late_deadline = time.monotonic() + 0.05
+        late = asyncio.create_task(batcher.submit("late", 1, late_deadline))
+        # queued, and its deadline passes while the only instance is busy
+        await wait_until(lambda: batcher.depth == 1 and time.monotonic() > late_deadline + 0.05)
         release.set()
         await first
         with pytest.raises(DeadlineExceeded):

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the live server (hardening issue): schemathesis generates requests
+"""Property-based fuzzing of the live server: schemathesis generates requests
 from the REST server's own OpenAPI schema (valid and invalid: wrong types, missing fields, odd
 strings, negative and huge numbers) and Hypothesis generates gRPC messages, including raw bytes
 that are not protobuf at all. Nothing may answer a 5xx / INTERNAL / UNKNOWN, and the server

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.samples import BUS_JPG, jpeg_with_orientation
 from omnipose.service.images import ImageError, decode_image, read_image_file
-from tests.samples import BUS_JPG
 
 
 def png_header_claiming(width: int, height: int) -> bytes:
@@ -84,16 +84,6 @@ def test_file_errors_name_the_file(tmp_path) -> None:
         read_image_file(empty)
     with pytest.raises(ImageError, match=r"missing\.jpg: cannot read file"):
         read_image_file(tmp_path / "missing.jpg")
-
-
-def jpeg_with_orientation(image_bgr: np.ndarray, orientation: int) -> bytes:
-    """A JPEG of the stored pixels ``image_bgr`` whose EXIF tag says ``orientation``."""
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    buffer = io.BytesIO()
-    rgb = Image.fromarray(np.ascontiguousarray(image_bgr[:, :, ::-1]))
-    rgb.save(buffer, format="JPEG", quality=95, exif=exif.tobytes())
-    return buffer.getvalue()
 
 
 def asymmetric_image(width: int = 64, height: int = 40) -> np.ndarray:

@@ -28,6 +28,7 @@ from tests.conftest import (
     SLOW_QUEUE_DELAY_MS,
     STREAM_MAX_INFLIGHT,
     ServerProcess,
+    wait_until,
 )
 from tests.test_service_rest import BAD_IMAGES, png_header_claiming, wait_for_inflight
 
@@ -374,14 +375,10 @@ def test_cancelled_call_frees_its_queued_work(slow_server: ServerProcess, images
         stub = omnipose_pb2_grpc.PoseEstimationStub(channel)
         started = time.monotonic()
         call = stub.Estimate.future(estimate_request(images.bus, images.bus_boxes), timeout=30)
-        while slow_server.metric("omnipose_queue_depth", queue="pose") != 2:  # two crops wait
-            assert time.monotonic() - started < SLOW_QUEUE_DELAY_MS / 2000, "never queued"
-            time.sleep(0.02)
+        wait_until(lambda: slow_server.metric("omnipose_queue_depth", queue="pose") == 2,
+                   SLOW_QUEUE_DELAY_MS / 2000, "two crops queued")  # fmt: skip
         call.cancel()
         wait_for_inflight(slow_server, 0, timeout=SLOW_QUEUE_DELAY_MS / 1000)
         assert time.monotonic() - started < SLOW_QUEUE_DELAY_MS / 1000  # freed, not completed
     assert slow_server.metric("omnipose_queue_depth", queue="pose") == 0
-    deadline = time.monotonic() + 5
-    while cancelled() != before + 1:
-        assert time.monotonic() < deadline, "the cancelled call was not recorded"
-        time.sleep(0.05)
+    wait_until(lambda: cancelled() == before + 1, 5, "the cancelled call recorded")

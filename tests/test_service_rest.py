@@ -46,6 +46,7 @@ from tests.conftest import (
     SLOW_QUEUE_DELAY_MS,
     ServerProcess,
     running_server,
+    wait_until,
 )
 
 pytestmark = pytest.mark.slow
@@ -434,10 +435,8 @@ def test_metrics_cover_requests_stages_batches_and_model(http: httpx.Client, ser
 
 # --- backpressure, deadlines, disconnects (slow server: one request at a time) ---------------
 def wait_for_inflight(server: ServerProcess, count: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while server.metric("omnipose_inflight_requests") != count:
-        assert time.monotonic() < deadline, f"in-flight requests never reached {count}"
-        time.sleep(0.02)
+    wait_until(lambda: server.metric("omnipose_inflight_requests") == count, timeout,
+               f"{count} requests in flight")  # fmt: skip
 
 
 def test_full_queue_gives_429_with_retry_after_and_resource_exhausted(slow_server, images):

@@ -388,38 +388,48 @@ def test_cli_user_errors_are_one_line(argv, message, synth_small: Path, capsys) 
 
 # One standing, camera-facing person of 0.4-0.7 x the image height per image: the full synthetic
 # variety needs tens of thousands of crops before AP leaves zero (AP 0.007 after 51k crops of the
-# default set), which no test can afford; this set reaches a clear AP within two minutes.
+# default set), which no test can afford. On this set, with crops at the ground-truth box (no
+# scale augmentation) and a high learning rate, held-out OKS rises from ~0.02 to 0.3-0.45 within
+# 100 steps of 8 crops; 132 steps leave a margin, the lr dropping x0.1 for the last 22.
 LEARNING_SCENE = {"max_people": 1, "pose_families": ("stand",), "views": ("front",),
                   "height_range": (0.4, 0.7)}  # fmt: skip
-EPOCHS, LR_STEP, STEPS_PER_EPOCH, BATCH = 10, 8, 40, 16  # 6,400 crops; lr x0.1 for the last 2
-# Calibrated on three data/training-seed draws (CPU, 1 thread, ~130 s each): held-out AP 0.049,
-# 0.038, 0.051 and mean OKS 0.478, 0.456, 0.474 trained; AP 0.0 untrained. The AP floor is a
-# third of the lowest draw, the OKS floor three quarters of it.
+TRAIN_IMAGES, HELDOUT_IMAGES = 240, 60
+EPOCHS, STEPS_PER_EPOCH, BATCH, LR = 6, 22, 8, 5e-3  # 132 optimiser steps, 1,056 crops
+LR_STEP = 5  # lr x0.1 for the last epoch
+# Calibrated on data/training-seed draws (CPU, 1 thread, 60-80 s each on a shared 2-core machine):
+# after 100 steps held-out OKS 0.445, 0.444, 0.306 and AP 0.032, 0.030, 0.000 (untrained OKS
+# 0.019-0.048, AP 0); the slowest draw after 132 steps OKS 0.420, AP 0.019. The floors are about
+# two thirds of the slowest draw at 132 steps.
 AP_FLOOR = 0.012
-OKS_FLOOR = 0.35
+OKS_FLOOR = 0.3
+OKS_GAIN = 5.0  # trained mean OKS over the untrained network's
 
 
 @pytest.mark.slow
 def test_training_learns_held_out_poses(tmp_path: Path) -> None:
-    """The loop must learn: held-out COCO AP of the trained network against the untrained one.
+    """The loop must learn: held-out COCO OKS and AP of the trained network against the same
+    network before training, evaluated in the same test.
 
-    Augmentation is reduced to random scale (flip, rotation and half-body slow the first few
-    thousand samples down), and the held-out set is evaluated without flip test. Small batches:
-    early on, the number of steps matters more than their size.
+    The run is bounded by optimiser steps (one thread, no loader worker), so a loaded machine
+    makes it slower, never different. Augmentation is off (flip, rotation and half-body slow the
+    first few thousand samples down; held-out crops are cut at ground-truth boxes, so random
+    scale adds nothing the evaluation asks for), and the held-out set is evaluated without flip
+    test. Small batches: early on, the number of steps matters more than their size.
     """
-    generate_dataset(tmp_path, 600, seed=11, split="train", workers=1, progress=False,
+    generate_dataset(tmp_path, TRAIN_IMAGES, seed=11, split="train", workers=1, progress=False,
                      **LEARNING_SCENE)  # fmt: skip
-    generate_dataset(tmp_path, 60, seed=12, split="heldout", workers=1, progress=False,
-                     **LEARNING_SCENE)  # fmt: skip
+    generate_dataset(tmp_path, HELDOUT_IMAGES, seed=12, split="heldout", workers=1,
+                     progress=False, **LEARNING_SCENE)  # fmt: skip
     config = load_config(
         RECIPE,
         [
             f"data.root={tmp_path}", "data.val_split=heldout", f"output_dir={tmp_path / 'run'}",
-            "data.num_workers=1", "train.num_threads=2", f"train.batch_size={BATCH}",
+            "data.num_workers=0", "train.num_threads=1", f"train.batch_size={BATCH}",
             f"train.epochs={EPOCHS}", f"train.max_steps_per_epoch={STEPS_PER_EPOCH}",
-            f"train.val_every={EPOCHS}", "train.lr=1e-3", f"train.lr_steps={LR_STEP}",
-            "data.rotation_prob=0", "data.half_body_prob=0", "data.flip=false",
-            "test.flip_test=false", "train.progress=false", "train.tensorboard=false",
+            f"train.val_every={EPOCHS}", f"train.lr={LR}", f"train.lr_steps={LR_STEP}",
+            "data.scale_factor=0", "data.rotation_prob=0", "data.half_body_prob=0",
+            "data.flip=false", "test.flip_test=false", "train.progress=false",
+            "train.tensorboard=false",
         ],
     )  # fmt: skip
     trainer = Trainer(config, echo=False)
@@ -428,8 +438,10 @@ def test_training_learns_held_out_poses(tmp_path: Path) -> None:
     result = trainer.fit()
     trained = evaluate_model(trainer.network, config, device=cpu, progress=False)
     print(f"held-out untrained {untrained.metrics}\nheld-out trained {trained.metrics}")
+    assert len(result.step_losses) == EPOCHS * STEPS_PER_EPOCH
     assert result.epochs[-1].loss < 0.6 * result.epochs[0].loss
+    assert trained.metrics["OKS"] >= OKS_FLOOR
+    assert trained.metrics["OKS"] >= OKS_GAIN * untrained.metrics["OKS"]
     assert trained.metrics["AP"] >= AP_FLOOR
     assert trained.metrics["AP"] >= 10 * untrained.metrics["AP"]
-    assert trained.metrics["OKS"] >= OKS_FLOOR
     assert trained.metrics["AP"] == pytest.approx(result.best_metric)  # same model, same path

@@ -13,7 +13,7 @@ import pytest
 
 from omnipose.proto import omnipose_pb2, omnipose_pb2_grpc
 from omnipose.training import synth
-from tests.conftest import ServerProcess, running_server
+from tests.conftest import ServerProcess, running_server, wait_until
 
 FRAMES = 8
 DETECT_EVERY = 4
@@ -114,11 +114,8 @@ def test_single_images_carry_no_tracks(video_server, walk) -> None:
 
 
 def _wait_for_streams(server: ServerProcess, expected: float, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while (value := server.metric("omnipose_tracked_streams")) != expected:
-        if time.monotonic() > deadline:
-            pytest.fail(f"omnipose_tracked_streams is {value}, expected {expected}")
-        time.sleep(0.1)
+    wait_until(lambda: server.metric("omnipose_tracked_streams") == expected, timeout,
+               f"omnipose_tracked_streams at {expected}")  # fmt: skip
 
 
 def test_cancelled_grpc_stream_frees_its_state(video_server, walk) -> None:
