@@ -35,8 +35,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.local_server import free_port
 from omnipose.cli.main import build_parser, parse_arguments
-from tests.conftest import REPO_ROOT, free_port
+from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
