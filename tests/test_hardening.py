@@ -208,9 +208,10 @@ def test_idle_keepalive_connection_is_closed(guarded_server: ServerProcess) -> N
     assert waited < 5  # the keep-alive timeout (1 s) closed it, not the client
 
 
-def healthz_status(server: ServerProcess) -> int:
-    """The status of ``GET /healthz`` on a new connection."""
-    return httpx.get(f"{server.http_url}/healthz", timeout=10).status_code
+def models_status(server: ServerProcess) -> int:
+    """The status of ``GET /v1/models`` on a new connection (probes are answered even over the
+    connection limit, so they cannot show it)."""
+    return httpx.get(f"{server.http_url}/v1/models", timeout=10).status_code
 
 
 def test_connections_over_the_limit_get_503_before_their_body_is_read(
@@ -226,7 +227,7 @@ def test_connections_over_the_limit_get_503_before_their_body_is_read(
             )
             holders.append(sock)
         # every holder is counted once a new connection's request is refused
-        wait_until(lambda: healthz_status(guarded_server) == 503, what="connections counted")
+        wait_until(lambda: models_status(guarded_server) == 503, what="connections counted")
         with connect(guarded_server) as sock:
             sock.sendall(
                 b"POST /v1/pose HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
@@ -245,7 +246,7 @@ def test_connections_over_the_limit_get_503_before_their_body_is_read(
     finally:
         for sock in holders:
             sock.close()
-    wait_until(lambda: healthz_status(guarded_server) == 200, what="served again")
+    wait_until(lambda: models_status(guarded_server) == 200, what="served again")
 
 
 def test_over_long_url_gets_431_in_the_json_shape(guarded_server: ServerProcess) -> None:
