@@ -128,6 +128,7 @@ def secure_server(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterato
         str(pki.ca),
         "--http-header-timeout-s",
         str(TLS_HEADER_TIMEOUT_S),
+        "--no-warmup",  # keys and TLS only: no model figures needed
     ]
     with running_server(root, "secure", args, tls_ca=pki.ca) as server:
         yield server

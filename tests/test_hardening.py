@@ -153,6 +153,7 @@ def guarded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerP
         "--http-max-header-bytes",
         str(MAX_HEADER_BYTES),
     ]
+    args.append("--no-warmup")  # transport limits only: no model figures needed
     with running_server(tmp_path_factory.mktemp("guarded"), "guarded", args) as process:
         yield process
 
@@ -392,6 +393,7 @@ def admission_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve
         "--http-header-timeout-s",
         "30",
     ]
+    args.append("--no-warmup")  # admission limits only: no model figures needed
     with running_server(tmp_path_factory.mktemp("admission"), "admission", args) as process:
         yield process
 
