@@ -322,14 +322,14 @@ class PoseEngine:
         An invalid request is refused before it takes a slot."""
         self._validate(request)
         with self.admit(timeout_s) as admitted:
-            return await admitted.estimate(request, stream)
+            return await admitted.estimate_checked(request, stream)
 
     async def estimate_many(self, requests: Sequence[ImageRequest],
                             timeout_s: float | None = None) -> list[ImageResult]:
         """Several images as one request; see :meth:`Admitted.estimate_many`."""
         check_batch(requests, self.settings.max_images_per_batch, self._validate)
         with self.admit(timeout_s) as admitted:
-            return await admitted.estimate_many(requests)
+            return await admitted.estimate_many_checked(requests)
 
     # -- video streams ------------------------------------------------------------------------
     def _keypoint_sigmas(self) -> np.ndarray:
@@ -369,8 +369,14 @@ class Admitted:
         client's ``request.stream_id``) are tracked: one at a time, in the order they arrive. A
         client ``stream_id`` is looked up only now, so a refused request registers no stream; a
         tracked frame waits for its stream within its own deadline."""
+        self.engine._validate(request)
+        return await self.estimate_checked(request, stream)
+
+    async def estimate_checked(self, request: ImageRequest,
+                               stream: TrackedStream | None = None) -> ImageResult:
+        """:meth:`estimate` of a request already validated (:meth:`PoseEngine.estimate` checks
+        before admission, so an invalid request never takes a slot)."""
         engine = self.engine
-        engine._validate(request)
         if stream is None and request.stream_id is not None:
             stream = engine.stream_sessions.acquire(request.stream_id)
         try:
@@ -395,6 +401,10 @@ class Admitted:
         message names the image by index) and cancels the rest."""
         engine = self.engine
         check_batch(requests, engine.settings.max_images_per_batch, engine._validate)
+        return await self.estimate_many_checked(requests)
+
+    async def estimate_many_checked(self, requests: Sequence[ImageRequest]) -> list[ImageResult]:
+        """:meth:`estimate_many` of requests already checked as a batch."""
         return await within_deadline(self.deadline, self._process_all(requests), ANSWERED)
 
     async def _process_all(self, requests: Sequence[ImageRequest]) -> list[ImageResult]:
