@@ -22,6 +22,12 @@ With ``--persons K`` every image carries K client boxes (no detection: what the 
 ``--detect`` sends no boxes so the server's detector runs (slower; the ratio is then not
 meaningful). Client, server and raw measurement share the machine: on 2 cores the client's own
 CPU use (a few % at these rates) counts against the service.
+
+``--versus-ray`` instead compares the service with a minimal Ray Serve deployment of the torch
+fp32 network and with a raw loop of the network on the service's backend, interleaved in one run
+(bench/versus.py; needs the ``bench`` extra)::
+
+    .venv/bin/python bench/load.py --versus-ray --config coco-w48-128x96 --persons 3 --quick
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from omnipose.service.openmp import configure_openmp  # noqa: E402
 configure_openmp()  # the server's OpenMP wait policy, before torch loads
 
 from bench.local_server import local_server  # noqa: E402
+from bench.versus import QUICK_SECONDS, run_versus  # noqa: E402
 from omnipose.proto import omnipose_pb2, omnipose_pb2_grpc  # noqa: E402
 
 
@@ -182,6 +189,7 @@ def started_server(args: argparse.Namespace):
                    "--detector", "hog" if args.detect else "none",
                    *(["--no-flip-test"] if args.no_flip else []),
                    "--precision", args.precision,
+                   *(["--backend", args.backend] if args.backend else []),
                    *(["--torch-threads", str(args.torch_threads)] if args.torch_threads else []),
                    *(["--model-instances", str(args.model_instances)]
                      if args.model_instances else []),
@@ -358,6 +366,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--model-instances", type=int, default=None,
                        help="default: the server measures; the raw model tries every layout")
     model.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    model.add_argument("--backend", default=None,
+                       help="the server's --backend (default: the server's own default); the"
+                       " raw loop of --versus-ray runs the backend the server reports")
     model.add_argument("--latency-repeats", type=int, default=7,
                        help="raw forwards of one image's crops, per layout")
     load.add_argument("--busy-level", type=int, default=16,
@@ -368,6 +379,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--raw-duration", type=float, default=5.0,
                        help="seconds per raw-model measurement (one before, one after each level)")
     parser.add_argument("--json-out", type=Path, help="also write the results as JSON")
+    versus = parser.add_argument_group(
+        "--versus-ray: the service against Ray Serve and a raw loop (bench/versus.py)")
+    versus.add_argument("--versus-ray", action="store_true",
+                        help="start the service (as --start-server), a minimal Ray Serve"
+                        " deployment of the torch fp32 network and a raw loop; compare them at"
+                        " 1 client and at --versus-clients, rounds interleaved; flip off")
+    versus.add_argument("--versus-clients", type=int, default=16)
+    versus.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    versus.add_argument("--quick", action="store_true",
+                        help=f"smoke check: one round, {QUICK_SECONDS:g} s per level")
     return parser.parse_args(argv)
 
 
@@ -381,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     ok, encoded = cv2.imencode(".jpg", image_bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])
     assert ok
     image = encoded.tobytes()
+    if args.versus_ray:
+        return run_versus(args, image, person_boxes(args.persons, image_bgr.shape[1],
+                                                    image_bgr.shape[0]), started_server)
     boxes = None if args.detect else person_boxes(args.persons, image_bgr.shape[1],
                                                    image_bgr.shape[0])
     raw_latency: dict = {}
