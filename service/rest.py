@@ -104,7 +104,8 @@ def _request_body_doc(file_field: str, many: bool) -> dict:
 
 # --- request parsing -------------------------------------------------------------------------
 def options_query(exclude: frozenset[str] = frozenset(),
-                  descriptions: dict[str, str] | None = None) -> Callable[..., dict[str, Any]]:
+                  descriptions: dict[str, str] | None = None
+                  ) -> Callable[..., Awaitable[dict[str, Any]]]:
     """A FastAPI dependency: the query parameters of every option (but ``exclude``), typed and
     documented from :class:`RequestOptions`; returns those given. Unknown query parameters are
     errors, as unknown form fields are: a misspelt option (``min_keypoint_scor``) must not be
@@ -121,7 +122,7 @@ def options_query(exclude: frozenset[str] = frozenset(),
                                             annotation=value_type(name) | None))
     known = [p.name for p in parameters[1:]]
 
-    def given(request: Request, **values: Any) -> dict[str, Any]:
+    async def given(request: Request, **values: Any) -> dict[str, Any]:  # no thread hop
         unknown = sorted(set(request.query_params) - set(known))
         if unknown:
             raise InvalidRequest(f"unknown query parameter(s) {', '.join(map(repr, unknown))};"
@@ -219,19 +220,21 @@ async def _answer(request: Request, work: Awaitable[Any],
 
 
 # --- what the handlers share (FastAPI dependencies over app.state) ---------------------------
-def _engine(request: Request) -> PoseEngine:
+# Every dependency is a coroutine function: FastAPI runs a plain ``def`` dependency on its
+# thread pool, a thread hop each (five per pose request) for what is an attribute lookup.
+async def _engine(request: Request) -> PoseEngine:
     return request.app.state.engine
 
 
-def _settings(request: Request) -> ServiceSettings:
+async def _settings(request: Request) -> ServiceSettings:
     return request.app.state.engine.settings
 
 
-def _metrics(request: Request) -> ServiceMetrics:
+async def _metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
-def _body_budget(request: Request) -> SharedBudget:
+async def _body_budget(request: Request) -> SharedBudget:
     return request.app.state.body_budget
 
 
