@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from omnipose.model.crops import CropBatch
 from omnipose.model.detection import Detections, PersonDetector
 from omnipose.model.persons import filter_poses
 from omnipose.model.predictor import PosePredictor
@@ -147,6 +148,18 @@ class ImagePipeline:
             code = IMAGE_ERROR_CODES.get(exc.kind, ErrorCode.INVALID_IMAGE)
             raise InvalidRequest(str(exc), code) from None
 
+    def _decode_and_cut(self, request: ImageRequest, header: ImageHeader
+                        ) -> tuple[DecodedImage, Detections, CropBatch | None, float]:
+        """Decoding, the client's boxes and their crops in one pool call: one thread hop per
+        image instead of two (the latency of a request alone). Also returns when decoding
+        ended (perf_counter), so both stages are timed as before."""
+        image = self._decode(request.data, header)
+        decoded_at = time.perf_counter()
+        persons = client_detections(request.boxes, request.box_scores, image.width,
+                                    image.height, self.predictor.max_persons)
+        crops = self.predictor.prepare(image, persons) if len(persons) else None
+        return image, persons, crops, decoded_at
+
     def _planned_persons(self, request: ImageRequest, width: int, height: int,
                          tracker: PoseTracker | None) -> Detections | None:
         """The client's boxes or the tracker's guided ones; None when the detector must run."""
@@ -177,15 +190,24 @@ class ImagePipeline:
         header = self._read_header(request.data)
         pixels = header.pixels
         await self.admission.reserve_pixels(lease, pixels)
+        crops = persons = None
         try:
-            image = await self._in_pool(self._decode, request.data, header)
+            if request.boxes is not None and tracker is None:  # the persons need no model
+                image, persons, crops, decoded_at = await self._in_pool(
+                    self._decode_and_cut, request, header)
+            else:
+                image = await self._in_pool(self._decode, request.data, header)
+                decoded_at = time.perf_counter()
         except BaseException:
             self.admission.release_pixels(lease, pixels)
             raise
-        self._observe(timings, "image_decode", time.perf_counter() - started)
+        self._observe(timings, "image_decode", decoded_at - started)
         height, width = image.height, image.width
+        if crops is not None:
+            self._observe(timings, "preprocess", time.perf_counter() - decoded_at)
 
-        persons = self._planned_persons(request, width, height, tracker)
+        if persons is None:
+            persons = self._planned_persons(request, width, height, tracker)
         detector_ran = persons is None
         if persons is None:
             self._check_deadline(deadline, "image decoding")
@@ -194,8 +216,7 @@ class ImagePipeline:
             self._observe(timings, "detection", time.perf_counter() - mark)
             persons = self.predictor.after_detection(detections, image.shape, tracker)
 
-        crops = None
-        if len(persons):
+        if crops is None and len(persons):
             mark = time.perf_counter()
             crops = await self._in_pool(self.predictor.prepare, image, persons)
             self._observe(timings, "preprocess", time.perf_counter() - mark)
