@@ -9,7 +9,8 @@ boxes) with the same network:
   as many torch threads as the service's instances x threads, Ray limited to as many CPUs;
 * **raw**: in this process, the network alone (``estimator.forward`` on the backend the
   service runs, same precision setting, no flip) on the crops the service cuts for that image
-  and those boxes, with the service's total thread count: its p50 over a loop of forwards of one
+  and those boxes, on one thread with the service's total torch thread count (set up as a pose
+  instance thread is; OpenCV's pool off, as in the server): its p50 over a loop of forwards of one
   image's crops (against the 1-client level), and images/s over a loop of batches of
   ``max_batch_size // persons`` images' crops (against the N-client level).
 
@@ -28,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import cv2
@@ -107,7 +109,10 @@ class RawLoop:
         from omnipose.model.detection import Detections
         from omnipose.service.loading import load_pose_model
 
-        torch.set_num_threads(threads)
+        cv2.setNumThreads(1)  # as the server: no OpenCV pool beside the forward's threads
+        # forwards run on one thread set up as the service's pose instance thread is
+        self._thread = ThreadPoolExecutor(1, initializer=torch.set_num_threads,
+                                          initargs=(threads,))
         self.estimator = load_pose_model(args.weights, args.config, args.device, precision,
                                          flip_test=False, backend=backend).estimator
         decoded = cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_COLOR)
@@ -116,10 +121,13 @@ class RawLoop:
                                   Detections(array, np.ones(len(array)))).inputs
         self.images_per_batch = max(1, args.max_batch_size // len(array))
         self.batch = torch.cat([self.crops] * self.images_per_batch)
-        for inputs in (self.crops, self.batch):  # warm-up: allocator, oneDNN primitives
-            self.estimator.forward(inputs)
+        for inputs in (self.crops, self.batch) * 2:  # warm-up: allocator, oneDNN primitives
+            self._thread.submit(self.estimator.forward, inputs).result()
 
     def _loop(self, inputs, seconds: float) -> list[float]:
+        return self._thread.submit(self._timed_loop, inputs, seconds).result()
+
+    def _timed_loop(self, inputs, seconds: float) -> list[float]:
         times: list[float] = []
         stop_at = time.perf_counter() + seconds
         while time.perf_counter() < stop_at or len(times) < 3:
