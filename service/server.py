@@ -223,7 +223,7 @@ async def serve(settings: ServiceSettings) -> int:
 
     loop.set_exception_handler(AcceptFailureLog())
     await grpc_server.start()
-    with tls_handshake_timeout(loop, settings.http_header_timeout_s):
+    with tls_handshake_timeout(loop, settings.http_header_timeout_s, limits.open_transports):
         http_task = asyncio.create_task(http_server.serve(sockets=[http_socket]))
         while not (http_server.started or http_task.done()):  # its listener is created
             await asyncio.sleep(0.01)
