@@ -46,9 +46,10 @@ sys.path.insert(0, str(REPO_ROOT))
 import grpc  # noqa: E402
 
 from bench.local_server import local_server, rss_mb, service_environment  # noqa: E402
+from bench.samples import BUS_JPG  # noqa: E402
 from omnipose.proto import omnipose_pb2 as pb  # noqa: E402
 
-BUS = next(REPO_ROOT.glob(".venv/lib/python3.11/site-packages/ultralytics/assets/bus.jpg"), None)
+BUS = BUS_JPG if BUS_JPG.is_file() else None
 PIECE = 256 * 1024
 
 

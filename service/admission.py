@@ -33,6 +33,7 @@ class BudgetLease:
 
     held: int = 0
     released: asyncio.Event = field(default_factory=asyncio.Event)  # set when ``held`` drops
+    peak: int = 0  # the most it held at once
 
 
 class SharedBudget:
@@ -51,6 +52,7 @@ class SharedBudget:
         self._on_change = on_change
         self._retry_after_s = retry_after_s
         self._freed: asyncio.Event | None = None  # set when some is given back (for waiters)
+        self.on_lease_end: Callable[[int], None] | None = None  # called with a lease's peak
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[BudgetLease]:
@@ -60,6 +62,8 @@ class SharedBudget:
             yield lease
         finally:
             self.give_back(lease, lease.held)
+            if self.on_lease_end is not None and lease.peak:
+                self.on_lease_end(lease.peak)
 
     def others_hold(self, lease: BudgetLease) -> bool:
         return self.used - lease.held > 0
@@ -76,6 +80,7 @@ class SharedBudget:
                 retry_after_s=retry_after,
             )
         lease.held += count
+        lease.peak = max(lease.peak, lease.held)
         self.used += count
         self._on_change(self.used)
 

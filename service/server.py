@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import re
@@ -47,7 +48,7 @@ from omnipose.service.http_server import (  # noqa: E402
     tls_handshake_timeout,
     uvicorn_config,
 )
-from omnipose.service.memory import IdleMemoryTrim  # noqa: E402
+from omnipose.service.memory import IdleMemoryTrim, LargeRequestCollector  # noqa: E402
 from omnipose.service.metrics import ServiceMetrics  # noqa: E402
 from omnipose.service.resources import configure_threads  # noqa: E402
 from omnipose.service.rest import create_app  # noqa: E402
@@ -242,6 +243,8 @@ async def serve(settings: ServiceSettings) -> int:
         exit_code = 1
     elif starting.done():
         await grpc_server.set_serving()
+        gc.freeze()  # what start-up made lives on: later collections no longer scan it
+        engine.admission.body_bytes.on_lease_end = LargeRequestCollector().finished
         log.info("ready")
         trimming = asyncio.create_task(
             IdleMemoryTrim(lambda: engine.inflight == 0 and not len(app.state.inflight)).run())
