@@ -243,7 +243,7 @@ def test_grpc_calls_beyond_the_limit_are_refused(admission_server, images) -> No
                     return True
                 return False  # the streams are not both open yet
 
-            wait_until(refused, what="a third call refused")
+            wait_until(refused, timeout=30, what="a third call refused")
         finally:
             closed.set()
             for call in idle:
