@@ -74,8 +74,10 @@ def _error_doc(description: str) -> dict:
 
 POSE_ERRORS: dict[int | str, dict[str, Any]] = {
     400: _error_doc("The bytes are not a decodable image (empty, corrupt, truncated)"),
+    408: _error_doc("The request body stalled or arrived slower than the minimum rate"),
     413: _error_doc("The image (bytes or pixels) or the batch is over the service's limits"),
-    415: _error_doc("Unsupported content type or image format (e.g. GIF)"),
+    415: _error_doc("Unsupported content type or image format (e.g. GIF), or a raw body whose"
+                    " Content-Type names another format than its bytes"),
     422: _error_doc("Invalid parameters (boxes, thresholds, timeout) or a missing image field"),
     429: _error_doc("The service is at capacity; retry after the Retry-After header's seconds"),
     499: _error_doc("Not sent: the client closed the connection first (recorded in metrics)"),
