@@ -1,10 +1,12 @@
 """Admission control: how much work the engine accepts, so nothing queues without limit.
 
 Budgets bound an engine: the number of admitted requests (``max_queue_size``), the decoded image
-pixels they hold (``max_inflight_pixels``) and, for REST, the request body bytes in memory
-(``max_inflight_body_bytes``, see service.uploads). Beyond any of them a request is refused at
-once (:class:`EngineOverloaded`, with a Retry-After from the recent latency) instead of waiting.
-Deadlines come from the client's timeout, capped by ``max_deadline_s``.
+pixels they hold (``max_inflight_pixels``) and the request bytes received but not yet decoded,
+REST bodies and gRPC messages alike (``max_inflight_body_bytes``, see service.uploads). Beyond
+any of them a request is refused at once (:class:`EngineOverloaded`, with a Retry-After from the
+measured median latency) instead of waiting; a gRPC message, whose size is unknown until it is
+read, waits for its reservation instead (:meth:`SharedBudget.take_within`). Deadlines come from
+the client's timeout, capped by ``max_deadline_s``.
 """
 
 from __future__ import annotations
@@ -12,13 +14,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from omnipose.service.errors import EngineOverloaded, InvalidRequest
 from omnipose.service.metrics import ServiceMetrics
 from omnipose.service.settings import ServiceSettings
+
+LATENCY_WINDOW = 128  # admitted requests whose latency sets Retry-After
 
 
 @dataclass(eq=False)
@@ -27,6 +33,7 @@ class BudgetLease:
 
     held: int = 0
     released: asyncio.Event = field(default_factory=asyncio.Event)  # set when ``held`` drops
+    peak: int = 0  # the most it held at once
 
 
 class SharedBudget:
@@ -44,6 +51,8 @@ class SharedBudget:
         self.used = 0
         self._on_change = on_change
         self._retry_after_s = retry_after_s
+        self._freed: asyncio.Event | None = None  # set when some is given back (for waiters)
+        self.on_lease_end: Callable[[int], None] | None = None  # called with a lease's peak
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[BudgetLease]:
@@ -53,6 +62,8 @@ class SharedBudget:
             yield lease
         finally:
             self.give_back(lease, lease.held)
+            if self.on_lease_end is not None and lease.peak:
+                self.on_lease_end(lease.peak)
 
     def others_hold(self, lease: BudgetLease) -> bool:
         return self.used - lease.held > 0
@@ -69,8 +80,28 @@ class SharedBudget:
                 retry_after_s=retry_after,
             )
         lease.held += count
+        lease.peak = max(lease.peak, lease.held)
         self.used += count
         self._on_change(self.used)
+
+    def fits(self, lease: BudgetLease, count: int) -> bool:
+        """Whether :meth:`take` of ``count`` would succeed now."""
+        return not self.others_hold(lease) or self.used + count <= self.limit
+
+    async def take_within(self, lease: BudgetLease, count: int, deadline: float) -> None:
+        """:meth:`take`, waiting (until ``deadline``, time.monotonic) for others to give some
+        back instead of refusing: for a gRPC message, which grpcio would otherwise receive whole
+        before anything could refuse it. Past the deadline: EngineOverloaded."""
+        while not self.fits(lease, count):
+            if self._freed is None:
+                self._freed = asyncio.Event()
+            freed = self._freed
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await freed.wait()
+            except TimeoutError:
+                break  # take() below refuses with the usual message
+        self.take(lease, count)
 
     def give_back(self, lease: BudgetLease, count: int) -> None:
         count = min(count, lease.held)
@@ -80,6 +111,9 @@ class SharedBudget:
         self.used -= count
         lease.released.set()
         self._on_change(self.used)
+        if self._freed is not None:  # wake every waiter; each checks again whether it fits
+            self._freed.set()
+            self._freed = None
 
 
 class Admission:
@@ -94,9 +128,12 @@ class Admission:
         self.inflight = 0
         self.pixels = SharedBudget("decoded image pixels", settings.max_inflight_pixels,
                                    metrics.inflight_pixels.set, self.retry_after_s)
+        # Bytes received and not yet decoded: REST bodies and gRPC messages share it.
+        self.body_bytes = SharedBudget("bytes of request bodies", settings.max_inflight_body_bytes,
+                                       metrics.inflight_body_bytes.set, self.retry_after_s)
         self._idle = asyncio.Event()
         self._idle.set()
-        self._latency_ewma_s = 0.5
+        self._latencies_s: deque[float] = deque(maxlen=LATENCY_WINDOW)
 
     def deadline_from(self, timeout_s: float | None) -> float:
         """Absolute deadline (time.monotonic) from the client's timeout, capped by settings."""
@@ -109,11 +146,20 @@ class Admission:
         return time.monotonic() + min(timeout_s, self.settings.max_deadline_s)
 
     def retry_after_s(self) -> int:
-        return max(1, math.ceil(self._latency_ewma_s))
+        """Seconds a refused client should wait (Retry-After, gRPC ``retry-after``): the median
+        time an admitted request spent in the service over the last :data:`LATENCY_WINDOW`,
+        scaled by how full the queue is: a client refused at a full queue waits about one median
+        latency, one refused by a byte or pixel budget with the queue a quarter full a quarter
+        of it. At least 1 s, at most ``max_deadline_s``."""
+        if not self._latencies_s:
+            return 1
+        median = statistics.median(self._latencies_s)
+        fill = min(1.0, self.inflight / self.settings.max_queue_size)
+        return max(1, min(math.ceil(median * fill), math.ceil(self.settings.max_deadline_s)))
 
-    @contextlib.contextmanager
-    def admit(self) -> Iterator[BudgetLease]:
-        """Hold one request slot for the ``with`` block, or raise EngineOverloaded."""
+    def check_capacity(self) -> None:
+        """Refuse (EngineOverloaded) if a request would be refused a slot now; holds nothing.
+        REST checks this before reading a body, then admits once the body is in."""
         if self.inflight >= self.settings.max_queue_size:
             retry_after = self.retry_after_s()
             raise EngineOverloaded(
@@ -121,6 +167,11 @@ class Admission:
                 f" progress); retry in about {retry_after} s",
                 retry_after_s=retry_after,
             )
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[BudgetLease]:
+        """Hold one request slot for the ``with`` block, or raise EngineOverloaded."""
+        self.check_capacity()
         self.inflight += 1
         self._idle.clear()
         self.metrics.inflight.set(self.inflight)
@@ -133,7 +184,7 @@ class Admission:
             self.inflight -= 1
             self.metrics.inflight.set(self.inflight)
             self.metrics.queue_depth.labels(queue="admission").set(self.inflight)
-            self._latency_ewma_s = 0.8 * self._latency_ewma_s + 0.2 * (time.monotonic() - started)
+            self._latencies_s.append(time.monotonic() - started)
             if self.inflight == 0:
                 self._idle.set()
 

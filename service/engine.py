@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePath
@@ -44,6 +45,7 @@ from omnipose.service.admission import Admission, BudgetLease
 from omnipose.service.batcher import Chunk, DynamicBatcher
 from omnipose.service.errors import (
     SHUTTING_DOWN,
+    DeadlineExceeded,
     EngineError,
     EngineUnavailable,
     ErrorCode,
@@ -283,15 +285,22 @@ class PoseEngine:
         """Absolute deadline (time.monotonic) from the client's timeout, capped by settings."""
         return self.admission.deadline_from(timeout_s)
 
-    @contextlib.contextmanager
-    def _admission(self) -> Iterator[BudgetLease]:
-        """Refuse while not ready, else hold a request slot (or refuse: overloaded)."""
+    def check_admissible(self) -> None:
+        """Raise what :meth:`admit` would raise now (503 not ready or draining, 429 queue full)
+        without holding anything: a transport calls it before receiving a request's bytes, and
+        admits once they are in, so an upload never holds an engine slot."""
         if self.state == "starting":
             raise EngineUnavailable("the model is still loading and warming up")
         if self.state == "failed":
             raise EngineUnavailable(f"the engine failed to start: {self._failure}")
         if self.state != "ready":
             raise EngineUnavailable(SHUTTING_DOWN)
+        self.admission.check_capacity()
+
+    @contextlib.contextmanager
+    def _admission(self) -> Iterator[BudgetLease]:
+        """Refuse while not ready, else hold a request slot (or refuse: overloaded)."""
+        self.check_admissible()
         with self.admission.admit() as lease:
             yield lease
 
@@ -308,11 +317,16 @@ class PoseEngine:
 
     # -- public API ---------------------------------------------------------------------------
     @contextlib.contextmanager
-    def admit(self, timeout_s: float | None = None) -> Iterator[Admitted]:
+    def admit(self, timeout_s: float | None = None, *,
+              deadline: float | None = None) -> Iterator[Admitted]:
         """The one way work enters the engine: a request slot held for the ``with`` block (or a
-        refusal: 503 / 429) and the request's deadline, started now. A transport admits before it
-        reads the request's bytes, so an overloaded service refuses without receiving them."""
-        deadline = self.deadline_from(timeout_s)
+        refusal: 503 / 429) and the request's deadline, started now, or the absolute
+        ``deadline`` of a request whose clock started earlier (on arrival, before its body was
+        received: see :meth:`check_admissible`)."""
+        if deadline is None:
+            deadline = self.deadline_from(timeout_s)
+        elif deadline <= time.monotonic():
+            raise DeadlineExceeded("the request's deadline passed while its body was received")
         with self._admission() as lease:
             yield Admitted(self, lease, deadline)
 

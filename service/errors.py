@@ -40,6 +40,7 @@ class ErrorCode(StrEnum):
     INVALID_ARGUMENT = "invalid_argument"
     OVERLOADED = "overloaded"
     DEADLINE_EXCEEDED = "deadline_exceeded"
+    REQUEST_TIMEOUT = "request_timeout"  # the client sent too slowly (a body stalled)
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
 

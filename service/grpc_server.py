@@ -33,6 +33,7 @@ from omnipose.service.errors import (
     InvalidRequest,
     internal_error,
     request_id_from,
+    within_deadline,
 )
 from omnipose.service.metrics import ServiceMetrics
 from omnipose.service.options import options_from_message
@@ -55,10 +56,16 @@ GRPC_STATUS = {
     ErrorCode.PAYLOAD_TOO_LARGE: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorCode.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorCode.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorCode.REQUEST_TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
     ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 RETRY_AFTER_KEY = "retry-after"
+MESSAGE_OVERHEAD_BYTES = 1024 * 1024  # an image's options and boxes around its bytes
+# A received message is in memory several times over while its call runs: gRPC core's slices,
+# the bytes handed to Python, the parsed message and the image bytes taken from it. Reserved
+# against the byte budget at this multiple of its size (measured: about 4x at peak).
+MESSAGE_COPIES = 3
 REQUEST_ID_KEY = "x-request-id"
 
 
@@ -173,6 +180,19 @@ def pose_service_handler(service: PoseEstimationService) -> grpc.GenericRpcHandl
         return grpc.unary_unary_rpc_method_handler(
             handler, request_deserializer=None, response_serializer=response_serializer)
 
+    def received_under_budget(name: str) -> grpc.RpcMethodHandler:
+        """A unary method served as stream-unary: the wire is the same (one message, then the
+        client's half-close), but grpcio hands the handler an iterator instead of the message
+        already received, so the call is admitted and its bytes reserved before it is read."""
+        request_type = GetMessageClass(methods[name].input_type)
+
+        async def handler(requests: AsyncIterator[bytes],
+                          context: grpc.aio.ServicerContext) -> Message:
+            return await service.received_call(name, request_type, requests, context)
+
+        return grpc.stream_unary_rpc_method_handler(
+            handler, request_deserializer=None, response_serializer=response_serializer)
+
     async def stream(request_iterator: AsyncIterator[bytes],
                      context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
         async def frames() -> AsyncIterator[omnipose_pb2.StreamFrame]:
@@ -182,7 +202,8 @@ def pose_service_handler(service: PoseEstimationService) -> grpc.GenericRpcHandl
         async for result in service.StreamEstimate(frames(), context):
             yield result
 
-    handlers = {name: unary(name) for name in ("Estimate", "EstimateBatch", "GetModel")}
+    handlers = {name: received_under_budget(name) for name in ("Estimate", "EstimateBatch")}
+    handlers["GetModel"] = unary("GetModel")
     handlers["StreamEstimate"] = grpc.stream_stream_rpc_method_handler(
         stream, request_deserializer=None, response_serializer=response_serializer)
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
@@ -196,6 +217,7 @@ class PoseEstimationService(omnipose_pb2_grpc.PoseEstimationServicer):
         self.engine = engine
         self.metrics = metrics
         self.stream_max_inflight = stream_max_inflight
+        self._methods = {"Estimate": self._estimate, "EstimateBatch": self._estimate_batch}
 
     def record_refused(self, method: str, error: EngineError) -> None:
         """Count a call refused before it reached the method (e.g. an unparsable message)."""
@@ -238,29 +260,70 @@ class PoseEstimationService(omnipose_pb2_grpc.PoseEstimationServicer):
             self._record(method, status.name, started)
         raise AssertionError("unreachable: context.abort raises")
 
+    def message_reservation(self, method: str) -> int:
+        """Bytes a call's message may have (its size is unknown until it is read), reserved
+        against the request-bytes budget while it is being received."""
+        settings = self.engine.settings
+        one = settings.max_image_bytes + MESSAGE_OVERHEAD_BYTES
+        most = one if method == "Estimate" else settings.max_images_per_batch * one
+        return min(most, settings.grpc_max_message_bytes)
+
+    async def received_call(self, method: str, request_type: type[Message],
+                            requests: AsyncIterator[bytes],
+                            context: grpc.aio.ServicerContext) -> Message:
+        """Admission before bytes, as for REST: refused at once if the engine would refuse it
+        (RESOURCE_EXHAUSTED / UNAVAILABLE), then the call waits within its deadline for room in
+        the budget of request bytes (shared with REST bodies) for its largest possible message,
+        and only then reads the message. Once read, the reservation shrinks to the message's
+        size and is held until the call is answered. Calls waiting for room hold only what
+        HTTP/2 flow control lets gRPC buffer for them."""
+        engine = self.engine
+
+        async def work() -> Message:
+            engine.check_admissible()
+            deadline = engine.deadline_from(_timeout(context))
+            budget = engine.admission.body_bytes
+            with budget.lease() as lease:
+                await budget.take_within(
+                    lease, MESSAGE_COPIES * self.message_reservation(method), deadline)
+                data = await within_deadline(deadline, anext(aiter(requests), None),
+                                             "while its message was still being received")
+                if data is None:
+                    raise InvalidRequest(f"the {method} call sent no request message")
+                budget.give_back(lease, lease.held - MESSAGE_COPIES * len(data))
+                request = parse_message(request_type, data)
+                del data
+                return await self._methods[method](request, context)
+
+        return await self._unary(method, context, work)
+
     async def Estimate(self, request: omnipose_pb2.EstimateRequest,
                        context: grpc.aio.ServicerContext) -> omnipose_pb2.EstimateResponse:
-        async def work() -> omnipose_pb2.EstimateResponse:
-            result = await self.engine.estimate(to_image_request(request), _timeout(context))
-            return to_response(result, self.engine)
+        return await self._unary("Estimate", context, lambda: self._estimate(request, context))
 
-        return await self._unary("Estimate", context, work)
+    async def _estimate(self, request: omnipose_pb2.EstimateRequest,
+                        context: grpc.aio.ServicerContext) -> omnipose_pb2.EstimateResponse:
+        result = await self.engine.estimate(to_image_request(request), _timeout(context))
+        return to_response(result, self.engine)
 
     async def EstimateBatch(self, request: omnipose_pb2.EstimateBatchRequest,
                             context: grpc.aio.ServicerContext
                             ) -> omnipose_pb2.EstimateBatchResponse:
-        async def work() -> omnipose_pb2.EstimateBatchResponse:
-            requests = []
-            for index, image in enumerate(request.images):
-                try:
-                    requests.append(to_image_request(image))
-                except EngineError as exc:
-                    raise exc.prefixed(f"images[{index}]") from None
-            results = await self.engine.estimate_many(requests, _timeout(context))
-            return omnipose_pb2.EstimateBatchResponse(
-                results=[to_response(result, self.engine) for result in results])
+        return await self._unary("EstimateBatch", context,
+                                 lambda: self._estimate_batch(request, context))
 
-        return await self._unary("EstimateBatch", context, work)
+    async def _estimate_batch(self, request: omnipose_pb2.EstimateBatchRequest,
+                             context: grpc.aio.ServicerContext
+                             ) -> omnipose_pb2.EstimateBatchResponse:
+        requests = []
+        for index, image in enumerate(request.images):
+            try:
+                requests.append(to_image_request(image))
+            except EngineError as exc:
+                raise exc.prefixed(f"images[{index}]") from None
+        results = await self.engine.estimate_many(requests, _timeout(context))
+        return omnipose_pb2.EstimateBatchResponse(
+            results=[to_response(result, self.engine) for result in results])
 
     async def GetModel(self, request: omnipose_pb2.GetModelRequest,
                        context: grpc.aio.ServicerContext) -> omnipose_pb2.ModelDescription:
@@ -383,6 +446,11 @@ class GrpcServer:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
+                # gRPC core's bandwidth-delay probe grows every stream's HTTP/2 receive window
+                # (to the whole message on loopback), so calls waiting for room in the byte
+                # budget would receive their messages anyway. Without it a waiting stream's
+                # window stays at 64 KiB; a stream being read still gets its message's worth.
+                ("grpc.http2.bdp_probe", 0),
             ],
         )
         self.service = PoseEstimationService(engine, metrics or engine.metrics,

@@ -33,7 +33,7 @@ import logging
 import resource
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import h11
@@ -57,12 +57,26 @@ RESERVED_DESCRIPTORS = 256
 ACCEPT_FAILURE = "socket.accept() out of system resource"
 
 
+class OpenTransports:
+    """The listeners' open connections, those still in their TLS handshake included: uvicorn
+    counts a connection only once its protocol is connected, which on a TLS port is after the
+    handshake, so silent TLS clients would not count against the connection limit."""
+
+    def __init__(self) -> None:
+        self.servers: list[asyncio.Server] = []
+
+    def count(self) -> int:
+        # asyncio.Server counts its transports from accept() to close (no public accessor).
+        return sum(getattr(server, "_active_count", 0) for server in self.servers)
+
+
 @dataclass(frozen=True)
 class HttpLimits:
     max_connections: int
     header_timeout_s: float
     keepalive_timeout_s: float
     max_header_bytes: int
+    open_transports: OpenTransports = field(default_factory=OpenTransports, compare=False)
 
 
 def error_bytes(status: int, reason: str, code: str, message: str) -> bytes:
@@ -122,15 +136,21 @@ class AcceptFailureLog:
 
 
 @contextlib.contextmanager
-def tls_handshake_timeout(loop: asyncio.AbstractEventLoop, timeout_s: float) -> Iterator[None]:
+def tls_handshake_timeout(loop: asyncio.AbstractEventLoop, timeout_s: float,
+                          open_transports: OpenTransports | None = None) -> Iterator[None]:
     """Servers created on ``loop`` inside the ``with`` give a TLS handshake ``timeout_s``
-    (uvicorn has no setting for it; asyncio's default holds a silent connection for 60 s)."""
+    (uvicorn has no setting for it; asyncio's default holds a silent connection for 60 s), and
+    are recorded in ``open_transports`` so that connections still in their handshake count
+    against the connection limit."""
     create_server = loop.create_server
 
-    def create_server_with_timeout(*args: Any, **kwargs: Any) -> Any:
+    async def create_server_with_timeout(*args: Any, **kwargs: Any) -> asyncio.Server:
         if kwargs.get("ssl") is not None:  # asyncio refuses the timeout without TLS
             kwargs.setdefault("ssl_handshake_timeout", timeout_s)
-        return create_server(*args, **kwargs)
+        server = await create_server(*args, **kwargs)
+        if open_transports is not None:
+            open_transports.servers.append(server)
+        return server
 
     loop.create_server = create_server_with_timeout  # type: ignore[method-assign]
     try:
@@ -149,7 +169,8 @@ def guarded_protocol(limits: HttpLimits) -> type[H11Protocol]:
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            if len(self.connections) > limits.max_connections:
+            open_connections = max(len(self.connections), limits.open_transports.count())
+            if open_connections > limits.max_connections:
                 # Answered by TransportGuard once the request head is in (body left unread).
                 self.app_state = {**self.app_state, OVER_CONNECTION_LIMIT: True}
             self._arm_head_timer()

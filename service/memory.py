@@ -6,6 +6,13 @@ allocator has raised its mmap threshold, and memory freed inside an arena is not
 pod's RSS then stays at its peak, close to the memory limit, long after the flood. ``malloc_trim``
 returns the free pages; it is called from a worker thread when no request is in progress and the
 resident size has grown since the last trim, so a busy service never pays for it.
+
+Some of a flood's memory is not even freed by Python when its requests end: grpcio's asyncio
+transport objects form reference cycles that keep each closed connection's receive buffers (a
+whole message) alive until the cycle collector runs, and large buffers do not count towards the
+collector's thresholds. :class:`LargeRequestCollector` runs it after every ``bytes_between``
+bytes of finished requests (at most every ``min_interval_s``); ``gc.freeze()`` once the model is
+loaded keeps those collections cheap (the model's and torch's objects are never scanned again).
 """
 
 from __future__ import annotations
@@ -13,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -88,3 +97,28 @@ class IdleMemoryTrim:
         while True:
             await asyncio.sleep(self.interval_s)
             await self.check()
+
+
+class LargeRequestCollector:
+    """Runs the cycle collector once ``bytes_between`` bytes of finished requests (REST bodies,
+    gRPC messages) accumulated, at most every ``min_interval_s``: a flood of large requests from
+    new connections would otherwise keep one message per closed gRPC connection in memory."""
+
+    def __init__(self, bytes_between: int = GROWTH_BYTES, min_interval_s: float = 0.25,
+                 collect: Callable[[], object] = gc.collect) -> None:  # fmt: skip
+        self.bytes_between = bytes_between
+        self.min_interval_s = min_interval_s
+        self.collect = collect
+        self.pending = 0
+        self.collections = 0
+        self._last = -float("inf")
+
+    def finished(self, request_bytes: int) -> None:
+        """A request that held ``request_bytes`` of the byte budget has ended."""
+        self.pending += request_bytes
+        now = time.monotonic()
+        if self.pending >= self.bytes_between and now - self._last >= self.min_interval_s:
+            self.collect()
+            self.pending = 0
+            self._last = time.monotonic()
+            self.collections += 1

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from omnipose.service.admission import BudgetLease, SharedBudget
 from omnipose.service.auth import KeyChecker, load_key_digests
 from omnipose.service.docs_ui import mount_docs
-from omnipose.service.engine import Admitted, PoseEngine
+from omnipose.service.engine import PoseEngine
 from omnipose.service.errors import ErrorCode, InvalidRequest, within_deadline
 from omnipose.service.http_server import InflightRequests, TransportGuard
 from omnipose.service.metrics import ServiceMetrics
@@ -54,7 +54,9 @@ from omnipose.service.schemas import (
 )
 from omnipose.service.settings import ServiceSettings
 from omnipose.service.uploads import (
+    BodyPace,
     body_too_large,
+    check_declared_type,
     declared_length,
     read_multipart,
     read_raw_body,
@@ -72,8 +74,10 @@ def _error_doc(description: str) -> dict:
 
 POSE_ERRORS: dict[int | str, dict[str, Any]] = {
     400: _error_doc("The bytes are not a decodable image (empty, corrupt, truncated)"),
+    408: _error_doc("The request body stalled or arrived slower than the minimum rate"),
     413: _error_doc("The image (bytes or pixels) or the batch is over the service's limits"),
-    415: _error_doc("Unsupported content type or image format (e.g. GIF)"),
+    415: _error_doc("Unsupported content type or image format (e.g. GIF), or a raw body whose"
+                    " Content-Type names another format than its bytes"),
     422: _error_doc("Invalid parameters (boxes, thresholds, timeout) or a missing image field"),
     429: _error_doc("The service is at capacity; retry after the Retry-After header's seconds"),
     499: _error_doc("Not sent: the client closed the connection first (recorded in metrics)"),
@@ -247,19 +251,28 @@ RequestTimeout = Annotated[float | None, Header(
 
 
 @contextlib.asynccontextmanager
-async def _admitted(request: Request, engine: PoseEngine, body_budget: SharedBudget,
-                    body_limit: int,
-                    timeout: float | None) -> AsyncIterator[tuple[Admitted, BudgetLease]]:
-    """Admission before bytes: a body declared over ``body_limit`` (413), a full queue (429), a
+async def _receiving(request: Request, engine: PoseEngine, body_budget: SharedBudget,
+                     body_limit: int, timeout: float | None) -> AsyncIterator[BudgetLease]:
+    """Refusals before bytes: a body declared over ``body_limit`` (413), a full queue (429), a
     draining or loading engine (503) and a full body budget (429) are all refused before a byte
-    of the body is read. The request's deadline starts here, so an upload still incomplete at it
-    gets 504 and gives its slot back."""
+    of the body is read. The body is then received holding its budget bytes but no engine slot
+    (see :func:`_admit_received`), so slow uploads cannot starve fast clients of the queue."""
     length = declared_length(request.scope["headers"])
     if length is not None and length > body_limit:
         raise body_too_large(body_limit, length)
-    with engine.admit(timeout) as admitted, body_budget.lease() as body:
+    engine.check_admissible()
+    with body_budget.lease() as body:
         body_budget.take(body, length or 0)
-        yield admitted, body
+        yield body
+
+
+def _body_pace(settings: ServiceSettings) -> BodyPace:
+    return BodyPace(settings.http_body_idle_timeout_s, settings.http_body_min_rate_bytes_s)
+
+
+def _admit_received(engine: PoseEngine, deadline: float) -> contextlib.AbstractContextManager:
+    """The engine slot, taken once the body is in; the request's deadline ran from arrival."""
+    return engine.admit(deadline=deadline)
 
 
 def _to_json(engine: PoseEngine, result: ImageResult, image_id: int | str) -> dict[str, Any]:
@@ -310,23 +323,25 @@ async def estimate_pose(
             ErrorCode.UNSUPPORTED_MEDIA_TYPE,
         )
     body_limit = settings.max_image_bytes + (MULTIPART_OVERHEAD_BYTES if multipart else 0)
-    async with _admitted(request, engine, body_budget, body_limit, timeout) as (admitted, body):
-        deadline = admitted.deadline
+    deadline = engine.deadline_from(timeout)
+    pace = _body_pace(settings)
+    async with _receiving(request, engine, body_budget, body_limit, timeout) as body:
         if multipart:
             one_file = InvalidRequest("the multipart body must hold exactly one file, the"
                                       " 'image' field; use /v1/pose/batch for several images")
             form = await _received_by(deadline, read_multipart(
                 request.receive, request.headers["content-type"], body, body_budget,
                 body_limit, file_field="image", max_files=1,
-                file_limit=settings.max_image_bytes, too_many_files=one_file))
+                file_limit=settings.max_image_bytes, too_many_files=one_file, pace=pace))
             if not form.files:
                 raise InvalidRequest("the multipart body has no 'image' file field")
             data = form.files[0][1]
             options = _merge_options(query, form.fields)
         else:
             data = await _received_by(deadline, read_raw_body(
-                request.receive, body, body_budget, settings.max_image_bytes))
+                request.receive, body, body_budget, settings.max_image_bytes, pace=pace))
             options = _merge_options(query, None)
+            check_declared_type(content_type, data)
         image_request = _to_request(data, options, options.boxes)
         image_id = _image_id(options)
 
@@ -336,8 +351,8 @@ async def estimate_pose(
                                 headers={"X-Persons": str(len(result.persons))})
             return JSONResponse(_to_json(engine, result, image_id))
 
-        return await _answer(
-            request, admitted.estimate(image_request), build)
+        with _admit_received(engine, deadline) as admitted:
+            return await _answer(request, admitted.estimate(image_request), build)
 
 
 @router.post(
@@ -363,12 +378,12 @@ async def estimate_pose_batch(
     too_many = InvalidRequest(f"more than {limit} images in one batch, over the limit of"
                               f" {limit}", ErrorCode.PAYLOAD_TOO_LARGE)
     body_limit = limit * settings.max_image_bytes + MULTIPART_OVERHEAD_BYTES
-    async with _admitted(request, engine, body_budget, body_limit, timeout) as (admitted, body):
-        deadline = admitted.deadline
+    deadline = engine.deadline_from(timeout)
+    async with _receiving(request, engine, body_budget, body_limit, timeout) as body:
         form = await _received_by(deadline, read_multipart(
             request.receive, request.headers["content-type"], body, body_budget, body_limit,
             file_field="images", max_files=limit, file_limit=settings.max_image_bytes,
-            too_many_files=too_many))
+            too_many_files=too_many, pace=_body_pace(settings)))
         uploads = [data for _, data in form.files]
         if not uploads:
             raise InvalidRequest("the multipart body has no 'images' file fields")
@@ -388,8 +403,8 @@ async def estimate_pose_batch(
             return JSONResponse({"results": [_to_json(engine, r, i)
                                              for r, i in zip(results, ids, strict=True)]})
 
-        return await _answer(
-            request, admitted.estimate_many(requests), build)
+        with _admit_received(engine, deadline) as admitted:
+            return await _answer(request, admitted.estimate_many(requests), build)
 
 
 @router.get("/v1/models", response_model=ModelDescription,
@@ -445,9 +460,7 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
     )
     app.state.engine = engine
     app.state.metrics = metrics
-    app.state.body_budget = SharedBudget(
-        "bytes of request bodies", settings.max_inflight_body_bytes,
-        metrics.inflight_body_bytes.set, engine.admission.retry_after_s)
+    app.state.body_budget = engine.admission.body_bytes  # shared with gRPC messages
     app.state.inflight = InflightRequests()
     # Inside RequestContextMiddleware (added last, so outermost): the guard's answers get a
     # request id and are counted like any other.

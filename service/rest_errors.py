@@ -40,6 +40,7 @@ HTTP_STATUS = {
     ErrorCode.OVERLOADED: 429,
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.DEADLINE_EXCEEDED: 504,
+    ErrorCode.REQUEST_TIMEOUT: 408,
     ErrorCode.INTERNAL: 500,
 }
 CLIENT_CLOSED_REQUEST = 499  # nginx's convention: the client went away before the answer

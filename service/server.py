@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import re
@@ -47,7 +48,7 @@ from omnipose.service.http_server import (  # noqa: E402
     tls_handshake_timeout,
     uvicorn_config,
 )
-from omnipose.service.memory import IdleMemoryTrim  # noqa: E402
+from omnipose.service.memory import IdleMemoryTrim, LargeRequestCollector  # noqa: E402
 from omnipose.service.metrics import ServiceMetrics  # noqa: E402
 from omnipose.service.resources import configure_threads  # noqa: E402
 from omnipose.service.rest import create_app  # noqa: E402
@@ -223,7 +224,7 @@ async def serve(settings: ServiceSettings) -> int:
 
     loop.set_exception_handler(AcceptFailureLog())
     await grpc_server.start()
-    with tls_handshake_timeout(loop, settings.http_header_timeout_s):
+    with tls_handshake_timeout(loop, settings.http_header_timeout_s, limits.open_transports):
         http_task = asyncio.create_task(http_server.serve(sockets=[http_socket]))
         while not (http_server.started or http_task.done()):  # its listener is created
             await asyncio.sleep(0.01)
@@ -242,6 +243,8 @@ async def serve(settings: ServiceSettings) -> int:
         exit_code = 1
     elif starting.done():
         await grpc_server.set_serving()
+        gc.freeze()  # what start-up made lives on: later collections no longer scan it
+        engine.admission.body_bytes.on_lease_end = LargeRequestCollector().finished
         log.info("ready")
         trimming = asyncio.create_task(
             IdleMemoryTrim(lambda: engine.inflight == 0 and not len(app.state.inflight)).run())

@@ -108,9 +108,11 @@ class ServiceSettings(BaseSettings):
         " omnipose_jpeg_device_decode_fallbacks_total); other formats always use OpenCV",
     )
     max_inflight_body_bytes: int = Field(
-        256 * 1024 * 1024, ge=1, description="HTTP request body bytes held in memory by requests"
-        " in progress (reserved from Content-Length before reading); beyond: 429. A request"
-        " alone is never refused for it",
+        256 * 1024 * 1024, ge=1, description="Request bytes received and not yet decoded, REST"
+        " bodies and gRPC messages together (REST reserves its Content-Length before reading,"
+        " 429 beyond; a gRPC Estimate/EstimateBatch call reserves its largest possible message"
+        " before reading it and waits for room within its deadline). A request alone is never"
+        " refused for it",
     )
     grpc_max_concurrent_rpcs: int = Field(
         128, ge=1, description="gRPC calls handled at once (streams count as one); beyond:"
@@ -173,6 +175,14 @@ class ServiceSettings(BaseSettings):
     http_max_header_bytes: int = Field(
         16384, ge=1024, description="Largest HTTP request line plus headers (a long URL counts);"
         " beyond: 431",
+    )
+    http_body_idle_timeout_s: float = Field(
+        10.0, gt=0, description="A request body that sends no byte for this long, or that"
+        " averages under http_body_min_rate_bytes_s once it has taken this long, gets 408",
+    )
+    http_body_min_rate_bytes_s: float = Field(
+        1024.0, ge=0, description="Slowest average request body upload accepted (bytes/s), checked"
+        " once the body has taken http_body_idle_timeout_s",
     )
     # --- security ----------------------------------------------------------------------------
     api_key_sha256: str | None = Field(

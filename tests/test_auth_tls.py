@@ -33,6 +33,7 @@ from tests.conftest import ServerProcess, running_server
 
 TLS_HEADER_TIMEOUT_S = 2.0
 ASYNCIO_DEFAULT_HANDSHAKE_TIMEOUT_S = 60.0
+TLS_MAX_CONNECTIONS = 4
 
 pytestmark = pytest.mark.slow
 
@@ -128,6 +129,8 @@ def secure_server(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterato
         str(pki.ca),
         "--http-header-timeout-s",
         str(TLS_HEADER_TIMEOUT_S),
+        "--http-max-connections",
+        str(TLS_MAX_CONNECTIONS),
         "--no-warmup",  # keys and TLS only: no model figures needed
     ]
     with running_server(root, "secure", args, tls_ca=pki.ca) as server:
@@ -203,6 +206,29 @@ def test_silent_connection_on_the_tls_port_is_closed_at_the_header_timeout(
             assert sock.recv(1024) == b""  # closed by the server, nothing sent
         waited = time.monotonic() - started
     assert waited < ASYNCIO_DEFAULT_HANDSHAKE_TIMEOUT_S / 2
+
+
+def test_connections_still_in_their_tls_handshake_count_against_the_limit(
+    secure_server: ServerProcess, https: httpx.Client,
+) -> None:
+    """Silent TCP connections (no ClientHello) fill the connection limit: a real client beyond
+    it gets 503 (uvicorn alone counts a TLS connection only once its handshake is done); once
+    the header timeout closes them, the real client is served again."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    silent = [socket.create_connection(("127.0.0.1", secure_server.http_port), timeout=10)
+              for _ in range(TLS_MAX_CONNECTIONS)]
+    try:
+        refused = https.get("/v1/models", headers=headers)
+        assert refused.status_code == 503, refused.text
+        assert "too many open connections" in refused.json()["error"]["message"]
+        for sock in silent:  # closed by the server at the header timeout, nothing sent
+            sock.settimeout(TLS_HEADER_TIMEOUT_S * 5)
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(1024) == b""
+    finally:
+        for sock in silent:
+            sock.close()
+    assert https.get("/v1/models", headers=headers).status_code == 200
 
 
 def test_grpc_mtls_and_keys(secure_server: ServerProcess, pki: Pki, images) -> None:

@@ -116,6 +116,9 @@ SKIPPED: dict[str, str] = {
     "predict .venv/lib/python3.11/site-packages/ultralytics/assets/bus.jpg --out results.json "
     "--render rendered/": "the set-up: .ci/run executes this line verbatim",
     ".venv/bin/python -m pytest -q": "the test suite itself (.ci/run executes it)",
+    "python3.11 -m venv .venv && .venv/bin/pip install -q --index-url "
+    "https://download.pytorch.org/whl/cpu torch==2.14.1 torchvision==0.29.1 && .venv/bin/pip "
+    "install -q -e '.[dev]'": "the CPU-only set-up: needs the PyTorch CPU index (network)",
     ".venv/bin/torchrun --nproc_per_node=8 -m omnipose.training.cli train coco-w48-384x288":
         "eight GPUs",
     "docker build -f docker/Dockerfile --target cpu -t omnipose-serve:0.1.0-cpu .":

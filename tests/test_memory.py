@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
+import weakref
 
 import pytest
 
-from omnipose.service.memory import IdleMemoryTrim, glibc_malloc_trim, resident_bytes
+from omnipose.service.memory import (
+    IdleMemoryTrim,
+    LargeRequestCollector,
+    glibc_malloc_trim,
+    resident_bytes,
+)
 
 MIB = 2**20
 
@@ -64,3 +71,38 @@ def test_glibc_trim_returns_freed_heap_memory() -> None:
     after = resident_bytes()
     libc.free(keep)
     assert before - after > 100 * MIB, (before / MIB, after / MIB)
+
+
+def test_large_requests_trigger_the_cycle_collector_at_most_so_often() -> None:
+    """Collections after every ``bytes_between`` bytes of finished requests, none more often
+    than ``min_interval_s`` (here long: the second burst inside it waits)."""
+    collected = []
+    collector = LargeRequestCollector(bytes_between=100, min_interval_s=3600,
+                                      collect=lambda: collected.append(1))  # fmt: skip
+    collector.finished(60)
+    assert not collected  # 60 of 100 bytes
+    collector.finished(60)
+    assert len(collected) == 1 and collector.pending == 0
+    collector.finished(500)
+    assert len(collected) == 1 and collector.pending == 500  # within the interval
+
+
+def test_a_cycle_holding_a_large_buffer_is_freed_by_the_collection() -> None:
+    """Why the collector exists: a reference cycle keeps its buffer until a collection, however
+    large the buffer (the automatic collector counts objects, not bytes)."""
+
+    class Holder:
+        pass
+
+    gc.disable()  # no automatic collection in between
+    try:
+        holder = Holder()
+        holder.self = holder  # a cycle, as grpcio's transport objects form
+        holder.buffer = bytearray(8 * 1024 * 1024)
+        alive = weakref.ref(holder)
+        del holder
+        assert alive() is not None
+        LargeRequestCollector(bytes_between=1, min_interval_s=0).finished(8 * 1024 * 1024)
+        assert alive() is None
+    finally:
+        gc.enable()
