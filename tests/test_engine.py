@@ -32,6 +32,7 @@ from omnipose.model.detection import Detections, NoDetector, PersonDetector
 from omnipose.model.persons import client_persons, detected_persons
 from omnipose.model.topdown import TopDownPoseEstimator
 from omnipose.model.transforms import IMAGENET_MEAN, IMAGENET_STD
+from omnipose.service import resources
 from omnipose.service.batcher import AllCoresRunner, Chunk, DynamicBatcher
 from omnipose.service.boxes import BoxError
 from omnipose.service.engine import PoseEngine
@@ -315,20 +316,43 @@ def test_lone_batch_rule_compares_the_slowest_spread_instance_with_all_cores() -
     assert not any(poor_scaling.all_cores_faster(u) for u in range(1, 9))
 
 
-def test_lone_batches_are_measured_on_threads_set_up_like_the_instances() -> None:
+class SimulatedClock:
+    """``perf_counter`` for code that times forwards: a forward reports how long it would take
+    (``run``), and the next reading advances by the longest one reported since the last reading,
+    as forwards running at once on their own cores would. Timings then follow from the threads a
+    forward ran on, never from how busy the machine is."""
+
+    def __init__(self) -> None:
+        self.now, self.pending = 0.0, 0.0
+        self._lock = threading.Lock()
+
+    def run(self, seconds: float) -> None:
+        with self._lock:
+            self.pending = max(self.pending, seconds)
+
+    def perf_counter(self) -> float:
+        with self._lock:
+            self.now, self.pending = self.now + self.pending, 0.0
+            return self.now
+
+
+def test_lone_batches_are_measured_on_threads_set_up_like_the_instances(monkeypatch) -> None:
     seen: list[tuple[str, int, int]] = []
+    clock = SimulatedClock()
+    monkeypatch.setattr(resources, "time", clock)
 
     def forward(units: int) -> None:
         threads = torch.get_num_threads()
         seen.append((threading.current_thread().name, threads, units))
-        time.sleep(0.02 * units / threads)  # a forward that scales perfectly with threads
+        clock.run(0.02 * units / threads)  # a forward that scales perfectly with threads
 
     rule = measure_lone_batches(forward, InstanceLayout(2, 1), cpus=2, probe_units=4, repeats=1)
     spread = {name for name, threads, units in seen if threads == 1}
     assert len(spread) == 2  # one crop on each of two single-threaded instances at once
     assert {(threads, units) for _, threads, units in seen} == {(1, 1), (2, 1), (2, 4)}
-    assert rule.all_cores_probe_s > 2 * rule.all_cores_one_s
-    assert rule.spread_one_s > 1.5 * rule.all_cores_one_s  # 20 ms against 10 ms
+    assert rule.all_cores_probe_s == pytest.approx(0.04)  # 4 crops on 2 threads
+    assert rule.all_cores_one_s == pytest.approx(0.01)
+    assert rule.spread_one_s == pytest.approx(0.02)  # one thread each, side by side
 
 
 def test_batcher_cancelled_job_leaves_the_queue_and_never_runs() -> None:
