@@ -94,7 +94,7 @@ class OpenVinoRunner:
                  threads: int | None = None, streams: int | None = None,
                  cache_dir: Path | None = None, cpus: int | None = None) -> None:
         check_openvino_precision(precision)
-        if threads is not None and threads < 1 or streams is not None and streams < 1:
+        if any(value is not None and value < 1 for value in (threads, streams)):
             raise ValueError(f"threads and streams must be at least 1 (got {threads}, {streams})")
         import openvino
 
