@@ -2,10 +2,12 @@
 precision, with the converted model and its compiled blobs cached on disk.
 
 **Conversion** goes through the project's ONNX export (:func:`omnipose.model.onnx_runtime.
-export_onnx`, dynamic batch) and ``openvino.convert_model`` of those bytes. Converting the torch
-module directly (``convert_model(network, example_input=...)``) gives the same graph (both
-3e-22 from torch on coco-w8-96x64) but took 87 s against 32 s for export + convert on the shared
-2-core dev machine, and the ONNX route names the input ``crops`` as the ONNX backend does.
+export_onnx`, dynamic batch), read by OpenVINO's ONNX frontend (``Core.read_model``). Converting
+the torch module directly (``convert_model(network, example_input=...)``) gives the same graph
+(both 3e-22 from torch on coco-w8-96x64) but took 87 s against 32 s for export + convert on the
+shared 2-core dev machine. ``openvino.convert_model`` is not used at all: it starts OpenVINO's
+usage telemetry (a thread pool that sends events unless the user opted out), and the service
+makes no network calls; ``read_model`` gives the same numbers without it.
 
 **Precision** is always set (``INFERENCE_PRECISION_HINT`` f32 or bf16): OpenVINO's own default
 on a CPU with native bf16 is bf16, so leaving it implicit would silently change the numbers.
@@ -184,7 +186,7 @@ def convert_network(network: nn.Module, input_size: tuple[int, int]) -> openvino
 
     from omnipose.model.onnx_runtime import export_onnx
 
-    return openvino.convert_model(io.BytesIO(export_onnx(network.eval(), input_size)))
+    return openvino.Core().read_model(io.BytesIO(export_onnx(network.eval(), input_size)))
 
 
 def state_dict_sha256(network: nn.Module) -> str:

@@ -197,3 +197,18 @@ def test_service_reports_the_openvino_backend(cache: Path) -> None:
 
     info = startup.model_info(loaded, Detector(), None)  # type: ignore[arg-type]
     assert (info["backend"], info["precision"]) == ("openvino", "fp32")
+
+
+def test_conversion_starts_no_telemetry_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """openvino.convert_model would start OpenVINO's usage telemetry (threads that send events,
+    once per process); the runner converts without it, so the service makes no network calls."""
+    import openvino
+
+    def telemetry(*args: object, **kwargs: object) -> None:
+        raise AssertionError("openvino.convert_model starts usage telemetry")
+
+    monkeypatch.setattr(openvino, "convert_model", telemetry)
+    before = set(threading.enumerate())
+    ov_model = openvino_runtime.convert_network(torch.nn.Conv2d(3, 17, 4, stride=4), (64, 48))
+    assert ov_model.inputs[0].get_partial_shape().to_string() == "[?,3,64,48]"
+    assert set(threading.enumerate()) <= before
