@@ -190,13 +190,14 @@ def test_service_reports_the_openvino_backend(cache: Path) -> None:
     loaded = loading.load_pose_model(device="cpu", precision="auto", backend="openvino",
                                      cache_dir=cache)
     described = loaded.describe()
-    assert (described["backend"], described["precision"]) == ("openvino", "fp32")
+    auto = "bf16" if precision_module.cpu_has_native_bf16() else "fp32"  # as torch's auto
+    assert (described["backend"], described["precision"]) == ("openvino", auto)
 
     class Detector:
         name = "none"
 
     info = startup.model_info(loaded, Detector(), None)  # type: ignore[arg-type]
-    assert (info["backend"], info["precision"]) == ("openvino", "fp32")
+    assert (info["backend"], info["precision"]) == ("openvino", auto)
 
 
 def test_conversion_starts_no_telemetry_threads(monkeypatch: pytest.MonkeyPatch) -> None:
