@@ -71,9 +71,9 @@ def build_backends(config_name: str, threads: int, capped: bool) -> dict:
     onnx = export_onnx(copy.deepcopy(network), config.input_size)
     backends["onnxruntime fp32"] = estimator(OnnxRuntimeRunner(onnx))
     try:
-        import openvino
+        from omnipose.model.openvino_runtime import OpenVinoRunner, import_openvino
 
-        from omnipose.model.openvino_runtime import OpenVinoRunner
+        openvino = import_openvino()
     except ImportError:
         print("openvino not installed (the openvino extra): no OpenVINO rows")
         return backends

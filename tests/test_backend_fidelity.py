@@ -24,14 +24,15 @@ from bench.samples import BUS_JPG
 from omnipose.model.checkpoint import load_model
 from omnipose.model.configs import ModelConfig
 from omnipose.model.network import OmniPose
+from omnipose.model.openvino_runtime import import_openvino
 from omnipose.model.precision import cpu_has_native_bf16
 from omnipose.model.runners import OnnxRuntimeRunner, Runner, TorchRunner
 from omnipose.model.topdown import TopDownPoseEstimator
 from omnipose.service import loading
 
 pytest.importorskip("onnxruntime")
-try:
-    import openvino
+try:  # usage telemetry declined (and no sender thread started), as the runner imports it
+    openvino = import_openvino()
 except ImportError:  # the openvino extra is not installed: its cases skip
     openvino = None
 

@@ -200,10 +200,30 @@ def test_service_reports_the_openvino_backend(cache: Path) -> None:
     assert (info["backend"], info["precision"]) == ("openvino", auto)
 
 
+def test_openvino_is_imported_with_telemetry_declined() -> None:
+    """``import openvino`` sends a usage event unless consent is declined: the runner declines
+    it before the first import, so no event is queued (no sender thread) and none is sent."""
+    import subprocess
+    import sys
+
+    script = (
+        "import threading\n"
+        "from omnipose.model.openvino_runtime import import_openvino\n"
+        "import_openvino()\n"
+        "from openvino_telemetry import Telemetry\n"
+        "telemetry = Telemetry(tid='x', app_name='OpenVINO', app_version='x', backend='ga4',"
+        " enable_opt_in_dialog=False, disable_in_ci=True)\n"
+        "print(telemetry.consent, len(threading.enumerate()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert out == ["False", "1"]
+
+
 def test_conversion_starts_no_telemetry_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """openvino.convert_model would start OpenVINO's usage telemetry (threads that send events,
-    once per process); the runner converts without it, so the service makes no network calls."""
-    import openvino
+    """openvino.convert_model would send OpenVINO's usage telemetry: the runner converts without
+    it, so the service makes no network calls."""
+    openvino = openvino_runtime.import_openvino()
 
     def telemetry(*args: object, **kwargs: object) -> None:
         raise AssertionError("openvino.convert_model starts usage telemetry")

@@ -16,18 +16,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-try:  # at import, not in the guard: importing it starts OpenVINO's (idle) telemetry thread
-    import openvino
-except ImportError:  # the openvino extra is not installed: the guard checks torch only
-    openvino = None
 from torch import nn
 
 from omnipose.model import precision as precision_module
 from omnipose.model.codec import decode_heatmaps
+from omnipose.model.openvino_runtime import import_openvino
 from omnipose.model.precision import Precision, cast_inputs, cast_network, resolve_precision
 from omnipose.model.topdown import TopDownPoseEstimator
 from omnipose.service import loading
+
+try:  # usage telemetry declined, as the runner imports it
+    openvino = import_openvino()
+except ImportError:  # the openvino extra is not installed: the guard checks torch only
+    openvino = None
 
 AP_TOLERANCE = 0.005
 MEDIAN_SHIFT_TOLERANCE_PX = 0.1
