@@ -4,8 +4,9 @@ The guard: on the default model's held-out synthetic test split (the model card'
 training or selection), bf16 weights in channels-last layout keep COCO AP within 0.005 of fp32
 and move the median keypoint by at most 0.1 heatmap pixel (one pass per crop, no flip test).
 bf16 is checked on any CPU (oneDNN emulates it where the CPU lacks it: slower, same numbers), so
-the guard holds wherever auto could pick it. fp16 is auto's choice on CUDA only; its guard needs
-a GPU (bench/gpu.sh).
+the guard holds wherever auto could pick it. OpenVINO bf16 (backend=openvino, where auto picks
+it on CPUs with native bf16) is held to the same guard there. fp16 is auto's choice on CUDA
+only; its guard needs a GPU (bench/gpu.sh).
 """
 
 from __future__ import annotations
