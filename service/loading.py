@@ -16,13 +16,13 @@ import omnipose.model as model_package
 from omnipose.model.checkpoint import load_model, read_checkpoint
 from omnipose.model.configs import ModelConfig, get_config
 from omnipose.model.precision import PrecisionSetting
-from omnipose.model.runners import build_runner
+from omnipose.model.runners import RunnerOptions, build_runner
 from omnipose.model.skeleton import KeypointSpec
 from omnipose.model.topdown import TopDownPoseEstimator
 
 log = logging.getLogger(__name__)
 
-Backend = Literal["torch", "onnxruntime"]
+Backend = Literal["torch", "onnxruntime", "openvino"]
 
 DEFAULT_WEIGHTS = Path(model_package.__file__).resolve().parent / "weights" / "default.pt"
 UNTRAINED_CONFIG = "coco-w18-256x192"
@@ -114,12 +114,17 @@ def load_pose_model(
     flip_test: bool = True,
     flip_shift: bool = False,
     backend: Backend = "torch",
+    cache_dir: Path | None = None,
+    cpus: int | None = None,
 ) -> LoadedPoseModel:
     """Load weights (or the default) and wrap them in a TopDownPoseEstimator on ``device``.
 
     ``backend`` names the runner (:data:`omnipose.model.runners.RUNNER_FACTORIES`):
     ``onnxruntime`` exports the loaded network to ONNX in memory and runs that graph in ONNX
-    Runtime (fp32: ``auto`` precision means fp32 there; fp16/bf16 are refused).
+    Runtime (fp32: ``auto`` precision means fp32 there; fp16/bf16 are refused); ``openvino``
+    converts it to OpenVINO (CPU; fp32, or bf16 on CPUs with native bf16; ``auto`` as for torch),
+    keeping the converted and compiled model in ``cache_dir`` (None: converted at every start).
+    ``cpus``: the usable CPUs OpenVINO spreads its streams over (None: the process affinity).
     """
     path = resolve_weights(weights)
     if weights is None and path is not None and config_name is not None:
@@ -132,7 +137,9 @@ def load_pose_model(
         path, config_name or (UNTRAINED_CONFIG if path is None else None), device="cpu"
     )
     keypoints = (checkpoint.keypoints if checkpoint and checkpoint.keypoints else config.keypoints)
-    runner = build_runner(backend, network, config.input_size, device, precision)
+    options = RunnerOptions(cache_dir=cache_dir, weights_sha256=checkpoint.sha256 if checkpoint
+                            else None, config_name=config.name, cpus=cpus)
+    runner = build_runner(backend, network, config.input_size, device, precision, options)
     estimator = TopDownPoseEstimator(runner, config, keypoints, flip_test=flip_test,
                                      flip_shift=flip_shift)
     return LoadedPoseModel(

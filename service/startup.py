@@ -53,6 +53,8 @@ def load_models(settings: ServiceSettings, pose_model: LoadedPoseModel | None,
             settings.flip_test,
             settings.flip_shift,
             settings.backend,
+            settings.model_cache_dir(),
+            available_cpus(),
         )
     if detector is None:
         detector = build_detector(
@@ -75,6 +77,7 @@ def model_info(model: LoadedPoseModel, detector: PersonDetector,
         "trained": str(model.trained).lower(),
         "device": str(model.estimator.device),
         "precision": model.estimator.precision,
+        "backend": model.backend,
         "instances": str(layout.instances if layout else ""),
         "torch_threads": str(layout.threads if layout else ""),
         "detector": detector.name,
