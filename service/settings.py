@@ -41,6 +41,11 @@ class ServiceSettings(BaseSettings):
         "torch", description="Pose network runtime: torch (eager PyTorch), or onnxruntime (the"
         " network exported to ONNX at start-up, fp32; needs the onnx extra)"
     )
+    int8_model: Path | None = Field(
+        None, description="Guarded int8 model directory written by `omnipose quantize` for the"
+        " loaded weights (its accuracy guard against fp32 passed, figures in /v1/models); runs"
+        " in OpenVINO (backend openvino). int8 is never used without such a directory"
+    )
     flip_test: bool = Field(True, description="Average with the mirrored crop")
     flip_shift: bool = Field(
         False, description="Flip test: shift the mirrored heatmaps one pixel right before"

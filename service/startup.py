@@ -53,6 +53,7 @@ def load_models(settings: ServiceSettings, pose_model: LoadedPoseModel | None,
             settings.flip_test,
             settings.flip_shift,
             settings.backend,
+            int8_model=settings.int8_model,
         )
     if detector is None:
         detector = build_detector(
