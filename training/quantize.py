@@ -159,8 +159,10 @@ def calibration_crops(network: nn.Module, model_config: ModelConfig, image_dir: 
     return torch.cat(crops)
 
 
-def held_out_set(model_config: ModelConfig, image_dir: Path, annotation_file: Path,
+def held_out_set(model_config: ModelConfig, image_dir: str | Path, annotation_file: str | Path,
                  description: str) -> HeldOut:
+    """The persons (with keypoints, for AP) the guard is measured on."""
+    image_dir, annotation_file = Path(image_dir), Path(annotation_file)
     records = load_coco_records(annotation_file, model_config)
     if not len(records):
         raise DataError(f"no persons with keypoints in {annotation_file} to check the guard on")
