@@ -17,13 +17,13 @@ from omnipose.model.checkpoint import load_model, read_checkpoint
 from omnipose.model.configs import ModelConfig, get_config
 from omnipose.model.int8_artifact import Int8ArtifactError, read_int8_artifact
 from omnipose.model.precision import PrecisionSetting
-from omnipose.model.runners import Runner, build_runner
+from omnipose.model.runners import Runner, RunnerOptions, build_runner
 from omnipose.model.skeleton import KeypointSpec
 from omnipose.model.topdown import TopDownPoseEstimator
 
 log = logging.getLogger(__name__)
 
-Backend = Literal["torch", "onnxruntime"]
+Backend = Literal["torch", "onnxruntime", "openvino"]
 
 DEFAULT_WEIGHTS = Path(model_package.__file__).resolve().parent / "weights" / "default.pt"
 UNTRAINED_CONFIG = "coco-w18-256x192"
@@ -117,13 +117,18 @@ def load_pose_model(
     flip_test: bool = True,
     flip_shift: bool = False,
     backend: Backend = "torch",
+    cache_dir: Path | None = None,
+    cpus: int | None = None,
     int8_model: str | Path | None = None,
 ) -> LoadedPoseModel:
     """Load weights (or the default) and wrap them in a TopDownPoseEstimator on ``device``.
 
     ``backend`` names the runner (:data:`omnipose.model.runners.RUNNER_FACTORIES`):
     ``onnxruntime`` exports the loaded network to ONNX in memory and runs that graph in ONNX
-    Runtime (fp32: ``auto`` precision means fp32 there; fp16/bf16 are refused).
+    Runtime (fp32: ``auto`` precision means fp32 there; fp16/bf16 are refused); ``openvino``
+    converts it to OpenVINO (CPU; fp32, or bf16 on CPUs with native bf16; ``auto`` means fp32),
+    keeping the converted and compiled model in ``cache_dir`` (None: converted at every start).
+    ``cpus``: the usable CPUs OpenVINO spreads its streams over (None: the process affinity).
     ``int8_model`` serves a guarded int8 artifact of these weights (``omnipose quantize``,
     :mod:`omnipose.model.int8_artifact`) in OpenVINO instead; int8 is refused without one.
     """
@@ -141,9 +146,11 @@ def load_pose_model(
     int8 = None
     if int8_model is not None or precision == "int8":
         runner, int8 = _int8_runner(int8_model, backend, checkpoint.sha256 if checkpoint else None,
-                                    config, device)
+                                    config, device, cpus)
     else:
-        runner = build_runner(backend, network, config.input_size, device, precision)
+        options = RunnerOptions(cache_dir=cache_dir, weights_sha256=checkpoint.sha256 if checkpoint
+                                else None, config_name=config.name, cpus=cpus)
+        runner = build_runner(backend, network, config.input_size, device, precision, options)
     estimator = TopDownPoseEstimator(runner, config, keypoints, flip_test=flip_test,
                                      flip_shift=flip_shift)
     return LoadedPoseModel(
@@ -160,7 +167,7 @@ def load_pose_model(
 
 
 def _int8_runner(int8_model: str | Path | None, backend: str, weights_sha256: str | None,
-                 config: ModelConfig, device: str) -> tuple[Runner, dict]:
+                 config: ModelConfig, device: str, cpus: int | None) -> tuple[Runner, dict]:
     """The OpenVINO int8 runner of a checked artifact, and its description for /v1/models."""
     if int8_model is None:
         raise ValueError("int8 is served only from a guarded int8 model: pass --int8-model DIR"
@@ -179,4 +186,4 @@ def _int8_runner(int8_model: str | Path | None, backend: str, weights_sha256: st
         raise Int8ArtifactError(f"{int8_model}: quantised for input size {source.get('input_size')}"
                                 f", but the model config {config.name} is {config.input_size}")
     ov_model = openvino.Core().read_model(artifact.model_xml)
-    return OpenVinoRunner(ov_model, "int8"), artifact.describe()
+    return OpenVinoRunner(ov_model, "int8", cpus=cpus), artifact.describe()

@@ -98,6 +98,7 @@ class ServiceMetrics:
         )
         self.model_info = Info(
             "omnipose_model",
-            "The loaded pose model: name, config, weights checksum, device, precision, detector.",
+            "The loaded pose model: name, config, weights checksum, device, backend, precision,"
+            " detector.",
             registry=r,
         )

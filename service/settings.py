@@ -6,6 +6,7 @@ batcher (``max_batch_size``, ``max_queue_delay_ms``) so platform teams recognise
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -13,8 +14,18 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/omnipose``, else ``~/.cache/omnipose`` (the XDG base directory rule)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "omnipose"
+
+
 class ServiceSettings(BaseSettings):
     """Everything ``omnipose serve`` can be told. Env: ``OMNIPOSE_<FIELD>`` (case-insensitive)."""
+
+    def model_cache_dir(self) -> Path:
+        """``cache_dir``, or the default when it is not set."""
+        return self.cache_dir or default_cache_dir()
 
     model_config = SettingsConfigDict(
         env_prefix="OMNIPOSE_",
@@ -37,9 +48,17 @@ class ServiceSettings(BaseSettings):
         " last) on a CPU with native bf16 (AVX512-BF16/AMX), else fp32; fp16/bf16 only where the"
         " device supports them"
     )
-    backend: Literal["torch", "onnxruntime"] = Field(
-        "torch", description="Pose network runtime: torch (eager PyTorch), or onnxruntime (the"
-        " network exported to ONNX at start-up, fp32; needs the onnx extra)"
+    backend: Literal["torch", "onnxruntime", "openvino"] = Field(
+        "torch", description="Pose network runtime: torch (eager PyTorch), onnxruntime (the"
+        " network exported to ONNX at start-up, fp32; needs the onnx extra), or openvino (CPU"
+        " only, fp32 or bf16 where the CPU has native bf16, auto = fp32; converted once and"
+        " cached in cache_dir; needs the openvino extra)"
+    )
+    cache_dir: Path | None = Field(
+        None, description="Where converted and compiled models are kept between starts"
+        " (backend=openvino), keyed by weights, config, input size, precision, runtime version"
+        " and CPU; none: $XDG_CACHE_HOME/omnipose, else ~/.cache/omnipose. Not writable: one"
+        " warning, and the model is converted at every start",
     )
     int8_model: Path | None = Field(
         None, description="Guarded int8 model directory written by `omnipose quantize` for the"
