@@ -98,7 +98,8 @@ fp32 = openvino_runner(openvino.Core().read_model(fp32_xml), "fp32")
 int8 = openvino_runner(int8_model, "int8")
 # the kernels of the int8 runner's own compile configuration (explicit f32 for fp32 parts)
 compiled = openvino.Core().compile_model(int8_model, "CPU", int8.compile_config(2))
-kernels = sorted({op.get_rt_info()["primitiveType"].astype(str)
+kernels = sorted({(op.get_rt_info()["layerType"].astype(str),
+                   op.get_rt_info()["primitiveType"].astype(str))
                   for op in compiled.get_runtime_model().get_ordered_ops()})
 report = measure_guard(fp32, int8, config, held_out)
 np.save(out, evaluate_runner(int8, config, held_out)[1].numpy())
@@ -122,8 +123,15 @@ def test_the_same_int8_model_passes_on_avx2_kernels_and_agrees_with_avx512(run: 
         env=env, capture_output=True, text=True, timeout=300, check=False)
     assert completed.returncode == 0, completed.stderr[-2000:]
     answer = json.loads(completed.stdout.strip().splitlines()[-1])
-    kernels = " ".join(answer["kernels"])
-    assert "avx2_i8" in kernels.lower() and "avx512" not in kernels  # the cap took effect
+    # the cap took effect on every convolution (where the int8 arithmetic is); a few of
+    # OpenVINO's own JIT kernels ignore it (FakeQuantize and Reduce on 2026.4.1: printed)
+    convolutions = {kernel for layer, kernel in answer["kernels"] if "Convolution" in layer}
+    assert any("avx2" in kernel and "i8" in kernel.lower() for kernel in convolutions)
+    assert not any("avx512" in kernel for kernel in convolutions), convolutions
+    assert not any("avx512" in kernel and "i8" in kernel.lower()
+                   for _, kernel in answer["kernels"])
+    print("AVX-512 kernels left under the cap:",
+          [pair for pair in answer["kernels"] if "avx512" in pair[1]])
     guard = GuardReport.from_dict(answer["guard"])
     print("AVX2:", guard.summary())
     assert guard.passed, guard.failures()
@@ -240,3 +248,11 @@ def test_service_serves_int8_only_from_a_guarded_artifact(run: dict) -> None:
     assert described.int8 is not None and described.int8["guard"]["passed"] is True
     assert described.int8["guard"]["p99_shift_px"] <= 0.5
     assert "/" not in json.dumps(described.int8["name"])  # no server paths
+
+
+def test_the_shipped_int8_default_is_a_guarded_artifact_of_the_embedded_default() -> None:
+    shipped = loading.DEFAULT_WEIGHTS.parent / "default.int8"
+    artifact = read_int8_artifact(shipped, _sha())  # hash, IR files and figures all checked
+    assert artifact.guard.images >= 300 and artifact.guard.keypoints >= 9000  # the full split
+    assert artifact.sidecar["calibration"]["crops"] == 300
+    assert artifact.sidecar["quantizer"]["overflow_fix"] == "enable"

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import omnipose.model as model_package
 from omnipose.model.checkpoint import load_model
 from omnipose.model.configs import ModelConfig
 from omnipose.model.detection import Detections
@@ -46,6 +47,7 @@ from omnipose.training.records import DataError, clean_coco_box, load_coco_recor
 
 log = logging.getLogger(__name__)
 
+EMBEDDED_DEFAULT = Path(model_package.__file__).resolve().parent / "weights" / "default.pt"
 # The model card's splits: calibration from the training split's generator, the guard on the
 # held-out test split (never seen in training or selection).
 SYNTH_CALIBRATION_SEED = 1
@@ -270,8 +272,10 @@ def quantize_model(weights: str | Path | None, out: str | Path, *, config_name: 
                    ladder: tuple[QuantizerSettings, ...] = LADDER,
                    thresholds: GuardThresholds | None = None,
                    make_runner: RunnerFactory = openvino_runner) -> QuantizeResult:
-    """Quantise ``weights``, guard each of ``ladder`` in turn, write the first that passes."""
-    network, model_config, loaded = load_model(weights, config_name, device="cpu")
+    """Quantise ``weights`` (None: the embedded default), guard each of ``ladder`` in turn,
+    write the first that passes."""
+    network, model_config, loaded = load_model(weights or EMBEDDED_DEFAULT, config_name,
+                                               device="cpu")
     if loaded is None:
         raise DataError("quantize needs trained weights: an untrained network has no accuracy"
                         " to guard")
