@@ -61,7 +61,7 @@ class ServiceSettings(BaseSettings):
         " warning, and the model is converted at every start",
     )
     int8_model: Path | None = Field(
-        None, description="Guarded int8 model directory written by `omnipose quantize` for the"
+        None, description="Guarded int8 model directory written by omnipose quantize for the"
         " loaded weights (its accuracy guard against fp32 passed, figures in /v1/models); runs"
         " in OpenVINO (backend openvino). int8 is never used without such a directory"
     )
