@@ -2,10 +2,12 @@
 precision, with the converted model and its compiled blobs cached on disk.
 
 **Conversion** goes through the project's ONNX export (:func:`omnipose.model.onnx_runtime.
-export_onnx`, dynamic batch) and ``openvino.convert_model`` of those bytes. Converting the torch
-module directly (``convert_model(network, example_input=...)``) gives the same graph (both
-3e-22 from torch on coco-w8-96x64) but took 87 s against 32 s for export + convert on the shared
-2-core dev machine, and the ONNX route names the input ``crops`` as the ONNX backend does.
+export_onnx`, dynamic batch), read by OpenVINO's ONNX frontend (``Core.read_model``). Converting
+the torch module directly (``convert_model(network, example_input=...)``) gives the same graph
+(both 3e-22 from torch on coco-w8-96x64) but took 87 s against 32 s for export + convert on the
+shared 2-core dev machine. ``openvino.convert_model`` is not used at all: it starts OpenVINO's
+usage telemetry (a thread pool that sends events unless the user opted out), and the service
+makes no network calls; ``read_model`` gives the same numbers without it.
 
 **Precision** is always set (``INFERENCE_PRECISION_HINT`` f32 or bf16): OpenVINO's own default
 on a CPU with native bf16 is bf16, so leaving it implicit would silently change the numbers.
@@ -34,6 +36,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -58,6 +61,27 @@ ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_v
              "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 IR_NAME = "model.xml"
 CACHE_SUBDIR = "openvino"
+
+
+def import_openvino() -> Any:
+    """``openvino``, imported with its usage telemetry declined for this process.
+
+    ``import openvino`` sends a usage event to OpenVINO's analytics endpoint (and its conversion
+    tools send more) unless the user opted out on this machine; the service makes no network
+    calls, so the consent check answers "declined" before the first import. Imported elsewhere
+    first, the event has already gone: every import in the project goes through here.
+    """
+    if "openvino" not in sys.modules:
+        try:
+            from openvino_telemetry.utils import opt_in_checker
+        except ImportError:  # no telemetry package: nothing to decline
+            pass
+        else:
+            declined = opt_in_checker.ConsentCheckResult.DECLINED
+            opt_in_checker.OptInChecker.check = lambda self, *args, **kwargs: declined
+    import openvino
+
+    return openvino
 
 
 def usable_cpus() -> int:
@@ -96,7 +120,7 @@ class OpenVinoRunner:
         check_openvino_precision(precision)
         if any(value is not None and value < 1 for value in (threads, streams)):
             raise ValueError(f"threads and streams must be at least 1 (got {threads}, {streams})")
-        import openvino
+        openvino = import_openvino()
 
         self.ov_model = ov_model
         self.precision = precision
@@ -180,11 +204,11 @@ class OpenVinoRunner:
 
 def convert_network(network: nn.Module, input_size: tuple[int, int]) -> openvino.Model:
     """The network as an OpenVINO model (dynamic batch) via the project's ONNX export."""
-    import openvino
+    openvino = import_openvino()
 
     from omnipose.model.onnx_runtime import export_onnx
 
-    return openvino.convert_model(io.BytesIO(export_onnx(network.eval(), input_size)))
+    return openvino.Core().read_model(io.BytesIO(export_onnx(network.eval(), input_size)))
 
 
 def state_dict_sha256(network: nn.Module) -> str:
@@ -215,7 +239,7 @@ def _digest(parts: dict[str, Any]) -> str:
 
 def ir_key(weights_sha256: str, config_name: str | None, input_size: tuple[int, int]) -> str:
     """The converted IR's cache key: weights, config, crop size and the converting versions."""
-    import openvino
+    openvino = import_openvino()
 
     from omnipose.model.onnx_runtime import OPSET
 
@@ -254,7 +278,7 @@ def cached_model(network: nn.Module, input_size: tuple[int, int], precision: str
 
     The IR is written to a temporary folder and renamed into place, so a concurrent start (two
     replicas on one volume) never reads a half-written model."""
-    import openvino
+    openvino = import_openvino()
 
     if folder is None:
         return convert_network(network, input_size), True, None

@@ -167,8 +167,9 @@ def _onnxruntime_runner(network: nn.Module, input_size: tuple[int, int], device:
 
 def _openvino_runner(network: nn.Module, input_size: tuple[int, int], device: torch.device,
                      precision: PrecisionSetting, options: RunnerOptions) -> Runner:
-    """fp32 or bf16 (``auto``: fp32, as OpenVINO bf16 has no accuracy guard of its own yet);
-    int8 needs a quantised model, which a torch network is not."""
+    """fp32 or bf16 (``auto`` as for torch: bf16 on CPUs with native bf16, which passes the same
+    accuracy guard, tests/test_precision.py); int8 needs a quantised model, which a torch
+    network is not."""
     from omnipose.model.openvino_runtime import OpenVinoRunner
 
     if device.type != "cpu":
@@ -179,7 +180,7 @@ def _openvino_runner(network: nn.Module, input_size: tuple[int, int], device: to
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"the openvino backend runs fp32 or bf16, not {precision}")
     return OpenVinoRunner.from_network(
-        network, input_size, "fp32" if precision == "auto" else precision,
+        network, input_size, resolve_precision(device, precision),  # type: ignore[arg-type]
         cache_dir=options.cache_dir, weights_sha256=options.weights_sha256,
         config_name=options.config_name, cpus=options.cpus,
     )

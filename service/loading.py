@@ -126,7 +126,7 @@ def load_pose_model(
     ``backend`` names the runner (:data:`omnipose.model.runners.RUNNER_FACTORIES`):
     ``onnxruntime`` exports the loaded network to ONNX in memory and runs that graph in ONNX
     Runtime (fp32: ``auto`` precision means fp32 there; fp16/bf16 are refused); ``openvino``
-    converts it to OpenVINO (CPU; fp32, or bf16 on CPUs with native bf16; ``auto`` means fp32),
+    converts it to OpenVINO (CPU; fp32, or bf16 on CPUs with native bf16; ``auto`` as for torch),
     keeping the converted and compiled model in ``cache_dir`` (None: converted at every start).
     ``cpus``: the usable CPUs OpenVINO spreads its streams over (None: the process affinity).
     ``int8_model`` serves a guarded int8 artifact of these weights (``omnipose quantize``,

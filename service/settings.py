@@ -51,7 +51,7 @@ class ServiceSettings(BaseSettings):
     backend: Literal["torch", "onnxruntime", "openvino"] = Field(
         "torch", description="Pose network runtime: torch (eager PyTorch), onnxruntime (the"
         " network exported to ONNX at start-up, fp32; needs the onnx extra), or openvino (CPU"
-        " only, fp32 or bf16 where the CPU has native bf16, auto = fp32; converted once and"
+        " only, fp32 or bf16 where the CPU has native bf16, auto as for torch; converted once and"
         " cached in cache_dir; needs the openvino extra)"
     )
     cache_dir: Path | None = Field(

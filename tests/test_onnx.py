@@ -67,7 +67,11 @@ def test_cli_exports_the_default_model_to_onnx(tmp_path: Path, capsys) -> None:
     assert metadata["model_config"] == "coco-w8-96x64" and len(metadata["joints"]) == 17
 
 
-def test_onnxruntime_backend_serves_what_torch_serves(images) -> None:
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_backend_serves_what_torch_serves(images, backend: str, tmp_path: Path) -> None:
+    """The whole service (2 instances x 1 thread) on each backend against torch's answer."""
+    if backend == "openvino":
+        pytest.importorskip("openvino")
     boxes = np.array(images.bus_boxes)
 
     async def run(backend: str) -> list:
@@ -79,17 +83,19 @@ def test_onnxruntime_backend_serves_what_torch_serves(images) -> None:
             backend=backend,
             model_instances=2,
             torch_threads=1,
+            cache_dir=tmp_path,
         )
         engine = PoseEngine(settings, ServiceMetrics())
         await engine.start()
         assert engine.describe()["backend"] == backend
+        assert engine.describe()["precision"] == "fp32"
         result = await engine.estimate(ImageRequest(images.bus, boxes=boxes))
         await engine.close()
         return result.persons
 
-    torch_persons, onnx_persons = asyncio.run(run("torch")), asyncio.run(run("onnxruntime"))
-    assert len(torch_persons) == len(onnx_persons) == 2
-    for a, b in zip(torch_persons, onnx_persons, strict=True):
+    torch_persons, other_persons = asyncio.run(run("torch")), asyncio.run(run(backend))
+    assert len(torch_persons) == len(other_persons) == 2
+    for a, b in zip(torch_persons, other_persons, strict=True):
         np.testing.assert_allclose(a.keypoints, b.keypoints, atol=1e-3)
 
 

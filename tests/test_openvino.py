@@ -190,10 +190,46 @@ def test_service_reports_the_openvino_backend(cache: Path) -> None:
     loaded = loading.load_pose_model(device="cpu", precision="auto", backend="openvino",
                                      cache_dir=cache)
     described = loaded.describe()
-    assert (described["backend"], described["precision"]) == ("openvino", "fp32")
+    auto = "bf16" if precision_module.cpu_has_native_bf16() else "fp32"  # as torch's auto
+    assert (described["backend"], described["precision"]) == ("openvino", auto)
 
     class Detector:
         name = "none"
 
     info = startup.model_info(loaded, Detector(), None)  # type: ignore[arg-type]
-    assert (info["backend"], info["precision"]) == ("openvino", "fp32")
+    assert (info["backend"], info["precision"]) == ("openvino", auto)
+
+
+def test_openvino_is_imported_with_telemetry_declined() -> None:
+    """``import openvino`` sends a usage event unless consent is declined: the runner declines
+    it before the first import, so no event is queued (no sender thread) and none is sent."""
+    import subprocess
+    import sys
+
+    script = (
+        "import threading\n"
+        "from omnipose.model.openvino_runtime import import_openvino\n"
+        "import_openvino()\n"
+        "from openvino_telemetry import Telemetry\n"
+        "telemetry = Telemetry(tid='x', app_name='OpenVINO', app_version='x', backend='ga4',"
+        " enable_opt_in_dialog=False, disable_in_ci=True)\n"
+        "print(telemetry.consent, len(threading.enumerate()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert out == ["False", "1"]
+
+
+def test_conversion_starts_no_telemetry_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """openvino.convert_model would send OpenVINO's usage telemetry: the runner converts without
+    it, so the service makes no network calls."""
+    openvino = openvino_runtime.import_openvino()
+
+    def telemetry(*args: object, **kwargs: object) -> None:
+        raise AssertionError("openvino.convert_model starts usage telemetry")
+
+    monkeypatch.setattr(openvino, "convert_model", telemetry)
+    before = set(threading.enumerate())
+    ov_model = openvino_runtime.convert_network(torch.nn.Conv2d(3, 17, 4, stride=4), (64, 48))
+    assert ov_model.inputs[0].get_partial_shape().to_string() == "[?,3,64,48]"
+    assert set(threading.enumerate()) <= before

@@ -4,8 +4,9 @@ The guard: on the default model's held-out synthetic test split (the model card'
 training or selection), bf16 weights in channels-last layout keep COCO AP within 0.005 of fp32
 and move the median keypoint by at most 0.1 heatmap pixel (one pass per crop, no flip test).
 bf16 is checked on any CPU (oneDNN emulates it where the CPU lacks it: slower, same numbers), so
-the guard holds wherever auto could pick it. fp16 is auto's choice on CUDA only; its guard needs
-a GPU (bench/gpu.sh).
+the guard holds wherever auto could pick it. OpenVINO bf16 (backend=openvino, where auto picks
+it on CPUs with native bf16) is held to the same guard there. fp16 is auto's choice on CUDA
+only; its guard needs a GPU (bench/gpu.sh).
 """
 
 from __future__ import annotations
@@ -20,9 +21,15 @@ from torch import nn
 
 from omnipose.model import precision as precision_module
 from omnipose.model.codec import decode_heatmaps
+from omnipose.model.openvino_runtime import import_openvino
 from omnipose.model.precision import Precision, cast_inputs, cast_network, resolve_precision
 from omnipose.model.topdown import TopDownPoseEstimator
 from omnipose.service import loading
+
+try:  # usage telemetry declined, as the runner imports it
+    openvino = import_openvino()
+except ImportError:  # the openvino extra is not installed: the guard checks torch only
+    openvino = None
 
 AP_TOLERANCE = 0.005
 MEDIAN_SHIFT_TOLERANCE_PX = 0.1
@@ -85,6 +92,23 @@ class InPrecision(nn.Module):
         return heatmaps
 
 
+class OpenVinoInPrecision(nn.Module):
+    """The openvino backend in ``precision``, run as the evaluation runs a network, keeping its
+    heatmaps like :class:`InPrecision`."""
+
+    def __init__(self, network: nn.Module, input_size: tuple[int, int], precision: str) -> None:
+        super().__init__()
+        from omnipose.model.openvino_runtime import OpenVinoRunner
+
+        self.runner = OpenVinoRunner.from_network(network, input_size, precision)  # type: ignore[arg-type]
+        self.outputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heatmaps = self.runner.run(x)
+        self.outputs.append(heatmaps.detach().cpu())
+        return heatmaps
+
+
 @pytest.mark.slow
 def test_bf16_accuracy_guard_on_the_held_out_synthetic_split(tmp_path: Path) -> None:
     from omnipose.training.config import load_config
@@ -100,7 +124,11 @@ def test_bf16_accuracy_guard_on_the_held_out_synthetic_split(tmp_path: Path) -> 
     network = loading.load_pose_model(device="cpu", precision="fp32").estimator.model
     cpu = torch.device("cpu")
     loaded = load_split(config.data, config.model_config(), "test", config.data.val_boxes)
-    runs = {name: InPrecision(network, name) for name in ("fp32", "bf16")}
+    runs: dict[str, nn.Module] = {name: InPrecision(network, name) for name in ("fp32", "bf16")}
+    if precision_module.cpu_has_native_bf16() and openvino is not None:
+        # OpenVINO bf16 (backend=openvino, auto precision on such CPUs) under the same guard
+        runs["openvino bf16"] = OpenVinoInPrecision(network, config.model_config().input_size,
+                                                    "bf16")
     # Without flip test: averaging a crop's two heatmaps would also average away part of bf16's
     # rounding, so one pass per crop is the stricter check (and half the emulated-bf16 cost).
     ap = {name: evaluate_model(run, config, device=cpu, progress=False, flip_test=False,
@@ -108,13 +136,13 @@ def test_bf16_accuracy_guard_on_the_held_out_synthetic_split(tmp_path: Path) -> 
           for name, run in runs.items()}  # fmt: skip
     print(ap)
     assert ap["fp32"] > 0.03  # the trained default, not a broken load
-    assert abs(ap["bf16"] - ap["fp32"]) <= AP_TOLERANCE
-
     # keypoints of the same crops (evaluation order is deterministic), in heatmap pixels
     located = {name: decode_heatmaps(torch.cat(run.outputs).numpy())[0]
                for name, run in runs.items()}  # fmt: skip
-    assert located["fp32"].shape == located["bf16"].shape
-    shift = np.linalg.norm(located["bf16"] - located["fp32"], axis=-1)
-    print(f"median shift {np.median(shift):.4f} px over {shift.size} keypoints")
-    assert shift.size > 1000
-    assert np.median(shift) <= MEDIAN_SHIFT_TOLERANCE_PX
+    for name in runs.keys() - {"fp32"}:
+        assert abs(ap[name] - ap["fp32"]) <= AP_TOLERANCE, name
+        assert located["fp32"].shape == located[name].shape
+        shift = np.linalg.norm(located[name] - located["fp32"], axis=-1)
+        print(f"{name}: median shift {np.median(shift):.4f} px over {shift.size} keypoints")
+        assert shift.size > 1000
+        assert np.median(shift) <= MEDIAN_SHIFT_TOLERANCE_PX, name
