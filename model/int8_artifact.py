@@ -123,7 +123,9 @@ def write_int8_artifact(out_dir: str | Path, ov_model: Any, sidecar: dict[str, A
     can write a usable artifact of a failed model. Written into a temporary sibling and renamed,
     so a reader never sees half an artifact.
     """
-    import openvino
+    from omnipose.model.openvino_runtime import import_openvino
+
+    openvino = import_openvino()
 
     if not guard.passed or not guard.thresholds.no_looser_than(PROJECT_THRESHOLDS):
         raise Int8ArtifactError(f"refusing to write an int8 model that fails the guard:"
@@ -211,7 +213,9 @@ def read_int8_artifact(path: str | Path, weights_sha256: str | None) -> Int8Arti
 
 def load_int8_artifact(path: str | Path, weights_sha256: str | None) -> tuple[Any, GuardReport]:
     """(openvino.Model, guard report) of a checked artifact (see :func:`read_int8_artifact`)."""
-    import openvino
+    from omnipose.model.openvino_runtime import import_openvino
+
+    openvino = import_openvino()
 
     artifact = read_int8_artifact(path, weights_sha256)
     return openvino.Core().read_model(artifact.model_xml), artifact.guard

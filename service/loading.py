@@ -176,9 +176,9 @@ def _int8_runner(int8_model: str | Path | None, backend: str, weights_sha256: st
         raise ValueError(f"an int8 model runs in OpenVINO: use --backend openvino, not {backend}")
     if device not in ("auto", "cpu"):
         raise ValueError(f"an int8 OpenVINO model runs on the CPU, not {device}")
-    import openvino
+    from omnipose.model.openvino_runtime import OpenVinoRunner, import_openvino
 
-    from omnipose.model.openvino_runtime import OpenVinoRunner
+    openvino = import_openvino()
 
     artifact = read_int8_artifact(int8_model, weights_sha256)
     source = artifact.sidecar.get("source", {})

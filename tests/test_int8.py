@@ -10,6 +10,7 @@ deliberately for the loader, and served.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -22,8 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("openvino")
-pytest.importorskip("nncf")
+if importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None:
+    pytest.skip("needs the openvino extra (openvino, nncf)", allow_module_level=True)
 
 from omnipose.model.checkpoint import load_model
 from omnipose.model.int8_artifact import (
@@ -33,6 +34,7 @@ from omnipose.model.int8_artifact import (
     read_int8_artifact,
     write_int8_artifact,
 )
+from omnipose.model.openvino_runtime import import_openvino
 from omnipose.service import loading
 from omnipose.training.int8_guard import compare_heatmaps, evaluate_runner
 from omnipose.training.quantize import (
@@ -85,7 +87,8 @@ def test_quantised_default_passes_the_guard_and_is_written(run: dict) -> None:
 AVX2_GUARD = r"""
 import collections, json, sys
 import numpy as np
-import openvino
+from omnipose.model.openvino_runtime import import_openvino
+openvino = import_openvino()
 from omnipose.model.checkpoint import load_model
 from omnipose.model.int8_artifact import load_int8_artifact
 from omnipose.training.int8_guard import evaluate_runner, measure_guard
@@ -108,8 +111,7 @@ print(json.dumps({"guard": report.to_dict(), "kernels": kernels}))
 
 
 def test_the_same_int8_model_passes_on_avx2_kernels_and_agrees_with_avx512(run: dict) -> None:
-    import openvino
-
+    openvino = import_openvino()
     root, result = run["root"], run["result"]
     network, config, loaded = load_model(loading.DEFAULT_WEIGHTS)
     openvino.save_model(to_openvino(network, config.input_size, loaded.sha256),

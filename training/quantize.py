@@ -38,6 +38,7 @@ from omnipose.model.configs import ModelConfig
 from omnipose.model.detection import Detections
 from omnipose.model.int8_artifact import GuardReport, GuardThresholds, write_int8_artifact
 from omnipose.model.onnx_runtime import export_onnx
+from omnipose.model.openvino_runtime import import_openvino
 from omnipose.model.predictor import PosePredictor
 from omnipose.model.runners import Runner
 from omnipose.model.topdown import TopDownPoseEstimator
@@ -181,7 +182,7 @@ def to_openvino(network: nn.Module, input_size: tuple[int, int],
                 weights_sha256: str | None = None) -> Any:
     """The network as an openvino.Model (dynamic batch) through the project's ONNX export; with
     ``weights_sha256`` the conversion is kept for this process (callers clone before changing)."""
-    import openvino
+    openvino = import_openvino()
 
     key = (weights_sha256, tuple(input_size)) if weights_sha256 else None
     if key in _CONVERTED:
@@ -197,6 +198,7 @@ def to_openvino(network: nn.Module, input_size: tuple[int, int],
 
 def quantize_openvino(ov_model: Any, crops: torch.Tensor, settings: QuantizerSettings) -> Any:
     """NNCF post-training quantisation of ``ov_model`` calibrated on ``crops`` (batch 1 each)."""
+    import_openvino()  # before nncf imports it: usage telemetry declined
     import nncf
     from nncf.quantization.advanced_parameters import (
         AdvancedQuantizationParameters,
@@ -312,8 +314,8 @@ def quantize_model(weights: str | Path | None, out: str | Path, *, config_name: 
 
 
 def _versions() -> dict[str, str]:
+    openvino = import_openvino()
     import nncf
-    import openvino
 
     return {"openvino": openvino.get_version(), "nncf": nncf.__version__,
             "torch": torch.__version__}
