@@ -258,3 +258,13 @@ def test_the_shipped_int8_default_is_a_guarded_artifact_of_the_embedded_default(
     assert artifact.guard.images >= 300 and artifact.guard.keypoints >= 9000  # the full split
     assert artifact.sidecar["calibration"]["crops"] == 300
     assert artifact.sidecar["quantizer"]["overflow_fix"] == "enable"
+
+
+def test_quantize_command_refuses_half_a_folder_source_with_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from omnipose.cli.main import main
+
+    code = main(["quantize", "--out", str(tmp_path / "x.int8"), "--held-out-images",
+                 str(tmp_path)])
+    assert code == 2 and not (tmp_path / "x.int8").exists()
+    assert "give both an image folder and its annotations JSON" in capsys.readouterr().err
