@@ -55,6 +55,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "add_export_parser",
         "write the serving checkpoint from a training or published checkpoint",
     ),
+    "quantize": Subcommand(
+        "omnipose.training.cli",
+        "add_quantize_parser",
+        "write a guarded int8 OpenVINO model, checked against fp32 on held-out data",
+    ),
 }
 
 

@@ -15,8 +15,9 @@ from typing import Literal
 import omnipose.model as model_package
 from omnipose.model.checkpoint import load_model, read_checkpoint
 from omnipose.model.configs import ModelConfig, get_config
+from omnipose.model.int8_artifact import Int8ArtifactError, read_int8_artifact
 from omnipose.model.precision import PrecisionSetting
-from omnipose.model.runners import RunnerOptions, build_runner
+from omnipose.model.runners import Runner, RunnerOptions, build_runner
 from omnipose.model.skeleton import KeypointSpec
 from omnipose.model.topdown import TopDownPoseEstimator
 
@@ -49,6 +50,7 @@ class LoadedPoseModel:
     trained: bool
     metadata: dict = field(default_factory=dict)
     backend: str = "torch"
+    int8: dict | None = None  # the guarded int8 artifact served (sidecar and guard figures)
 
     @property
     def name(self) -> str:
@@ -77,6 +79,7 @@ class LoadedPoseModel:
             "device": str(self.estimator.device),
             "precision": self.estimator.precision,
             "backend": self.backend,
+            "int8": self.int8,
             "flip_test": self.estimator.flip_test,
             "flip_shift": self.estimator.flip_shift,
             "metadata": self.metadata,
@@ -116,6 +119,7 @@ def load_pose_model(
     backend: Backend = "torch",
     cache_dir: Path | None = None,
     cpus: int | None = None,
+    int8_model: str | Path | None = None,
 ) -> LoadedPoseModel:
     """Load weights (or the default) and wrap them in a TopDownPoseEstimator on ``device``.
 
@@ -125,6 +129,8 @@ def load_pose_model(
     converts it to OpenVINO (CPU; fp32, or bf16 on CPUs with native bf16; ``auto`` as for torch),
     keeping the converted and compiled model in ``cache_dir`` (None: converted at every start).
     ``cpus``: the usable CPUs OpenVINO spreads its streams over (None: the process affinity).
+    ``int8_model`` serves a guarded int8 artifact of these weights (``omnipose quantize``,
+    :mod:`omnipose.model.int8_artifact`) in OpenVINO instead; int8 is refused without one.
     """
     path = resolve_weights(weights)
     if weights is None and path is not None and config_name is not None:
@@ -137,9 +143,14 @@ def load_pose_model(
         path, config_name or (UNTRAINED_CONFIG if path is None else None), device="cpu"
     )
     keypoints = (checkpoint.keypoints if checkpoint and checkpoint.keypoints else config.keypoints)
-    options = RunnerOptions(cache_dir=cache_dir, weights_sha256=checkpoint.sha256 if checkpoint
-                            else None, config_name=config.name, cpus=cpus)
-    runner = build_runner(backend, network, config.input_size, device, precision, options)
+    int8 = None
+    if int8_model is not None or precision == "int8":
+        runner, int8 = _int8_runner(int8_model, backend, checkpoint.sha256 if checkpoint else None,
+                                    config, device, cpus)
+    else:
+        options = RunnerOptions(cache_dir=cache_dir, weights_sha256=checkpoint.sha256 if checkpoint
+                                else None, config_name=config.name, cpus=cpus)
+        runner = build_runner(backend, network, config.input_size, device, precision, options)
     estimator = TopDownPoseEstimator(runner, config, keypoints, flip_test=flip_test,
                                      flip_shift=flip_shift)
     return LoadedPoseModel(
@@ -151,4 +162,28 @@ def load_pose_model(
         trained=path is not None,
         metadata=dict(checkpoint.metadata) if checkpoint else {},
         backend=backend,
+        int8=int8,
     )
+
+
+def _int8_runner(int8_model: str | Path | None, backend: str, weights_sha256: str | None,
+                 config: ModelConfig, device: str, cpus: int | None) -> tuple[Runner, dict]:
+    """The OpenVINO int8 runner of a checked artifact, and its description for /v1/models."""
+    if int8_model is None:
+        raise ValueError("int8 is served only from a guarded int8 model: pass --int8-model DIR"
+                         " written by `omnipose quantize` for these weights")
+    if backend != "openvino":
+        raise ValueError(f"an int8 model runs in OpenVINO: use --backend openvino, not {backend}")
+    if device not in ("auto", "cpu"):
+        raise ValueError(f"an int8 OpenVINO model runs on the CPU, not {device}")
+    from omnipose.model.openvino_runtime import OpenVinoRunner, import_openvino
+
+    openvino = import_openvino()
+
+    artifact = read_int8_artifact(int8_model, weights_sha256)
+    source = artifact.sidecar.get("source", {})
+    if list(source.get("input_size", [])) != list(config.input_size):
+        raise Int8ArtifactError(f"{int8_model}: quantised for input size {source.get('input_size')}"
+                                f", but the model config {config.name} is {config.input_size}")
+    ov_model = openvino.Core().read_model(artifact.model_xml)
+    return OpenVinoRunner(ov_model, "int8", cpus=cpus), artifact.describe()

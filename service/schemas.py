@@ -116,6 +116,10 @@ class ModelDescription(BaseModel):
     device: str
     precision: str
     backend: str = Field("torch", description="Pose network runtime: torch or onnxruntime")
+    int8: dict[str, Any] | None = Field(
+        None, description="The guarded int8 model served (backend openvino), else null: its"
+        " source weights hash, quantiser settings, layers kept fp32, calibration, and the accuracy"
+        " guard's thresholds and figures measured against fp32 on held-out data")
     model_instances: int | None = Field(None, description="Pose model instances (one queue)")
     torch_threads: int | None = Field(None, description="Threads per pose model instance")
     flip_test: bool

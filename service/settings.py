@@ -60,6 +60,11 @@ class ServiceSettings(BaseSettings):
         " and CPU; none: $XDG_CACHE_HOME/omnipose, else ~/.cache/omnipose. Not writable: one"
         " warning, and the model is converted at every start",
     )
+    int8_model: Path | None = Field(
+        None, description="Guarded int8 model directory written by omnipose quantize for the"
+        " loaded weights (its accuracy guard against fp32 passed, figures in /v1/models); runs"
+        " in OpenVINO (backend openvino). int8 is never used without such a directory"
+    )
     flip_test: bool = Field(True, description="Average with the mirrored crop")
     flip_shift: bool = Field(
         False, description="Flip test: shift the mirrored heatmaps one pixel right before"

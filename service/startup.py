@@ -55,6 +55,7 @@ def load_models(settings: ServiceSettings, pose_model: LoadedPoseModel | None,
             settings.backend,
             settings.model_cache_dir(),
             available_cpus(),
+            int8_model=settings.int8_model,
         )
     if detector is None:
         detector = build_detector(

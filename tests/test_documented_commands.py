@@ -109,6 +109,11 @@ PARSED: dict[str, str] = {
     "runs/default-finetune": "51 minutes of CPU training on 16,000 images",
     "omnipose export --weights runs/default-finetune/model_best.pt --out "
     "model/weights/default.pt": "that run's weights; it would replace the shipped model",
+    "omnipose quantize --out model/weights/default.int8": "renders 800 synthetic images and"
+    " quantises for minutes; it would replace the shipped int8 model (tests/test_int8.py runs a"
+    " bounded version)",
+    "omnipose serve --backend openvino --int8-model model/weights/default.int8":
+        "a server; tests/test_int8.py loads that artifact through the service's loading",
 }
 
 SKIPPED: dict[str, str] = {

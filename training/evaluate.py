@@ -30,6 +30,7 @@ from tqdm import tqdm
 from omnipose.model.configs import ModelConfig
 from omnipose.model.detection import Detections
 from omnipose.model.predictor import PosePredictor
+from omnipose.model.runners import Runner
 from omnipose.model.skeleton import KeypointSpec
 from omnipose.model.topdown import OKS_NMS_THRESHOLD, PersonPose, TopDownPoseEstimator
 from omnipose.training.config import ExperimentConfig
@@ -195,13 +196,13 @@ def mpii_head_size_note(records: PersonRecords) -> str:
 # --- inference ------------------------------------------------------------------------------------
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def _unwrap(model: nn.Module | Runner) -> nn.Module | Runner:
     inner = getattr(model, "module", None)
     return _unwrap(inner) if isinstance(inner, nn.Module) else model
 
 
 def estimate_records(
-    model: nn.Module,
+    model: nn.Module | Runner,
     model_config: ModelConfig,
     records: PersonRecords,
     images: ImageSource,
@@ -220,7 +221,8 @@ def estimate_records(
     """Poses for every image of ``records`` handled by this rank: ``[(image_row, poses)]``.
 
     With ``nms_threshold=None`` the poses of an image come back in the order of its person rows
-    (one per row), which MPII evaluation relies on. ``keep_samples`` images (with their poses)
+    (one per row), which MPII evaluation relies on. ``model`` may also be any runner (the int8
+    guard evaluates OpenVINO models this way). ``keep_samples`` images (with their poses)
     are also returned for visualisation.
     """
     context = context or DistContext(device=device)
