@@ -8,21 +8,25 @@ that its keypoints are meaningless.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import omnipose.model as model_package
 from omnipose.model.checkpoint import load_model, read_checkpoint
 from omnipose.model.configs import ModelConfig, get_config
 from omnipose.model.precision import PrecisionSetting
-from omnipose.model.runners import build_runner
+from omnipose.model.runners import RUNNER_FACTORIES, Runner, build_runner
 from omnipose.model.skeleton import KeypointSpec
 from omnipose.model.topdown import TopDownPoseEstimator
 
 log = logging.getLogger(__name__)
 
-Backend = Literal["torch", "onnxruntime"]
+Backend = Literal["auto", "torch", "onnxruntime"]
+# backend=auto's hook: (network, config, weights sha256) -> the runner and the choice behind it
+# (an object with describe() and summary(): omnipose.service.backend_choice.BackendChoice).
+RunnerChooser = Callable[[Any, ModelConfig, str | None], tuple[Runner, Any]]
 
 DEFAULT_WEIGHTS = Path(model_package.__file__).resolve().parent / "weights" / "default.pt"
 UNTRAINED_CONFIG = "coco-w18-256x192"
@@ -49,6 +53,7 @@ class LoadedPoseModel:
     trained: bool
     metadata: dict = field(default_factory=dict)
     backend: str = "torch"
+    backend_choice: Any = None  # backend=auto: the BackendChoice behind ``backend``
 
     @property
     def name(self) -> str:
@@ -77,6 +82,7 @@ class LoadedPoseModel:
             "device": str(self.estimator.device),
             "precision": self.estimator.precision,
             "backend": self.backend,
+            "backend_choice": self.backend_choice.describe() if self.backend_choice else None,
             "flip_test": self.estimator.flip_test,
             "flip_shift": self.estimator.flip_shift,
             "metadata": self.metadata,
@@ -114,12 +120,15 @@ def load_pose_model(
     flip_test: bool = True,
     flip_shift: bool = False,
     backend: Backend = "torch",
+    choose_runner: RunnerChooser | None = None,
 ) -> LoadedPoseModel:
     """Load weights (or the default) and wrap them in a TopDownPoseEstimator on ``device``.
 
     ``backend`` names the runner (:data:`omnipose.model.runners.RUNNER_FACTORIES`):
     ``onnxruntime`` exports the loaded network to ONNX in memory and runs that graph in ONNX
-    Runtime (fp32: ``auto`` precision means fp32 there; fp16/bf16 are refused).
+    Runtime (fp32: ``auto`` precision means fp32 there; fp16/bf16 are refused). ``auto`` asks
+    ``choose_runner`` (the service's start-up measurement,
+    :class:`omnipose.service.backend_choice.AutoBackend`).
     """
     path = resolve_weights(weights)
     if weights is None and path is not None and config_name is not None:
@@ -132,7 +141,14 @@ def load_pose_model(
         path, config_name or (UNTRAINED_CONFIG if path is None else None), device="cpu"
     )
     keypoints = (checkpoint.keypoints if checkpoint and checkpoint.keypoints else config.keypoints)
-    runner = build_runner(backend, network, config.input_size, device, precision)
+    choice = None
+    if backend == "auto":
+        if choose_runner is None:
+            raise ValueError("backend auto is chosen by the service at start-up; name a backend"
+                             f" ({', '.join(RUNNER_FACTORIES)})")
+        runner, choice = choose_runner(network, config, checkpoint.sha256 if checkpoint else None)
+    else:
+        runner = build_runner(backend, network, config.input_size, device, precision)
     estimator = TopDownPoseEstimator(runner, config, keypoints, flip_test=flip_test,
                                      flip_shift=flip_shift)
     return LoadedPoseModel(
@@ -143,5 +159,6 @@ def load_pose_model(
         weights_sha256=checkpoint.sha256 if checkpoint else None,
         trained=path is not None,
         metadata=dict(checkpoint.metadata) if checkpoint else {},
-        backend=backend,
+        backend=runner.backend,
+        backend_choice=choice,
     )

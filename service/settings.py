@@ -37,9 +37,17 @@ class ServiceSettings(BaseSettings):
         " last) on a CPU with native bf16 (AVX512-BF16/AMX), else fp32; fp16/bf16 only where the"
         " device supports them"
     )
-    backend: Literal["torch", "onnxruntime"] = Field(
-        "torch", description="Pose network runtime: torch (eager PyTorch), or onnxruntime (the"
-        " network exported to ONNX at start-up, fp32; needs the onnx extra)"
+    backend: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto", description="Pose network runtime: auto = on CPU, the fastest of the installed"
+        " backends in the precisions the CPU runs natively (or the one precision set), measured"
+        " at start-up and cached in cache_dir (without warmup: the cached choice, else torch),"
+        " on CUDA torch; torch (eager PyTorch); onnxruntime (the network exported to ONNX at"
+        " start-up, fp32; needs the onnx extra)"
+    )
+    cache_dir: Path | None = Field(
+        None, description="Where start-up decisions (backend auto) are kept between restarts;"
+        " none: $XDG_CACHE_HOME/omnipose, else ~/.cache/omnipose. Unwritable: a warning, and"
+        " every start measures again"
     )
     flip_test: bool = Field(True, description="Average with the mirrored crop")
     flip_shift: bool = Field(

@@ -21,6 +21,7 @@ import torch
 
 from omnipose.model.detection import PersonDetector, build_detector
 from omnipose.model.topdown import TopDownPoseEstimator
+from omnipose.service.backend_choice import AutoBackend
 from omnipose.service.batcher import AllCoresRunner, Chunk
 from omnipose.service.images import decode_jpeg_on_device, encode_jpeg, read_header
 from omnipose.service.loading import LoadedPoseModel, load_pose_model
@@ -53,6 +54,7 @@ def load_models(settings: ServiceSettings, pose_model: LoadedPoseModel | None,
             settings.flip_test,
             settings.flip_shift,
             settings.backend,
+            AutoBackend(settings).runner,
         )
     if detector is None:
         detector = build_detector(
@@ -66,7 +68,9 @@ def load_models(settings: ServiceSettings, pose_model: LoadedPoseModel | None,
 
 def model_info(model: LoadedPoseModel, detector: PersonDetector,
                layout: InstanceLayout | None) -> dict[str, str]:
-    """The model-info metric's labels: what runs, where, and how it is spread."""
+    """The model-info metric's labels: what runs, where, and how it is spread; with
+    backend=auto, where the choice came from and its table in one line."""
+    choice = model.backend_choice
     return {
         "name": model.name,
         "version": model.version,
@@ -75,6 +79,9 @@ def model_info(model: LoadedPoseModel, detector: PersonDetector,
         "trained": str(model.trained).lower(),
         "device": str(model.estimator.device),
         "precision": model.estimator.precision,
+        "backend": model.backend,
+        "backend_choice": choice.source if choice else "configured",
+        "backend_table": choice.summary() if choice else "",
         "instances": str(layout.instances if layout else ""),
         "torch_threads": str(layout.threads if layout else ""),
         "detector": detector.name,
@@ -129,7 +136,7 @@ def choose_layout(settings: ServiceSettings,
     )
     rule = None
     if (best.instances > 1 and batch > 1 and settings.lone_batch_on_all_cores
-            and settings.backend == "torch"):  # fmt: skip
+            and estimator.runner.backend == "torch"):  # fmt: skip
         rule = measure_lone_batches(
             lambda units: estimator.forward(probe[:units], flip_test=False), best, cpus, batch
         )

@@ -38,7 +38,10 @@ __all__ = ["REPO_ROOT", "ServerProcess", "running_server", "wait_until"]
 LIGHT_CONFIG = "coco-w18-128x96"
 STARTUP_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0
-TEST_SERVER_ARGS = ("--config", LIGHT_CONFIG, "--device", "cpu", "--log-level", "warning")
+# Test servers name their backend: backend=auto (the default) measures every backend at a
+# warm-up start (the ONNX export alone takes seconds on two cores); the slow server runs auto.
+TEST_SERVER_ARGS = ("--config", LIGHT_CONFIG, "--device", "cpu", "--log-level", "warning",
+                    "--backend", "torch")  # fmt: skip
 
 # Limits of the main test server, small enough that tests can exceed them cheaply.
 MAX_IMAGE_BYTES = 1_000_000
@@ -89,6 +92,17 @@ class ServerPool:
         self._stack.close()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The tests' own cache folder (XDG_CACHE_HOME, inherited by the servers they start): a
+    backend choice cached by an earlier run or by the developer's own server never decides
+    what a test runs."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("xdg-cache")
+        patch.setenv("XDG_CACHE_HOME", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPool]:
     pool = ServerPool(tmp_path_factory.mktemp("servers"))
@@ -114,10 +128,12 @@ def server(servers: ServerPool) -> ServerProcess:
 @pytest.fixture(scope="session")
 def slow_server(servers: ServerPool) -> ServerProcess:
     """One request at a time, and a batcher that waits seconds for a batch to fill: a request
-    stays queued long enough to test backpressure, deadlines and disconnects deterministically."""
+    stays queued long enough to test backpressure, deadlines and disconnects deterministically.
+    It starts as the default deployment does, with backend=auto measured at warm-up (its tests
+    do not depend on the backend), so /v1/models shows a real measured table."""
     return servers.get("slow", [
         "--detector", "none", "--max-queue-size", "1", "--max-batch-size", "8",
-        "--max-queue-delay-ms", str(SLOW_QUEUE_DELAY_MS),
+        "--max-queue-delay-ms", str(SLOW_QUEUE_DELAY_MS), "--backend", "auto",
     ])  # fmt: skip
 
 
