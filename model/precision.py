@@ -17,8 +17,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-Precision = Literal["fp32", "fp16", "bf16"]
-PrecisionSetting = Literal["auto", "fp32", "fp16", "bf16"]
+# int8: a quantised model, run by the openvino backend only (torch refuses it).
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
+PrecisionSetting = Literal["auto", "fp32", "fp16", "bf16", "int8"]
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "fp16": torch.float16,
@@ -51,7 +52,13 @@ def resolve_precision(device: torch.device, precision: PrecisionSetting) -> Prec
 
 
 def check_precision(device: torch.device, precision: Precision) -> None:
-    """fp16 needs CUDA; bf16 needs CUDA with bf16 support, or a CPU."""
+    """torch's precisions: fp16 needs CUDA; bf16 needs CUDA with bf16 support, or a CPU; int8 is
+    not one of them."""
+    if precision == "int8":
+        raise ValueError("precision int8 runs on the openvino backend from a quantised model;"
+                         " the torch backend runs fp32, fp16 or bf16")
+    if precision not in DTYPES:
+        raise ValueError(f"unknown precision {precision!r}; choose fp32, fp16 or bf16")
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("precision fp16 needs a CUDA device; use fp32 or bf16 on CPU")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -140,37 +142,73 @@ class OnnxRuntimeRunner:
         return torch.from_numpy(heatmaps).to(crops.device)
 
 
+@dataclass(frozen=True)
+class RunnerOptions:
+    """What a backend may need beyond the network: where converted models are cached and what
+    identifies the weights in that cache (None: hashed from the network's state_dict)."""
+
+    cache_dir: Path | None = None
+    weights_sha256: str | None = None
+    config_name: str | None = None
+    cpus: int | None = None  # usable CPUs (cgroup-aware, from the service); None: affinity
+
+
 def _torch_runner(network: nn.Module, input_size: tuple[int, int], device: torch.device,
-                  precision: PrecisionSetting) -> Runner:
+                  precision: PrecisionSetting, options: RunnerOptions) -> Runner:
     return TorchRunner(network, device, precision)
 
 
 def _onnxruntime_runner(network: nn.Module, input_size: tuple[int, int], device: torch.device,
-                        precision: PrecisionSetting) -> Runner:
+                        precision: PrecisionSetting, options: RunnerOptions) -> Runner:
     if precision not in ("auto", "fp32"):
         raise ValueError(f"the onnxruntime backend runs fp32, not {precision}")
     return OnnxRuntimeRunner.from_network(network, input_size, device)
 
 
-RunnerFactory = Callable[[nn.Module, tuple[int, int], torch.device, PrecisionSetting], Runner]
+def _openvino_runner(network: nn.Module, input_size: tuple[int, int], device: torch.device,
+                     precision: PrecisionSetting, options: RunnerOptions) -> Runner:
+    """fp32 or bf16 (``auto``: fp32, as OpenVINO bf16 has no accuracy guard of its own yet);
+    int8 needs a quantised model, which a torch network is not."""
+    from omnipose.model.openvino_runtime import OpenVinoRunner
+
+    if device.type != "cpu":
+        raise ValueError(f"the openvino backend runs on the CPU, not {device}; set device=cpu")
+    if precision == "int8":
+        raise ValueError("precision int8 on the openvino backend needs a quantised model file,"
+                         " not a torch network")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"the openvino backend runs fp32 or bf16, not {precision}")
+    return OpenVinoRunner.from_network(
+        network, input_size, "fp32" if precision == "auto" else precision,
+        cache_dir=options.cache_dir, weights_sha256=options.weights_sha256,
+        config_name=options.config_name, cpus=options.cpus,
+    )
+
+
+RunnerFactory = Callable[
+    [nn.Module, tuple[int, int], torch.device, PrecisionSetting, RunnerOptions], Runner
+]
 
 # Backend name -> how to build its runner from the loaded torch network (on the CPU), the crop
-# size (H, W), the resolved device and the precision setting.
+# size (H, W), the resolved device, the precision setting and the backend options.
 RUNNER_FACTORIES: dict[str, RunnerFactory] = {
     "torch": _torch_runner,
     "onnxruntime": _onnxruntime_runner,
+    "openvino": _openvino_runner,
 }
 
 
 def build_runner(backend: str, network: nn.Module, input_size: tuple[int, int],
                  device: str | torch.device = "cpu",
-                 precision: PrecisionSetting = "fp32") -> Runner:
+                 precision: PrecisionSetting = "fp32",
+                 options: RunnerOptions | None = None) -> Runner:
     """The runner of ``backend`` for ``network``; ValueError for an unknown backend."""
     factory = RUNNER_FACTORIES.get(backend)
     if factory is None:
         raise ValueError(f"unknown backend {backend!r}; choose one of"
                          f" {', '.join(RUNNER_FACTORIES)}")
-    return factory(network, input_size, resolve_device(device), precision)
+    return factory(network, input_size, resolve_device(device), precision,
+                   options or RunnerOptions())
 
 
 def as_runner(network: nn.Module | Runner, device: str | torch.device = "cpu",

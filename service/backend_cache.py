@@ -9,9 +9,11 @@ versions of the libraries behind it, the CPU (model name and flags, ISA limits s
 environment) and the usable CPU count, and the probe itself. Any change of these is a different
 file, so a stale decision is never read: the start measures again.
 
-The cache folder is the ``cache_dir`` setting, else ``$XDG_CACHE_HOME/omnipose``, else
-``~/.cache/omnipose`` (in the Docker images ``/var/cache/omnipose/omnipose``, a volume). A folder
-that cannot be written costs one warning per start and nothing else: the next start measures again.
+The cache folder is the ``cache_dir`` setting (``ServiceSettings.model_cache_dir``: else
+``$XDG_CACHE_HOME/omnipose``, else ``~/.cache/omnipose``; in the Docker images
+``/var/cache/omnipose/omnipose``, a volume), shared with the openvino backend's converted
+models. A folder that cannot be written costs one warning per start and nothing else: the next
+start measures again.
 """
 
 from __future__ import annotations
@@ -41,16 +43,6 @@ BACKEND_LIBRARIES: dict[str, tuple[str, ...]] = {
     "openvino": ("openvino",),
 }
 NOT_INSTALLED = "not installed"
-
-
-def cache_root(setting: Path | None) -> Path:
-    """The cache folder: the setting, else ``$XDG_CACHE_HOME/omnipose``, else
-    ``~/.cache/omnipose``."""
-    if setting is not None:
-        return Path(setting)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "omnipose"
 
 
 def backend_libraries(backend: str) -> tuple[str, ...]:

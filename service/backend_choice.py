@@ -39,7 +39,13 @@ from torch import nn
 
 from omnipose.model.configs import ModelConfig
 from omnipose.model.precision import Precision, PrecisionSetting, cpu_has_native_bf16
-from omnipose.model.runners import RUNNER_FACTORIES, Runner, build_runner, resolve_device
+from omnipose.model.runners import (
+    RUNNER_FACTORIES,
+    Runner,
+    RunnerOptions,
+    build_runner,
+    resolve_device,
+)
 from omnipose.service import backend_cache
 from omnipose.service.resources import (
     InstanceLayout,
@@ -55,7 +61,7 @@ log = logging.getLogger(__name__)
 PROBE_BATCH = 4  # crops per forward of the probe (at most max_batch_size)
 PROBE_SECONDS = 0.6  # timed per candidate, after its warm-up
 Candidate = tuple[str, str]  # (backend, precision)
-Builder = Callable[[str, nn.Module, tuple[int, int], torch.device, str], Runner]
+Builder = Callable[[str, nn.Module, tuple[int, int], torch.device, str, RunnerOptions], Runner]
 
 
 @dataclass(frozen=True)
@@ -168,6 +174,7 @@ def measure_candidates(
     batch: int,
     seconds: float = PROBE_SECONDS,
     build: Builder = build_runner,
+    options: RunnerOptions | None = None,
 ) -> tuple[list[Measurement], Runner | None]:
     """The table of ``todo`` on the CPU and the fastest candidate's runner (None if none ran).
 
@@ -187,7 +194,7 @@ def measure_candidates(
         started = time.perf_counter()
         try:
             runner = build(backend, copy.deepcopy(network), input_size, torch.device("cpu"),
-                           precision)  # fmt: skip
+                           precision, options or RunnerOptions())  # fmt: skip
             rate = _rate(runner, probe, layout, seconds)
         except Exception as exc:  # one candidate failing must not fail the start
             table.append(Measurement(backend, precision, note=_reason(exc)))
@@ -265,24 +272,27 @@ class AutoBackend:
         }
 
     def runner(
-        self, network: nn.Module, config: ModelConfig, weights_sha256: str | None
+        self, network: nn.Module, config: ModelConfig, options: RunnerOptions
     ) -> tuple[Runner, BackendChoice]:
-        """The chosen runner for ``network`` and the choice behind it."""
+        """The chosen runner for ``network`` and the choice behind it; ``options`` go to every
+        runner built (the weights' sha256 in them keys the cache)."""
         settings, input_size = self.settings, config.input_size
         device = resolve_device(settings.device)
         if device.type != "cpu":
-            runner = self.build("torch", network, input_size, device, settings.precision)
+            runner = self.build("torch", network, input_size, device, settings.precision, options)
             return runner, BackendChoice("torch", runner.precision, "cuda")
         todo = candidates(settings.precision)
         layout = probe_layout(settings, self.cpus)
         batch = min(settings.max_batch_size, PROBE_BATCH)
-        key = self.key(config, weights_sha256, todo, layout, batch)
-        cache = backend_cache.DecisionCache(backend_cache.cache_root(settings.cache_dir))
+        key = self.key(config, options.weights_sha256, todo, layout, batch)
+        cache = backend_cache.DecisionCache(settings.model_cache_dir())
         stored = cache.load(key)
         if stored is not None:
             try:
                 choice = BackendChoice.from_stored(stored, "cached")
-                runner = self.build(choice.backend, network, input_size, device, choice.precision)
+                runner = self.build(
+                    choice.backend, network, input_size, device, choice.precision, options
+                )
             except Exception as exc:
                 log.warning("backend auto: the cached choice cannot be used (%s): measuring",
                             _reason(exc))  # fmt: skip
@@ -296,16 +306,17 @@ class AutoBackend:
                 )
                 return runner, choice
         if not settings.warmup:
-            runner = self.build("torch", network, input_size, device, settings.precision)
+            runner = self.build("torch", network, input_size, device, settings.precision, options)
             log.info("backend auto without warm-up and without a cached choice: torch %s,"
                      " nothing measured", runner.precision)  # fmt: skip
             return runner, BackendChoice("torch", runner.precision, "no-warmup")
-        return self._measured(network, config, todo, layout, batch, key, cache)
+        return self._measured(network, config, options, todo, layout, batch, key, cache)
 
     def _measured(
         self,
         network: nn.Module,
         config: ModelConfig,
+        options: RunnerOptions,
         todo: Sequence[Candidate],
         layout: InstanceLayout,
         batch: int,
@@ -314,7 +325,7 @@ class AutoBackend:
     ) -> tuple[Runner, BackendChoice]:
         started = time.perf_counter()
         table, runner = self.measure(network, config.input_size, todo, layout, batch,
-                                     build=self.build)  # fmt: skip
+                                     build=self.build, options=options)  # fmt: skip
         for row in table:
             log.info("backend auto: %s", row.log_line())
         winner = choose_backend(table)

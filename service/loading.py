@@ -17,16 +17,16 @@ import omnipose.model as model_package
 from omnipose.model.checkpoint import load_model, read_checkpoint
 from omnipose.model.configs import ModelConfig, get_config
 from omnipose.model.precision import PrecisionSetting
-from omnipose.model.runners import RUNNER_FACTORIES, Runner, build_runner
+from omnipose.model.runners import RUNNER_FACTORIES, Runner, RunnerOptions, build_runner
 from omnipose.model.skeleton import KeypointSpec
 from omnipose.model.topdown import TopDownPoseEstimator
 
 log = logging.getLogger(__name__)
 
-Backend = Literal["auto", "torch", "onnxruntime"]
-# backend=auto's hook: (network, config, weights sha256) -> the runner and the choice behind it
+Backend = Literal["auto", "torch", "onnxruntime", "openvino"]
+# backend=auto's hook: (network, config, runner options) -> the runner and the choice behind it
 # (an object with describe() and summary(): omnipose.service.backend_choice.BackendChoice).
-RunnerChooser = Callable[[Any, ModelConfig, str | None], tuple[Runner, Any]]
+RunnerChooser = Callable[[Any, ModelConfig, RunnerOptions], tuple[Runner, Any]]
 
 DEFAULT_WEIGHTS = Path(model_package.__file__).resolve().parent / "weights" / "default.pt"
 UNTRAINED_CONFIG = "coco-w18-256x192"
@@ -120,14 +120,19 @@ def load_pose_model(
     flip_test: bool = True,
     flip_shift: bool = False,
     backend: Backend = "torch",
+    cache_dir: Path | None = None,
+    cpus: int | None = None,
     choose_runner: RunnerChooser | None = None,
 ) -> LoadedPoseModel:
     """Load weights (or the default) and wrap them in a TopDownPoseEstimator on ``device``.
 
     ``backend`` names the runner (:data:`omnipose.model.runners.RUNNER_FACTORIES`):
     ``onnxruntime`` exports the loaded network to ONNX in memory and runs that graph in ONNX
-    Runtime (fp32: ``auto`` precision means fp32 there; fp16/bf16 are refused). ``auto`` asks
-    ``choose_runner`` (the service's start-up measurement,
+    Runtime (fp32: ``auto`` precision means fp32 there; fp16/bf16 are refused); ``openvino``
+    converts it to OpenVINO (CPU; fp32, or bf16 on CPUs with native bf16; ``auto`` means fp32),
+    keeping the converted and compiled model in ``cache_dir`` (None: converted at every start).
+    ``cpus``: the usable CPUs OpenVINO spreads its streams over (None: the process affinity).
+    ``auto`` asks ``choose_runner`` (the service's start-up measurement,
     :class:`omnipose.service.backend_choice.AutoBackend`).
     """
     path = resolve_weights(weights)
@@ -141,14 +146,16 @@ def load_pose_model(
         path, config_name or (UNTRAINED_CONFIG if path is None else None), device="cpu"
     )
     keypoints = (checkpoint.keypoints if checkpoint and checkpoint.keypoints else config.keypoints)
+    options = RunnerOptions(cache_dir=cache_dir, weights_sha256=checkpoint.sha256 if checkpoint
+                            else None, config_name=config.name, cpus=cpus)
     choice = None
     if backend == "auto":
         if choose_runner is None:
             raise ValueError("backend auto is chosen by the service at start-up; name a backend"
                              f" ({', '.join(RUNNER_FACTORIES)})")
-        runner, choice = choose_runner(network, config, checkpoint.sha256 if checkpoint else None)
+        runner, choice = choose_runner(network, config, options)
     else:
-        runner = build_runner(backend, network, config.input_size, device, precision)
+        runner = build_runner(backend, network, config.input_size, device, precision, options)
     estimator = TopDownPoseEstimator(runner, config, keypoints, flip_test=flip_test,
                                      flip_shift=flip_shift)
     return LoadedPoseModel(

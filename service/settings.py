@@ -6,6 +6,7 @@ batcher (``max_batch_size``, ``max_queue_delay_ms``) so platform teams recognise
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -13,8 +14,18 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/omnipose``, else ``~/.cache/omnipose`` (the XDG base directory rule)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "omnipose"
+
+
 class ServiceSettings(BaseSettings):
     """Everything ``omnipose serve`` can be told. Env: ``OMNIPOSE_<FIELD>`` (case-insensitive)."""
+
+    def model_cache_dir(self) -> Path:
+        """``cache_dir``, or the default when it is not set."""
+        return self.cache_dir or default_cache_dir()
 
     model_config = SettingsConfigDict(
         env_prefix="OMNIPOSE_",
@@ -37,17 +48,21 @@ class ServiceSettings(BaseSettings):
         " last) on a CPU with native bf16 (AVX512-BF16/AMX), else fp32; fp16/bf16 only where the"
         " device supports them"
     )
-    backend: Literal["auto", "torch", "onnxruntime"] = Field(
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
         "auto", description="Pose network runtime: auto = on CPU, the fastest of the installed"
         " backends in the precisions the CPU runs natively (or the one precision set), measured"
         " at start-up and cached in cache_dir (without warmup: the cached choice, else torch),"
         " on CUDA torch; torch (eager PyTorch); onnxruntime (the network exported to ONNX at"
-        " start-up, fp32; needs the onnx extra)"
+        " start-up, fp32; needs the onnx extra); openvino (CPU only, fp32 or bf16 where the CPU"
+        " has native bf16, auto = fp32; converted once and cached in cache_dir; needs the"
+        " openvino extra)"
     )
     cache_dir: Path | None = Field(
-        None, description="Where start-up decisions (backend auto) are kept between restarts;"
-        " none: $XDG_CACHE_HOME/omnipose, else ~/.cache/omnipose. Unwritable: a warning, and"
-        " every start measures again"
+        None, description="Where converted and compiled models (backend openvino) and start-up"
+        " decisions (backend auto) are kept between starts, keyed by weights, config, input size,"
+        " precision, library versions and CPU; none: $XDG_CACHE_HOME/omnipose, else"
+        " ~/.cache/omnipose. Not writable: one warning, and every start converts and measures"
+        " again",
     )
     flip_test: bool = Field(True, description="Average with the mirrored crop")
     flip_shift: bool = Field(

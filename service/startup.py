@@ -54,6 +54,8 @@ def load_models(settings: ServiceSettings, pose_model: LoadedPoseModel | None,
             settings.flip_test,
             settings.flip_shift,
             settings.backend,
+            settings.model_cache_dir(),
+            available_cpus(),
             AutoBackend(settings).runner,
         )
     if detector is None:

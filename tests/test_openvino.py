@@ -1,0 +1,199 @@
+"""The openvino backend: equal to torch, explicit precision, concurrent callers, the on-disk cache
+of converted models, and clear errors for what it does not run."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("openvino")
+
+from omnipose.model import openvino_runtime
+from omnipose.model import precision as precision_module
+from omnipose.model.configs import get_config
+from omnipose.model.network import build_model
+from omnipose.model.openvino_runtime import (
+    IR_NAME,
+    OpenVinoRunner,
+    blobs_key,
+    ir_key,
+    usable_cache_dir,
+)
+from omnipose.model.runners import RunnerOptions, TorchRunner, build_runner
+from omnipose.service import loading, startup
+
+CONFIG = get_config("coco-w8-96x64")
+
+
+def randomised(network: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Non-trivial values in every tensor, so heatmaps are far from constant."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in network.state_dict().items():
+            if tensor.is_floating_point():
+                noise = torch.rand(tensor.shape, generator=generator)
+                tensor.copy_(noise + 0.5 if "running_var" in name else (noise - 0.5) * 0.2)
+    return network.eval()
+
+
+@pytest.fixture(scope="module")
+def network() -> torch.nn.Module:
+    return randomised(build_model(CONFIG), seed=3)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="module")
+def runner(network: torch.nn.Module, cache: Path) -> OpenVinoRunner:
+    """Built (converted) once for the module, into ``cache``."""
+    built = build_runner("openvino", network, CONFIG.input_size, "cpu", "fp32",
+                         RunnerOptions(cache_dir=cache, config_name=CONFIG.name))
+    assert isinstance(built, OpenVinoRunner) and built.converted
+    return built
+
+
+def crops(batch: int, seed: int) -> torch.Tensor:
+    return torch.randn(batch, 3, *CONFIG.input_size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_runner_equals_torch_at_any_batch(runner: OpenVinoRunner,
+                                          network: torch.nn.Module) -> None:
+    assert (runner.backend, runner.precision, runner.device.type) == ("openvino", "fp32", "cpu")
+    for batch in (1, 3):
+        inputs = crops(batch, seed=batch)
+        with torch.inference_mode():
+            expected = network(inputs)
+        got = runner.run(inputs)
+        assert got.shape == expected.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_precision_hint_is_always_explicit(runner: OpenVinoRunner) -> None:
+    """fp32 stays f32 even on a CPU whose OpenVINO default is bf16."""
+    runner.run(crops(1, seed=0))
+    compiled = runner._compiled[torch.get_num_threads()]
+    assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) in ("<Type: 'float32'>", "f32")
+    assert runner.compile_config(1)["INFERENCE_PRECISION_HINT"] == "f32"
+
+
+def test_concurrent_callers_get_what_sequential_calls_get(runner: OpenVinoRunner) -> None:
+    inputs = [crops(2, seed=10 + index) for index in range(2)]
+    expected = [runner.run(batch) for batch in inputs]
+    results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    barrier = threading.Barrier(2)
+
+    def call(index: int) -> None:
+        torch.set_num_threads(1)  # as a 2 x 1 instance layout does
+        barrier.wait()
+        for _ in range(5):
+            results[index].append(runner.run(inputs[index]))
+
+    threads = [threading.Thread(target=call, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    for index in range(2):
+        assert len(results[index]) == 5
+        for got in results[index]:
+            torch.testing.assert_close(got, expected[index], rtol=1e-5, atol=1e-6)
+
+
+def test_streams_follow_the_callers_thread_count() -> None:
+    class Unused:
+        """No model is compiled while only the configuration is asked for."""
+
+    runner = OpenVinoRunner(Unused(), "fp32", cpus=4)  # type: ignore[arg-type]
+    assert runner.layout(1) == (4, 1) and runner.compile_config(1)["INFERENCE_NUM_THREADS"] == 4
+    assert runner.layout(2) == (2, 2) and runner.layout(4) == (1, 4)
+    fixed = OpenVinoRunner.__new__(OpenVinoRunner)
+    fixed.threads, fixed.streams, fixed.cpus = 3, 2, 4
+    assert fixed.layout(1) == (2, 3)
+
+
+def test_second_build_reads_the_cached_model(runner: OpenVinoRunner, network: torch.nn.Module,
+                                             cache: Path) -> None:
+    irs = list(cache.rglob(IR_NAME))
+    assert len(irs) == 1
+    written = irs[0].stat().st_mtime_ns
+    again = OpenVinoRunner.from_network(network, CONFIG.input_size, "fp32", cache_dir=cache,
+                                        config_name=CONFIG.name)
+    assert not again.converted
+    assert irs[0].stat().st_mtime_ns == written
+    assert list(irs[0].parent.glob("compiled-fp32-*/*.blob")), "compiled blobs are cached too"
+    inputs = crops(2, seed=5)
+    torch.testing.assert_close(again.run(inputs), runner.run(inputs), rtol=0, atol=0)
+
+
+def test_cache_keys_change_with_what_changes_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = ir_key("a" * 64, CONFIG.name, CONFIG.input_size)
+    assert ir_key("b" * 64, CONFIG.name, CONFIG.input_size) != base
+    assert ir_key("a" * 64, "coco-w8-96x64-waspv1", CONFIG.input_size) != base
+    assert ir_key("a" * 64, CONFIG.name, (128, 96)) != base
+    assert blobs_key("fp32") != blobs_key("bf16")
+    uncapped = blobs_key("fp32")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert blobs_key("fp32") != uncapped
+
+
+def test_unwritable_cache_warns_once_and_runs_uncached(tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with caplog.at_level(logging.WARNING, logger=openvino_runtime.__name__):
+        assert usable_cache_dir(blocker / "cache") is None
+    assert len(caplog.records) == 1 and "runs uncached" in caplog.records[0].getMessage()
+    assert usable_cache_dir(None) is None
+    assert usable_cache_dir(tmp_path / "fine") == tmp_path / "fine" / "openvino"
+
+
+def test_bf16_is_refused_without_native_bf16(runner: OpenVinoRunner,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(ValueError, match="needs a CPU with native bf16"):
+        OpenVinoRunner(runner.ov_model, "bf16")
+
+
+def test_bf16_where_native_runs_in_bf16_close_to_fp32(runner: OpenVinoRunner) -> None:
+    if not precision_module.cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16")
+    bf16 = OpenVinoRunner(runner.ov_model, "bf16", threads=torch.get_num_threads(), streams=1)
+    compiled = bf16._compiled[torch.get_num_threads()]
+    assert "bf" in str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
+    inputs = crops(2, seed=7)
+    assert bf16.run(inputs).shape == runner.run(inputs).shape
+
+
+def test_unknown_and_unsupported_precisions_are_clear_errors(runner: OpenVinoRunner,
+                                                             network: torch.nn.Module) -> None:
+    with pytest.raises(ValueError, match="runs fp32, bf16, int8, not 'fp16'"):
+        OpenVinoRunner(runner.ov_model, "fp16")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="runs fp32 or bf16, not fp16"):
+        build_runner("openvino", network, CONFIG.input_size, "cpu", "fp16")
+    with pytest.raises(ValueError, match="needs a quantised model"):
+        build_runner("openvino", network, CONFIG.input_size, "cpu", "int8")
+    with pytest.raises(ValueError, match="int8 runs on the openvino backend"):
+        TorchRunner(torch.nn.Conv2d(3, 17, 4), "cpu", "int8")
+    with pytest.raises(ValueError, match="at least 1"):
+        OpenVinoRunner(runner.ov_model, "fp32", threads=0)
+
+
+def test_service_reports_the_openvino_backend(cache: Path) -> None:
+    """/v1/models' description and the model-info metric name the backend and precision."""
+    loaded = loading.load_pose_model(device="cpu", precision="auto", backend="openvino",
+                                     cache_dir=cache)
+    described = loaded.describe()
+    assert (described["backend"], described["precision"]) == ("openvino", "fp32")
+
+    class Detector:
+        name = "none"
+
+    info = startup.model_info(loaded, Detector(), None)  # type: ignore[arg-type]
+    assert (info["backend"], info["precision"]) == ("openvino", "fp32")
