@@ -139,7 +139,8 @@ class ModelDescription(BaseModel):
     trained: bool = Field(..., description="False: random weights, keypoints are meaningless")
     device: str
     precision: str
-    backend: str = Field("torch", description="Pose network runtime: torch or onnxruntime")
+    backend: str = Field("torch", description="Pose network runtime serving: torch, onnxruntime"
+                                              " or openvino (with backend=auto: the one chosen)")
     backend_choice: BackendChoiceInfo | None = Field(
         None, description="backend=auto: the measured candidates and where the choice came"
                           " from; null when the backend was configured")
