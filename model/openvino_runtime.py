@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -49,6 +50,14 @@ if TYPE_CHECKING:
     import openvino
 
 log = logging.getLogger(__name__)
+
+# `import openvino` sends usage telemetry unless the user opted out (a file in their home): it
+# posts from a forked copy of the process (multiprocessing, no exec). In the service that copy
+# held the listening sockets and gRPC's threads, answered nothing, and kept the server from
+# becoming ready and from exiting on SIGTERM; and the service never talks to the network at run
+# time. With its package unimportable, OpenVINO uses its own no-op stub. Set before this module
+# imports openvino (every import of it here is inside a function).
+sys.modules.setdefault("openvino_telemetry", None)
 
 OpenVinoPrecision = Literal["fp32", "bf16", "int8"]
 # INFERENCE_PRECISION_HINT per precision; int8 models keep their non-quantised parts in f32.
@@ -185,6 +194,7 @@ def convert_network(network: nn.Module, input_size: tuple[int, int]) -> openvino
     from omnipose.model.onnx_runtime import export_onnx
 
     return openvino.convert_model(io.BytesIO(export_onnx(network.eval(), input_size)))
+
 
 
 def state_dict_sha256(network: nn.Module) -> str:
