@@ -53,6 +53,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# `import openvino` sends usage telemetry unless the user opted out (a file in their home): it
+# posts from a forked copy of the process (multiprocessing, no exec). In the service that copy
+# held the listening sockets and gRPC's threads, answered nothing, and kept the server from
+# becoming ready and from exiting on SIGTERM; and the service never talks to the network at run
+# time. With its package unimportable, OpenVINO uses its own no-op stub. Set before this module
+# imports openvino (every import of it here is inside a function).
+sys.modules.setdefault("openvino_telemetry", None)
+
 OpenVinoPrecision = Literal["fp32", "bf16", "int8"]
 # INFERENCE_PRECISION_HINT per precision; int8 models keep their non-quantised parts in f32.
 PRECISION_HINTS: dict[str, str] = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
@@ -64,21 +72,9 @@ CACHE_SUBDIR = "openvino"
 
 
 def import_openvino() -> Any:
-    """``openvino``, imported with its usage telemetry declined for this process.
-
-    ``import openvino`` sends a usage event to OpenVINO's analytics endpoint (and its conversion
-    tools send more) unless the user opted out on this machine; the service makes no network
-    calls, so the consent check answers "declined" before the first import. Imported elsewhere
-    first, the event has already gone: every import in the project goes through here.
-    """
-    if "openvino" not in sys.modules:
-        try:
-            from openvino_telemetry.utils import opt_in_checker
-        except ImportError:  # no telemetry package: nothing to decline
-            pass
-        else:
-            declined = opt_in_checker.ConsentCheckResult.DECLINED
-            opt_in_checker.OptInChecker.check = lambda self, *args, **kwargs: declined
+    """``openvino``, with its usage telemetry unimportable (see the module's
+    ``openvino_telemetry`` note above): every import of it in the project goes through here."""
+    sys.modules.setdefault("openvino_telemetry", None)
     import openvino
 
     return openvino
@@ -209,6 +205,7 @@ def convert_network(network: nn.Module, input_size: tuple[int, int]) -> openvino
     from omnipose.model.onnx_runtime import export_onnx
 
     return openvino.Core().read_model(io.BytesIO(export_onnx(network.eval(), input_size)))
+
 
 
 def state_dict_sha256(network: nn.Module) -> str:

@@ -158,7 +158,7 @@ class JointPair(_message.Message):
     def __init__(self, first: _Optional[int] = ..., second: _Optional[int] = ...) -> None: ...
 
 class ModelDescription(_message.Message):
-    __slots__ = ("name", "version", "config", "dataset", "width", "input_height", "input_width", "heatmap_height", "heatmap_width", "joint_names", "flip_pairs", "limbs", "sigmas", "weights_sha256", "trained", "device", "precision", "flip_test", "detector", "max_batch_size")
+    __slots__ = ("name", "version", "config", "dataset", "width", "input_height", "input_width", "heatmap_height", "heatmap_width", "joint_names", "flip_pairs", "limbs", "sigmas", "weights_sha256", "trained", "device", "precision", "flip_test", "detector", "max_batch_size", "backend", "backend_choice")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +179,8 @@ class ModelDescription(_message.Message):
     FLIP_TEST_FIELD_NUMBER: _ClassVar[int]
     DETECTOR_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_CHOICE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     config: str
@@ -199,4 +201,36 @@ class ModelDescription(_message.Message):
     flip_test: bool
     detector: str
     max_batch_size: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., config: _Optional[str] = ..., dataset: _Optional[str] = ..., width: _Optional[int] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., heatmap_height: _Optional[int] = ..., heatmap_width: _Optional[int] = ..., joint_names: _Optional[_Iterable[str]] = ..., flip_pairs: _Optional[_Iterable[_Union[JointPair, _Mapping]]] = ..., limbs: _Optional[_Iterable[_Union[JointPair, _Mapping]]] = ..., sigmas: _Optional[_Iterable[float]] = ..., weights_sha256: _Optional[str] = ..., trained: _Optional[bool] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., flip_test: _Optional[bool] = ..., detector: _Optional[str] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+    backend: str
+    backend_choice: BackendChoice
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., config: _Optional[str] = ..., dataset: _Optional[str] = ..., width: _Optional[int] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., heatmap_height: _Optional[int] = ..., heatmap_width: _Optional[int] = ..., joint_names: _Optional[_Iterable[str]] = ..., flip_pairs: _Optional[_Iterable[_Union[JointPair, _Mapping]]] = ..., limbs: _Optional[_Iterable[_Union[JointPair, _Mapping]]] = ..., sigmas: _Optional[_Iterable[float]] = ..., weights_sha256: _Optional[str] = ..., trained: _Optional[bool] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., flip_test: _Optional[bool] = ..., detector: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., backend: _Optional[str] = ..., backend_choice: _Optional[_Union[BackendChoice, _Mapping]] = ...) -> None: ...
+
+class BackendMeasurement(_message.Message):
+    __slots__ = ("backend", "precision", "crops_per_s", "note", "cost_s")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    CROPS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    COST_S_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    precision: str
+    crops_per_s: float
+    note: str
+    cost_s: float
+    def __init__(self, backend: _Optional[str] = ..., precision: _Optional[str] = ..., crops_per_s: _Optional[float] = ..., note: _Optional[str] = ..., cost_s: _Optional[float] = ...) -> None: ...
+
+class BackendChoice(_message.Message):
+    __slots__ = ("backend", "precision", "source", "probe", "measured_at", "candidates")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_AT_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    precision: str
+    source: str
+    probe: str
+    measured_at: str
+    candidates: _containers.RepeatedCompositeFieldContainer[BackendMeasurement]
+    def __init__(self, backend: _Optional[str] = ..., precision: _Optional[str] = ..., source: _Optional[str] = ..., probe: _Optional[str] = ..., measured_at: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[BackendMeasurement, _Mapping]]] = ...) -> None: ...

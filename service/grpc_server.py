@@ -121,7 +121,21 @@ def to_model_description(description: dict) -> omnipose_pb2.ModelDescription:
         weights_sha256=description["weights_sha256"] or "", trained=description["trained"],
         device=description["device"], precision=description["precision"],
         flip_test=description["flip_test"], detector=description["detector"],
-        max_batch_size=description["max_batch_size"],
+        max_batch_size=description["max_batch_size"], backend=description["backend"],
+        backend_choice=_backend_choice(description.get("backend_choice")),
+    )
+
+
+def _backend_choice(choice: dict | None) -> omnipose_pb2.BackendChoice | None:
+    if choice is None:
+        return None
+    return omnipose_pb2.BackendChoice(
+        backend=choice["backend"], precision=choice["precision"], source=choice["source"],
+        probe=choice["probe"], measured_at=choice["measured_at"],
+        candidates=[
+            omnipose_pb2.BackendMeasurement(**{k: v for k, v in row.items() if v is not None})
+            for row in choice["candidates"]
+        ],
     )
 
 

@@ -8,22 +8,32 @@ that its keypoints are meaningless.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import omnipose.model as model_package
 from omnipose.model.checkpoint import load_model, read_checkpoint
 from omnipose.model.configs import ModelConfig, get_config
 from omnipose.model.int8_artifact import Int8ArtifactError, read_int8_artifact
 from omnipose.model.precision import PrecisionSetting
-from omnipose.model.runners import Runner, RunnerOptions, build_runner
+from omnipose.model.runners import (
+    RUNNER_FACTORIES,
+    Runner,
+    RunnerOptions,
+    build_runner,
+    resolve_device,
+)
 from omnipose.model.skeleton import KeypointSpec
 from omnipose.model.topdown import TopDownPoseEstimator
 
 log = logging.getLogger(__name__)
 
-Backend = Literal["torch", "onnxruntime", "openvino"]
+Backend = Literal["auto", "torch", "onnxruntime", "openvino"]
+# backend=auto's hook: (network, config, runner options) -> the runner and the choice behind it
+# (an object with describe() and summary(): omnipose.service.backend_choice.BackendChoice).
+RunnerChooser = Callable[[Any, ModelConfig, RunnerOptions], tuple[Runner, Any]]
 
 DEFAULT_WEIGHTS = Path(model_package.__file__).resolve().parent / "weights" / "default.pt"
 UNTRAINED_CONFIG = "coco-w18-256x192"
@@ -51,6 +61,7 @@ class LoadedPoseModel:
     metadata: dict = field(default_factory=dict)
     backend: str = "torch"
     int8: dict | None = None  # the guarded int8 artifact served (sidecar and guard figures)
+    backend_choice: Any = None  # backend=auto: the BackendChoice behind ``backend``
 
     @property
     def name(self) -> str:
@@ -80,6 +91,7 @@ class LoadedPoseModel:
             "precision": self.estimator.precision,
             "backend": self.backend,
             "int8": self.int8,
+            "backend_choice": self.backend_choice.describe() if self.backend_choice else None,
             "flip_test": self.estimator.flip_test,
             "flip_shift": self.estimator.flip_shift,
             "metadata": self.metadata,
@@ -120,6 +132,7 @@ def load_pose_model(
     cache_dir: Path | None = None,
     cpus: int | None = None,
     int8_model: str | Path | None = None,
+    choose_runner: RunnerChooser | None = None,
 ) -> LoadedPoseModel:
     """Load weights (or the default) and wrap them in a TopDownPoseEstimator on ``device``.
 
@@ -131,6 +144,8 @@ def load_pose_model(
     ``cpus``: the usable CPUs OpenVINO spreads its streams over (None: the process affinity).
     ``int8_model`` serves a guarded int8 artifact of these weights (``omnipose quantize``,
     :mod:`omnipose.model.int8_artifact`) in OpenVINO instead; int8 is refused without one.
+    ``auto`` asks ``choose_runner`` (the service's start-up measurement,
+    :class:`omnipose.service.backend_choice.AutoBackend`).
     """
     path = resolve_weights(weights)
     if weights is None and path is not None and config_name is not None:
@@ -144,12 +159,20 @@ def load_pose_model(
     )
     keypoints = (checkpoint.keypoints if checkpoint and checkpoint.keypoints else config.keypoints)
     int8 = None
+    choice = None
+    options = RunnerOptions(cache_dir=cache_dir, weights_sha256=checkpoint.sha256 if checkpoint
+                            else None, config_name=config.name, cpus=cpus)
+    if int8_model is None and backend == "auto" and precision == "auto":
+        int8_model = _int8_beside(path, checkpoint.sha256 if checkpoint else None, config, device)
     if int8_model is not None or precision == "int8":
         runner, int8 = _int8_runner(int8_model, backend, checkpoint.sha256 if checkpoint else None,
                                     config, device, cpus)
+    elif backend == "auto":
+        if choose_runner is None:
+            raise ValueError("backend auto is chosen by the service at start-up; name a backend"
+                             f" ({', '.join(RUNNER_FACTORIES)})")
+        runner, choice = choose_runner(network, config, options)
     else:
-        options = RunnerOptions(cache_dir=cache_dir, weights_sha256=checkpoint.sha256 if checkpoint
-                                else None, config_name=config.name, cpus=cpus)
         runner = build_runner(backend, network, config.input_size, device, precision, options)
     estimator = TopDownPoseEstimator(runner, config, keypoints, flip_test=flip_test,
                                      flip_shift=flip_shift)
@@ -161,9 +184,46 @@ def load_pose_model(
         weights_sha256=checkpoint.sha256 if checkpoint else None,
         trained=path is not None,
         metadata=dict(checkpoint.metadata) if checkpoint else {},
-        backend=backend,
+        backend=runner.backend,
+        backend_choice=choice,
         int8=int8,
     )
+
+
+def int8_beside(weights: Path) -> Path:
+    """Where ``omnipose quantize`` output for ``weights`` is looked for by ``backend=auto``:
+    ``<weights without suffix>.int8`` beside it (the embedded default ships ``default.int8``)."""
+    return weights.with_suffix(".int8")
+
+
+def _int8_beside(weights: Path | None, weights_sha256: str | None, config: ModelConfig,
+                 device: str) -> Path | None:
+    """backend=auto on the CPU: the guarded int8 artifact beside the weights, if there is one
+    for these very weights and this crop size; anything else is logged and ignored (auto then
+    measures the float backends as usual)."""
+    if weights is None or resolve_device(device).type != "cpu":
+        return None
+    candidate = int8_beside(weights)
+    if not candidate.is_dir():
+        return None
+    try:
+        artifact = read_int8_artifact(candidate, weights_sha256)
+    except Int8ArtifactError as exc:
+        log.warning("backend auto: not serving the int8 model beside the weights: %s", exc)
+        return None
+    if list(artifact.sidecar.get("source", {}).get("input_size", [])) != list(config.input_size):
+        return None  # quantised for another crop size (a config override): float it is
+    try:
+        from omnipose.model.openvino_runtime import import_openvino
+
+        import_openvino()
+    except ImportError:
+        log.warning("backend auto: %s is not served: the openvino extra is not installed",
+                    candidate.name)
+        return None
+    log.info("backend auto: serving the guarded int8 model %s (its accuracy guard passed)",
+             candidate.name)
+    return candidate
 
 
 def _int8_runner(int8_model: str | Path | None, backend: str, weights_sha256: str | None,
@@ -172,8 +232,9 @@ def _int8_runner(int8_model: str | Path | None, backend: str, weights_sha256: st
     if int8_model is None:
         raise ValueError("int8 is served only from a guarded int8 model: pass --int8-model DIR"
                          " written by `omnipose quantize` for these weights")
-    if backend != "openvino":
-        raise ValueError(f"an int8 model runs in OpenVINO: use --backend openvino, not {backend}")
+    if backend not in ("openvino", "auto"):
+        raise ValueError(f"an int8 model runs in OpenVINO: use --backend openvino or auto, not"
+                         f" {backend}")
     if device not in ("auto", "cpu"):
         raise ValueError(f"an int8 OpenVINO model runs on the CPU, not {device}")
     from omnipose.model.openvino_runtime import OpenVinoRunner, import_openvino

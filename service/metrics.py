@@ -98,7 +98,7 @@ class ServiceMetrics:
         )
         self.model_info = Info(
             "omnipose_model",
-            "The loaded pose model: name, config, weights checksum, device, backend, precision,"
-            " detector.",
+            "The loaded pose model: name, config, weights checksum, device, precision, backend"
+            " (with backend=auto: the choice's source and its measured table), detector.",
             registry=r,
         )

@@ -104,6 +104,30 @@ class KeypointsInfo(BaseModel):
     sigmas: list[float] = Field(..., description="COCO OKS per-joint sigmas")
 
 
+class BackendMeasurement(BaseModel):
+    backend: str = Field(..., examples=["onnxruntime"])
+    precision: str = Field(..., examples=["fp32"])
+    crops_per_s: float | None = Field(
+        ..., description="Crops per second on the start-up probe; null: not measured (see note)")
+    note: str = Field("", description="Why a candidate was not measured (not installed, its"
+                                      " build failed, it does not run that precision)")
+    cost_s: float | None = Field(None, description="Seconds its build and probe took")
+
+
+class BackendChoiceInfo(BaseModel):
+    """How backend=auto chose the runner: the candidates measured and the fastest."""
+
+    backend: str
+    precision: str
+    source: str = Field(..., description="measured (at this start), cached (an earlier start's"
+                                         " measurement on the same key), cuda or no-warmup"
+                                         " (torch, nothing measured)")
+    probe: str = Field("", description="What each candidate ran: crops, crop size, layout")
+    measured_at: str = Field("", description="When the table was measured (UTC)")
+    measure_s: float | None = Field(None, description="Seconds the measurement took")
+    candidates: list[BackendMeasurement] = Field(default_factory=list)
+
+
 class ModelDescription(BaseModel):
     name: str
     version: str
@@ -115,7 +139,11 @@ class ModelDescription(BaseModel):
     trained: bool = Field(..., description="False: random weights, keypoints are meaningless")
     device: str
     precision: str
-    backend: str = Field("torch", description="Pose network runtime: torch or onnxruntime")
+    backend: str = Field("torch", description="Pose network runtime serving: torch, onnxruntime"
+                                              " or openvino (with backend=auto: the one chosen)")
+    backend_choice: BackendChoiceInfo | None = Field(
+        None, description="backend=auto: the measured candidates and where the choice came"
+                          " from; null when the backend was configured")
     int8: dict[str, Any] | None = Field(
         None, description="The guarded int8 model served (backend openvino), else null: its"
         " source weights hash, quantiser settings, layers kept fp32, calibration, and the accuracy"

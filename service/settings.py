@@ -48,17 +48,21 @@ class ServiceSettings(BaseSettings):
         " last) on a CPU with native bf16 (AVX512-BF16/AMX), else fp32; fp16/bf16 only where the"
         " device supports them"
     )
-    backend: Literal["torch", "onnxruntime", "openvino"] = Field(
-        "torch", description="Pose network runtime: torch (eager PyTorch), onnxruntime (the"
-        " network exported to ONNX at start-up, fp32; needs the onnx extra), or openvino (CPU"
-        " only, fp32 or bf16 where the CPU has native bf16, auto as for torch; converted once and"
-        " cached in cache_dir; needs the openvino extra)"
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+        "auto", description="Pose network runtime: auto = on CPU, the fastest of the installed"
+        " backends in the precisions the CPU runs natively (or the one precision set), measured"
+        " at start-up and cached in cache_dir (without warmup: the cached choice, else torch),"
+        " on CUDA torch; torch (eager PyTorch); onnxruntime (the network exported to ONNX at"
+        " start-up, fp32; needs the onnx extra); openvino (CPU only, fp32 or bf16 where the CPU"
+        " has native bf16, auto as for torch; converted once and cached in cache_dir; needs the"
+        " openvino extra)"
     )
     cache_dir: Path | None = Field(
-        None, description="Where converted and compiled models are kept between starts"
-        " (backend=openvino), keyed by weights, config, input size, precision, runtime version"
-        " and CPU; none: $XDG_CACHE_HOME/omnipose, else ~/.cache/omnipose. Not writable: one"
-        " warning, and the model is converted at every start",
+        None, description="Where converted and compiled models (backend openvino) and start-up"
+        " decisions (backend auto) are kept between starts, keyed by weights, config, input size,"
+        " precision, library versions and CPU; none: $XDG_CACHE_HOME/omnipose, else"
+        " ~/.cache/omnipose. Not writable: one warning, and every start converts and measures"
+        " again",
     )
     int8_model: Path | None = Field(
         None, description="Guarded int8 model directory written by omnipose quantize for the"

@@ -21,6 +21,7 @@ import torch
 
 from omnipose.model.detection import PersonDetector, build_detector
 from omnipose.model.topdown import TopDownPoseEstimator
+from omnipose.service.backend_choice import AutoBackend
 from omnipose.service.batcher import AllCoresRunner, Chunk
 from omnipose.service.images import decode_jpeg_on_device, encode_jpeg, read_header
 from omnipose.service.loading import LoadedPoseModel, load_pose_model
@@ -56,6 +57,7 @@ def load_models(settings: ServiceSettings, pose_model: LoadedPoseModel | None,
             settings.model_cache_dir(),
             available_cpus(),
             int8_model=settings.int8_model,
+            choose_runner=AutoBackend(settings).runner,
         )
     if detector is None:
         detector = build_detector(
@@ -69,7 +71,9 @@ def load_models(settings: ServiceSettings, pose_model: LoadedPoseModel | None,
 
 def model_info(model: LoadedPoseModel, detector: PersonDetector,
                layout: InstanceLayout | None) -> dict[str, str]:
-    """The model-info metric's labels: what runs, where, and how it is spread."""
+    """The model-info metric's labels: what runs, where, and how it is spread; with
+    backend=auto, where the choice came from and its table in one line."""
+    choice = model.backend_choice
     return {
         "name": model.name,
         "version": model.version,
@@ -79,6 +83,8 @@ def model_info(model: LoadedPoseModel, detector: PersonDetector,
         "device": str(model.estimator.device),
         "precision": model.estimator.precision,
         "backend": model.backend,
+        "backend_choice": choice.source if choice else "configured",
+        "backend_table": choice.summary() if choice else "",
         "instances": str(layout.instances if layout else ""),
         "torch_threads": str(layout.threads if layout else ""),
         "detector": detector.name,
@@ -133,7 +139,7 @@ def choose_layout(settings: ServiceSettings,
     )
     rule = None
     if (best.instances > 1 and batch > 1 and settings.lone_batch_on_all_cores
-            and settings.backend == "torch"):  # fmt: skip
+            and estimator.runner.backend == "torch"):  # fmt: skip
         rule = measure_lone_batches(
             lambda units: estimator.forward(probe[:units], flip_test=False), best, cpus, batch
         )

@@ -37,8 +37,14 @@ __all__ = ["REPO_ROOT", "ServerProcess", "running_server", "wait_until"]
 
 LIGHT_CONFIG = "coco-w18-128x96"
 STARTUP_TIMEOUT_S = 90.0
+# backend=auto at a warm-up start builds and measures every candidate first (two ONNX exports and
+# an OpenVINO conversion among them): over a minute when other jobs share the two cores.
+AUTO_STARTUP_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 30.0
-TEST_SERVER_ARGS = ("--config", LIGHT_CONFIG, "--device", "cpu", "--log-level", "warning")
+TEST_SERVER_ARGS = ("--config", LIGHT_CONFIG, "--device", "cpu", "--log-level", "warning",
+                    "--backend", "torch")  # fmt: skip
+# Test servers name their backend: backend=auto (the default) measures every backend at a
+# warm-up start (the ONNX export alone takes seconds on two cores); the slow server runs auto.
 # One single-threaded instance per CPU, as a server without warm-up picks: set, not measured, on
 # every test server but the main one. Measuring costs each start seconds of both cores (layouts
 # and lone batches timed on the model); the main server, shared by most service tests, still
@@ -84,18 +90,30 @@ class ServerPool:
         self._stack = contextlib.ExitStack()
 
     def get(self, name: str, args: Sequence[str], tls_ca: Path | None = None,
-            measure_layout: bool = False) -> ServerProcess:
+            measure_layout: bool = False,
+            startup_timeout: float = STARTUP_TIMEOUT_S) -> ServerProcess:  # fmt: skip
         key = (*args, str(tls_ca), str(measure_layout))
         if key not in self._servers:
             server = server_process(self._log_dir, f"{name}-{len(self._servers)}", args, tls_ca,
                                     measure_layout)  # fmt: skip
             self._servers[key] = self._stack.enter_context(
-                running(server, STARTUP_TIMEOUT_S, STOP_TIMEOUT_S)
+                running(server, startup_timeout, STOP_TIMEOUT_S)
             )
         return self._servers[key]
 
     def close(self) -> None:
         self._stack.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The tests' own cache folder (XDG_CACHE_HOME, inherited by the servers they start): a
+    backend choice cached by an earlier run or by the developer's own server never decides
+    what a test runs."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("xdg-cache")
+        patch.setenv("XDG_CACHE_HOME", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")
@@ -124,11 +142,13 @@ def server(servers: ServerPool) -> ServerProcess:
 @pytest.fixture(scope="session")
 def slow_server(servers: ServerPool) -> ServerProcess:
     """One request at a time, and a batcher that waits seconds for a batch to fill: a request
-    stays queued long enough to test backpressure, deadlines and disconnects deterministically."""
+    stays queued long enough to test backpressure, deadlines and disconnects deterministically.
+    It starts as the default deployment does, with backend=auto measured at warm-up (its tests
+    do not depend on the backend), so /v1/models shows a real measured table."""
     return servers.get("slow", [
         "--detector", "none", "--max-queue-size", "1", "--max-batch-size", "8",
-        "--max-queue-delay-ms", str(SLOW_QUEUE_DELAY_MS),
-    ])  # fmt: skip
+        "--max-queue-delay-ms", str(SLOW_QUEUE_DELAY_MS), "--backend", "auto",
+    ], startup_timeout=AUTO_STARTUP_TIMEOUT_S)  # fmt: skip
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0,

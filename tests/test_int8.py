@@ -26,7 +26,7 @@ import torch
 if importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None:
     pytest.skip("needs the openvino extra (openvino, nncf)", allow_module_level=True)
 
-from omnipose.model.checkpoint import load_model
+from omnipose.model.checkpoint import load_model, save_checkpoint
 from omnipose.model.int8_artifact import (
     SIDECAR_NAME,
     GuardReport,
@@ -89,7 +89,7 @@ import collections, json, sys
 import numpy as np
 from omnipose.model.openvino_runtime import import_openvino
 openvino = import_openvino()
-from omnipose.model.checkpoint import load_model
+from omnipose.model.checkpoint import load_model, save_checkpoint
 from omnipose.model.int8_artifact import load_int8_artifact
 from omnipose.training.int8_guard import evaluate_runner, measure_guard
 from omnipose.training.quantize import held_out_set, openvino_runner
@@ -268,3 +268,39 @@ def test_quantize_command_refuses_half_a_folder_source_with_one_line(
                  str(tmp_path)])
     assert code == 2 and not (tmp_path / "x.int8").exists()
     assert "give both an image folder and its annotations JSON" in capsys.readouterr().err
+
+
+def test_backend_auto_serves_the_guarded_int8_beside_the_weights(tmp_path: Path) -> None:
+    def must_not_measure(*args):
+        raise AssertionError("backend auto measured although a guarded int8 model was beside")
+
+    default = loading.DEFAULT_WEIGHTS
+    served = loading.load_pose_model(backend="auto", precision="auto", device="cpu",
+                                     choose_runner=must_not_measure)
+    assert (served.backend, served.estimator.precision) == ("openvino", "int8")
+    assert served.int8 is not None and served.int8["name"] == "default.int8"
+
+    # An explicit precision is a request for float: auto measures instead.
+    chosen: list[str] = []
+
+    def measure(network, config, options):
+        chosen.append(config.name)
+        from omnipose.model.runners import TorchRunner
+
+        return TorchRunner(network, "cpu", "fp32"), None
+
+    fp32 = loading.load_pose_model(backend="auto", precision="fp32", device="cpu",
+                                   choose_runner=measure)
+    assert chosen and fp32.int8 is None
+
+    # Retrained weights beside the old int8 directory: the hash differs, so it is not served.
+    network, config, _ = load_model(default, device="cpu")
+    with torch.no_grad():
+        next(network.parameters()).add_(0.01)
+    retrained = tmp_path / "retrained.pt"
+    save_checkpoint(retrained, network, config)
+    shutil.copytree(default.parent / "default.int8", loading.int8_beside(retrained))
+    chosen.clear()
+    kept = loading.load_pose_model(retrained, precision="auto", backend="auto", device="cpu",
+                                   choose_runner=measure)
+    assert chosen and kept.int8 is None
