@@ -49,7 +49,9 @@ class ServiceSettings(BaseSettings):
         " device supports them"
     )
     backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
-        "auto", description="Pose network runtime: auto = on CPU, the fastest of the installed"
+        "auto", description="Pose network runtime: auto = on CPU, the guarded int8 model beside"
+        " the weights if there is one for them (<weights>.int8, as omnipose quantize writes it;"
+        " precision auto only), else the fastest of the installed"
         " backends in the precisions the CPU runs natively (or the one precision set), measured"
         " at start-up and cached in cache_dir (without warmup: the cached choice, else torch),"
         " on CUDA torch; torch (eager PyTorch); onnxruntime (the network exported to ONNX at"
