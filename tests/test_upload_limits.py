@@ -231,11 +231,17 @@ def test_grpc_calls_beyond_the_limit_are_refused(admission_server, images) -> No
     with grpc.insecure_channel(admission_server.grpc_target) as channel:
         stub = omnipose_pb2_grpc.PoseEstimationStub(channel)
         closed = threading.Event()
-        idle = [
-            stub.StreamEstimate(iter(closed.wait, True), timeout=30) for _ in range(2)
-        ]  # two open streams that send nothing until the test ends
+        def open_stream() -> grpc.Future:  # a stream that sends nothing until the test ends
+            return stub.StreamEstimate(iter(closed.wait, True), timeout=60)
+
+        idle = [open_stream() for _ in range(2)]
         try:
             def refused() -> bool:
+                # A probe that reached the server before a stream took that stream's place (the
+                # stream was refused): open it again, so both limits' slots end up held by streams.
+                for i, call in enumerate(idle):
+                    if call.done():
+                        idle[i] = open_stream()
                 try:
                     stub.GetModel(pb.GetModelRequest(), timeout=10)
                 except grpc.RpcError as error:
