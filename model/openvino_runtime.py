@@ -128,7 +128,9 @@ class OpenVinoRunner:
         self._core = openvino.Core()
         self._compiled: dict[int, Any] = {}
         self._lock = threading.Lock()
-        self._in_flight = 0  # run() calls now running (a lone one is split over the streams)
+        self._in_flight = 0  # run() calls now running (a lone one runs on every core)
+        self._all_cores: Any = None  # compiled on the first lone call
+        self.lone_on_all_cores = True
         self._local = threading.local()
         if threads is not None:
             self._compiled_for(threads)  # fixed layout: compile now
@@ -190,40 +192,34 @@ class OpenVinoRunner:
             requests[threads] = request
         return request
 
-    def _split_requests(self, threads: int, parts: int) -> list[Any]:
-        """This thread's InferRequests for running one batch split over ``parts`` streams."""
-        split: dict[int, list[Any]] = self._local.__dict__.setdefault("split", {})
-        requests = split.setdefault(threads, [])
-        while len(requests) < parts:
-            requests.append(self._compiled_for(threads).create_infer_request())
-        return requests[:parts]
+    def _lone_request(self) -> Any:
+        """This thread's InferRequest on a model compiled for one stream on every usable CPU."""
+        request = getattr(self._local, "lone", None)
+        if request is None:
+            with self._lock:
+                if self._all_cores is None:
+                    config = {**self.compile_config(self.cpus), "NUM_STREAMS": 1,
+                              "INFERENCE_NUM_THREADS": self.cpus, "PERFORMANCE_HINT": "LATENCY"}
+                    self._all_cores = self._core.compile_model(self.ov_model, "CPU", config)
+            request = self._local.lone = self._all_cores.create_infer_request()
+        return request
 
     def run(self, crops: torch.Tensor) -> torch.Tensor:
-        """Heatmaps of ``crops``. A call alone in the runner (no other caller in flight) is split
-        over the compiled model's streams, so a lone request uses every core (as torch's lone
-        batch rule does); calls that overlap each keep one stream, the layout measured fastest
-        for throughput. Surplus requests queue on OpenVINO's streams: never oversubscribed."""
+        """Heatmaps of ``crops``. A call alone in the runner (no other caller in flight), where
+        the layout has several streams, runs on a model compiled for one stream on every core,
+        so a lone request is as fast as the network can be (as torch's lone-batch rule does);
+        overlapping calls keep one stream each, the layout measured fastest for throughput."""
         inputs = np.ascontiguousarray(crops.detach().float().cpu().numpy())
         threads = self.threads or torch.get_num_threads()
         with self._lock:
             self._in_flight += 1
             alone = self._in_flight == 1
         try:
-            streams, _ = self.layout(threads)
-            parts = min(streams, len(inputs)) if alone else 1
-            if parts > 1:
-                requests = self._split_requests(threads, parts)
-                chunks = np.array_split(inputs, parts)
-                for request, chunk in zip(requests, chunks, strict=True):
-                    request.start_async({0: np.ascontiguousarray(chunk)}, share_inputs=True)
-                for request in requests:
-                    request.wait()
-                heatmaps = np.concatenate([r.get_output_tensor(0).data for r in requests])
-            else:
-                request = self._request()
-                request.infer({0: inputs}, share_inputs=True)
-                # The output is the request's own buffer, reused by its next call: copy it.
-                heatmaps = np.array(request.get_output_tensor(0).data, copy=True)
+            lone = alone and self.lone_on_all_cores and self.layout(threads)[0] > 1
+            request = self._lone_request() if lone else self._request()
+            request.infer({0: inputs}, share_inputs=True)
+            # The output is the request's own buffer, reused by its next call: copy it.
+            heatmaps = np.array(request.get_output_tensor(0).data, copy=True)
         finally:
             with self._lock:
                 self._in_flight -= 1

@@ -106,18 +106,22 @@ def test_concurrent_callers_get_what_sequential_calls_get(runner: OpenVinoRunner
             torch.testing.assert_close(got, expected[index], rtol=1e-5, atol=1e-6)
 
 
-def test_a_lone_call_is_split_over_the_streams_with_the_same_result(
+def test_a_lone_call_runs_on_every_core_with_the_same_result(
         runner: OpenVinoRunner, network: torch.nn.Module) -> None:
-    """2 streams x 1 thread (a 2 x 1 instance layout): a call alone in the runner runs its
-    batch in two parts at once, one per stream; the heatmaps equal torch's in order."""
-    split = OpenVinoRunner(runner.ov_model, "fp32", threads=1, streams=2)
+    """2 streams x 1 thread (a 2 x 1 instance layout): a call alone in the runner runs on the
+    model compiled for one stream on both cores; its heatmaps equal torch's."""
+    layout = OpenVinoRunner(runner.ov_model, "fp32", threads=1, streams=2, cpus=2)
     inputs = crops(3, seed=7)
     with torch.inference_mode():
         expected = network(inputs)
-    torch.testing.assert_close(split.run(inputs), expected, rtol=1e-4, atol=1e-5)
-    parts = split._local.split[1]  # this thread's requests of the split path
-    assert len(parts) == 2
-    assert [r.get_output_tensor(0).shape[0] for r in parts] == [2, 1]
+    torch.testing.assert_close(layout.run(inputs), expected, rtol=1e-4, atol=1e-5)
+    lone = layout._all_cores
+    assert lone is not None and lone.get_property("NUM_STREAMS") == 1
+    assert lone.get_property("INFERENCE_NUM_THREADS") == 2
+    unsplit = OpenVinoRunner(runner.ov_model, "fp32", threads=1, streams=2, cpus=2)
+    unsplit.lone_on_all_cores = False
+    torch.testing.assert_close(unsplit.run(inputs), expected, rtol=1e-4, atol=1e-5)
+    assert unsplit._all_cores is None  # off: the layout's own streams
 
 
 def test_streams_follow_the_callers_thread_count() -> None:
