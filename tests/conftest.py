@@ -29,6 +29,7 @@ import cv2  # noqa: E402
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from bench.local_server import REPO_ROOT, ServerProcess, running, service_environment  # noqa: E402
 from bench.samples import BUS_JPG, ZIDANE_JPG  # noqa: E402
@@ -223,3 +224,14 @@ def no_threads_left_running() -> Iterator[None]:
     left = [t for t in threading.enumerate() if t not in before and lingering(t) and t.is_alive()]
     if left:
         pytest.fail(f"threads left running: {', '.join(sorted(t.name for t in left))}")
+
+
+def randomised(network: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Non-trivial values in every tensor, so heatmaps are far from constant."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in network.state_dict().items():
+            if tensor.is_floating_point():
+                noise = torch.rand(tensor.shape, generator=generator)
+                tensor.copy_(noise + 0.5 if "running_var" in name else (noise - 0.5) * 0.2)
+    return network.eval()

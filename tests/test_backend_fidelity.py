@@ -29,6 +29,7 @@ from omnipose.model.precision import cpu_has_native_bf16
 from omnipose.model.runners import OnnxRuntimeRunner, Runner, TorchRunner
 from omnipose.model.topdown import TopDownPoseEstimator
 from omnipose.service import loading
+from tests.conftest import randomised
 
 pytest.importorskip("onnxruntime")
 try:  # usage telemetry declined (and no sender thread started), as the runner imports it
@@ -51,16 +52,6 @@ def golden_boxes() -> np.ndarray:
     cases = json.loads(GOLDEN_PATH.read_text())["cases"]
     boxes = sorted({tuple(case["box_xywh"]) for case in cases})
     return np.array([box for box in boxes if box[2] > 32], dtype=np.float32)
-
-
-def randomised(network: torch.nn.Module, seed: int) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in network.state_dict().items():
-            if tensor.is_floating_point():
-                noise = torch.rand(tensor.shape, generator=generator)
-                tensor.copy_(noise + 0.5 if "running_var" in name else (noise - 0.5) * 0.2)
-    return network.eval()
 
 
 def released_layout(folder: Path) -> tuple[torch.nn.Module, ModelConfig]:

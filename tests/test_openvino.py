@@ -25,19 +25,9 @@ from omnipose.model.openvino_runtime import (
 )
 from omnipose.model.runners import RunnerOptions, TorchRunner, build_runner
 from omnipose.service import loading, startup
+from tests.conftest import randomised
 
 CONFIG = get_config("coco-w8-96x64")
-
-
-def randomised(network: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Non-trivial values in every tensor, so heatmaps are far from constant."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in network.state_dict().items():
-            if tensor.is_floating_point():
-                noise = torch.rand(tensor.shape, generator=generator)
-                tensor.copy_(noise + 0.5 if "running_var" in name else (noise - 0.5) * 0.2)
-    return network.eval()
 
 
 @pytest.fixture(scope="module")
