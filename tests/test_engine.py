@@ -11,6 +11,7 @@ rode in. A random convolution stands in where exact numerics and flip test matte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
@@ -341,8 +342,16 @@ def test_lone_batches_are_measured_on_threads_set_up_like_the_instances(monkeypa
     clock = SimulatedClock()
     monkeypatch.setattr(resources, "time", clock)
 
+    # Spread forwards meet here, so each instance's thread runs one: with instant forwards one
+    # pool thread could otherwise take both before the other starts. Forwards that never run at
+    # once break the barrier (10 s) and the thread count below shows it.
+    spread_together = threading.Barrier(2, timeout=10)
+
     def forward(units: int) -> None:
         threads = torch.get_num_threads()
+        if threads == 1:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                spread_together.wait()
         seen.append((threading.current_thread().name, threads, units))
         clock.run(0.02 * units / threads)  # a forward that scales perfectly with threads
 

@@ -68,8 +68,13 @@ def test_runner_equals_torch_at_any_batch(runner: OpenVinoRunner,
 def test_precision_hint_is_always_explicit(runner: OpenVinoRunner) -> None:
     """fp32 stays f32 even on a CPU whose OpenVINO default is bf16."""
     runner.run(crops(1, seed=0))
-    compiled = runner._compiled[torch.get_num_threads()]
-    assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) in ("<Type: 'float32'>", "f32")
+    runner.run(crops(2, seed=0))
+    # every model compiled so far: the layout's, and the all-core one of lone calls if made
+    compiled = [*runner._compiled.values(), *([runner._all_cores] if runner._all_cores else [])]
+    assert compiled
+    for model in compiled:
+        hint = str(model.get_property("INFERENCE_PRECISION_HINT"))
+        assert hint in ("<Type: 'float32'>", "f32"), hint
     assert runner.compile_config(1)["INFERENCE_PRECISION_HINT"] == "f32"
 
 
