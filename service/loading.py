@@ -16,7 +16,7 @@ from typing import Any, Literal
 import omnipose.model as model_package
 from omnipose.model.checkpoint import load_model, read_checkpoint
 from omnipose.model.configs import ModelConfig, get_config
-from omnipose.model.int8_artifact import Int8ArtifactError, read_int8_artifact
+from omnipose.model.int8_artifact import Int8Artifact, Int8ArtifactError, read_int8_artifact
 from omnipose.model.precision import PrecisionSetting
 from omnipose.model.runners import (
     RUNNER_FACTORIES,
@@ -162,11 +162,13 @@ def load_pose_model(
     choice = None
     options = RunnerOptions(cache_dir=cache_dir, weights_sha256=checkpoint.sha256 if checkpoint
                             else None, config_name=config.name, cpus=cpus)
-    if int8_model is None and backend == "auto" and precision == "auto":
-        int8_model = _int8_beside(path, checkpoint.sha256 if checkpoint else None, config, device)
-    if int8_model is not None or precision == "int8":
-        runner, int8 = _int8_runner(int8_model, backend, checkpoint.sha256 if checkpoint else None,
-                                    config, device, cpus)
+    artifact = None
+    if int8_model is not None:
+        artifact = checked_int8_artifact(int8_model, options.weights_sha256, config)
+    elif backend == "auto" and precision == "auto":
+        artifact = _int8_beside(path, options.weights_sha256, config, device)
+    if artifact is not None or precision == "int8":
+        runner, int8 = _int8_runner(artifact, backend, device, cpus)
     elif backend == "auto":
         if choose_runner is None:
             raise ValueError("backend auto is chosen by the service at start-up; name a backend"
@@ -196,8 +198,19 @@ def int8_beside(weights: Path) -> Path:
     return weights.with_suffix(".int8")
 
 
+def checked_int8_artifact(path: str | Path, weights_sha256: str | None,
+                          config: ModelConfig) -> Int8Artifact:
+    """The int8 artifact at ``path``, checked for these weights and this crop size."""
+    artifact = read_int8_artifact(path, weights_sha256)
+    quantised_for = artifact.sidecar.get("source", {}).get("input_size")
+    if list(quantised_for or []) != list(config.input_size):
+        raise Int8ArtifactError(f"{path}: quantised for input size {quantised_for}, but the model"
+                                f" config {config.name} is {config.input_size}")
+    return artifact
+
+
 def _int8_beside(weights: Path | None, weights_sha256: str | None, config: ModelConfig,
-                 device: str) -> Path | None:
+                 device: str) -> Int8Artifact | None:
     """backend=auto on the CPU: the guarded int8 artifact beside the weights, if there is one
     for these very weights and this crop size; anything else is logged and ignored (auto then
     measures the float backends as usual)."""
@@ -207,12 +220,10 @@ def _int8_beside(weights: Path | None, weights_sha256: str | None, config: Model
     if not candidate.is_dir():
         return None
     try:
-        artifact = read_int8_artifact(candidate, weights_sha256)
+        artifact = checked_int8_artifact(candidate, weights_sha256, config)
     except Int8ArtifactError as exc:
         log.warning("backend auto: not serving the int8 model beside the weights: %s", exc)
         return None
-    if list(artifact.sidecar.get("source", {}).get("input_size", [])) != list(config.input_size):
-        return None  # quantised for another crop size (a config override): float it is
     try:
         from omnipose.model.openvino_runtime import import_openvino
 
@@ -223,13 +234,13 @@ def _int8_beside(weights: Path | None, weights_sha256: str | None, config: Model
         return None
     log.info("backend auto: serving the guarded int8 model %s (its accuracy guard passed)",
              candidate.name)
-    return candidate
+    return artifact
 
 
-def _int8_runner(int8_model: str | Path | None, backend: str, weights_sha256: str | None,
-                 config: ModelConfig, device: str, cpus: int | None) -> tuple[Runner, dict]:
+def _int8_runner(artifact: Int8Artifact | None, backend: str, device: str,
+                 cpus: int | None) -> tuple[Runner, dict]:
     """The OpenVINO int8 runner of a checked artifact, and its description for /v1/models."""
-    if int8_model is None:
+    if artifact is None:
         raise ValueError("int8 is served only from a guarded int8 model: pass --int8-model DIR"
                          " written by `omnipose quantize` for these weights")
     if backend not in ("openvino", "auto"):
@@ -239,12 +250,5 @@ def _int8_runner(int8_model: str | Path | None, backend: str, weights_sha256: st
         raise ValueError(f"an int8 OpenVINO model runs on the CPU, not {device}")
     from omnipose.model.openvino_runtime import OpenVinoRunner, import_openvino
 
-    openvino = import_openvino()
-
-    artifact = read_int8_artifact(int8_model, weights_sha256)
-    source = artifact.sidecar.get("source", {})
-    if list(source.get("input_size", [])) != list(config.input_size):
-        raise Int8ArtifactError(f"{int8_model}: quantised for input size {source.get('input_size')}"
-                                f", but the model config {config.name} is {config.input_size}")
-    ov_model = openvino.Core().read_model(artifact.model_xml)
+    ov_model = import_openvino().Core().read_model(artifact.model_xml)
     return OpenVinoRunner(ov_model, "int8", cpus=cpus), artifact.describe()
