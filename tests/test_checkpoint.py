@@ -23,6 +23,7 @@ from omnipose.model.checkpoint import (
 from omnipose.model.configs import get_config
 from omnipose.model.network import OmniPose
 from omnipose.model.skeleton import COCO_KEYPOINTS
+from tests.conftest import randomised
 
 
 class NotAWeight:
@@ -30,17 +31,6 @@ class NotAWeight:
 
     def __init__(self) -> None:
         self.payload = "anything"
-
-
-def randomised(model: OmniPose, seed: int) -> OmniPose:
-    """Distinct, non-trivial values in every tensor (incl. BN stats) so copies are detectable."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if tensor.is_floating_point():
-                noise = torch.rand(tensor.shape, generator=generator)
-                tensor.copy_(noise + 0.5 if "running_var" in name else (noise - 0.5) * 0.2)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
