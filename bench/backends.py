@@ -71,13 +71,11 @@ def build_backends(config_name: str, threads: int, capped: bool) -> dict:
     onnx = export_onnx(copy.deepcopy(network), config.input_size)
     backends["onnxruntime fp32"] = estimator(OnnxRuntimeRunner(onnx))
     try:
-        from omnipose.model.openvino_runtime import OpenVinoRunner, import_openvino
-
-        openvino = import_openvino()
+        from omnipose.model.openvino_runtime import OpenVinoRunner, openvino_core
     except ImportError:
         print("openvino not installed (the openvino extra): no OpenVINO rows")
         return backends
-    ov_model = openvino.Core().read_model(io.BytesIO(onnx))
+    ov_model = openvino_core().read_model(io.BytesIO(onnx))
     for precision in ("fp32", "bf16") if bf16 else ("fp32",):
         runner = OpenVinoRunner(ov_model, precision, threads=threads, streams=1)  # type: ignore[arg-type]
         backends[f"openvino {precision}"] = estimator(runner)

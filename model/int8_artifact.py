@@ -213,9 +213,7 @@ def read_int8_artifact(path: str | Path, weights_sha256: str | None) -> Int8Arti
 
 def load_int8_artifact(path: str | Path, weights_sha256: str | None) -> tuple[Any, GuardReport]:
     """(openvino.Model, guard report) of a checked artifact (see :func:`read_int8_artifact`)."""
-    from omnipose.model.openvino_runtime import import_openvino
-
-    openvino = import_openvino()
+    from omnipose.model.openvino_runtime import openvino_core
 
     artifact = read_int8_artifact(path, weights_sha256)
-    return openvino.Core().read_model(artifact.model_xml), artifact.guard
+    return openvino_core().read_model(artifact.model_xml), artifact.guard

@@ -30,6 +30,7 @@ cores on a shared or quota-limited machine).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -80,6 +81,17 @@ def import_openvino() -> Any:
     return openvino
 
 
+@functools.cache
+def openvino_core() -> openvino.Core:
+    """The process's one OpenVINO Core, shared by every runner and conversion.
+
+    OpenVINO means one Core per application (its methods are thread-safe; settings go with each
+    compile, never on the Core). A second Core in one process has crashed some builds on
+    creation (openvinotoolkit/openvino#35338) and a test process holding dozens crashed at exit.
+    """
+    return import_openvino().Core()
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity); the service passes its cgroup-aware count."""
     try:
@@ -116,8 +128,6 @@ class OpenVinoRunner:
         check_openvino_precision(precision)
         if any(value is not None and value < 1 for value in (threads, streams)):
             raise ValueError(f"threads and streams must be at least 1 (got {threads}, {streams})")
-        openvino = import_openvino()
-
         self.ov_model = ov_model
         self.precision = precision
         self.device = torch.device("cpu")
@@ -125,7 +135,7 @@ class OpenVinoRunner:
         self.cpus = cpus or usable_cpus()
         self.cache_dir = cache_dir
         self.converted = False  # set by from_network: False when the IR came from the cache
-        self._core = openvino.Core()
+        self._core = openvino_core()
         self._compiled: dict[int, Any] = {}
         self._lock = threading.Lock()
         self._in_flight = 0  # run() calls now running (a lone one runs on every core)
@@ -228,11 +238,9 @@ class OpenVinoRunner:
 
 def convert_network(network: nn.Module, input_size: tuple[int, int]) -> openvino.Model:
     """The network as an OpenVINO model (dynamic batch) via the project's ONNX export."""
-    openvino = import_openvino()
-
     from omnipose.model.onnx_runtime import export_onnx
 
-    return openvino.Core().read_model(io.BytesIO(export_onnx(network.eval(), input_size)))
+    return openvino_core().read_model(io.BytesIO(export_onnx(network.eval(), input_size)))
 
 
 
@@ -312,7 +320,7 @@ def cached_model(network: nn.Module, input_size: tuple[int, int], precision: str
     xml = target / IR_NAME
     if xml.is_file():
         try:
-            return openvino.Core().read_model(xml), False, _blobs_folder(target, precision)
+            return openvino_core().read_model(xml), False, _blobs_folder(target, precision)
         except RuntimeError as exc:  # a damaged cache entry: convert again
             log.warning("cached OpenVINO model %s unreadable (%s): converting again", xml, exc)
             shutil.rmtree(target, ignore_errors=True)

@@ -248,7 +248,7 @@ def _int8_runner(artifact: Int8Artifact | None, backend: str, device: str,
                          f" {backend}")
     if device not in ("auto", "cpu"):
         raise ValueError(f"an int8 OpenVINO model runs on the CPU, not {device}")
-    from omnipose.model.openvino_runtime import OpenVinoRunner, import_openvino
+    from omnipose.model.openvino_runtime import OpenVinoRunner, openvino_core
 
-    ov_model = import_openvino().Core().read_model(artifact.model_xml)
+    ov_model = openvino_core().read_model(artifact.model_xml)
     return OpenVinoRunner(ov_model, "int8", cpus=cpus), artifact.describe()

@@ -19,6 +19,8 @@ from omnipose.service.openmp import configure_openmp
 configure_openmp()  # the server's OpenMP wait policy in this process too, before torch loads
 
 import contextlib  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator, Sequence  # noqa: E402
@@ -235,3 +237,25 @@ def randomised(network: torch.nn.Module, seed: int) -> torch.nn.Module:
                 noise = torch.rand(tensor.shape, generator=generator)
                 tensor.copy_(noise + 0.5 if "running_var" in name else (noise - 0.5) * 0.2)
     return network.eval()
+
+
+# --- process exit ----------------------------------------------------------------------------
+_SESSION_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _SESSION_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """End the test process with pytest's status once pytest is done, skipping the native
+    libraries' exit-time destructors (OpenVINO, oneTBB, ONNX Runtime, torch, gRPC all live in
+    this one process). Those ran after every test had passed and crashed the process once in CI
+    (SIGSEGV after Python's own shutdown, so no stack): a crash in teardown the product never
+    runs (each server is its own process, and the tests check their exit codes) must not
+    decide the suite's result."""
+    if _SESSION_STATUS:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_SESSION_STATUS[-1])

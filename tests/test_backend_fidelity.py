@@ -24,7 +24,7 @@ from bench.samples import BUS_JPG
 from omnipose.model.checkpoint import load_model
 from omnipose.model.configs import ModelConfig
 from omnipose.model.network import OmniPose
-from omnipose.model.openvino_runtime import import_openvino
+from omnipose.model.openvino_runtime import import_openvino, openvino_core
 from omnipose.model.precision import cpu_has_native_bf16
 from omnipose.model.runners import OnnxRuntimeRunner, Runner, TorchRunner
 from omnipose.model.topdown import TopDownPoseEstimator
@@ -97,7 +97,7 @@ class Networks:
             pytest.skip("openvino is not installed (the openvino extra)")
         from omnipose.model.openvino_runtime import OpenVinoRunner
 
-        ov_model = openvino.Core().read_model(io.BytesIO(self._onnx[name]))
+        ov_model = openvino_core().read_model(io.BytesIO(self._onnx[name]))
         return OpenVinoRunner(ov_model, precision)  # type: ignore[arg-type]
 
     def poses(self, name: str, runner: Runner) -> np.ndarray:

@@ -34,7 +34,7 @@ from omnipose.model.int8_artifact import (
     read_int8_artifact,
     write_int8_artifact,
 )
-from omnipose.model.openvino_runtime import import_openvino
+from omnipose.model.openvino_runtime import import_openvino, openvino_core
 from omnipose.service import loading
 from omnipose.training.int8_guard import compare_heatmaps, evaluate_runner
 from omnipose.training.quantize import (
@@ -87,8 +87,7 @@ def test_quantised_default_passes_the_guard_and_is_written(run: dict) -> None:
 AVX2_GUARD = r"""
 import collections, json, sys
 import numpy as np
-from omnipose.model.openvino_runtime import import_openvino
-openvino = import_openvino()
+from omnipose.model.openvino_runtime import openvino_core
 from omnipose.model.checkpoint import load_model, save_checkpoint
 from omnipose.model.int8_artifact import load_int8_artifact
 from omnipose.training.int8_guard import evaluate_runner, measure_guard
@@ -97,10 +96,10 @@ weights, fp32_xml, artifact, images, annotations, out = sys.argv[1:7]
 _, config, loaded = load_model(weights)
 int8_model, _ = load_int8_artifact(artifact, loaded.sha256)
 held_out = held_out_set(config, images, annotations, "test")
-fp32 = openvino_runner(openvino.Core().read_model(fp32_xml), "fp32")
+fp32 = openvino_runner(openvino_core().read_model(fp32_xml), "fp32")
 int8 = openvino_runner(int8_model, "int8")
 # the kernels of the int8 runner's own compile configuration (explicit f32 for fp32 parts)
-compiled = openvino.Core().compile_model(int8_model, "CPU", int8.compile_config(2))
+compiled = openvino_core().compile_model(int8_model, "CPU", int8.compile_config(2))
 kernels = sorted({(op.get_rt_info()["layerType"].astype(str),
                    op.get_rt_info()["primitiveType"].astype(str))
                   for op in compiled.get_runtime_model().get_ordered_ops()})
@@ -138,7 +137,7 @@ def test_the_same_int8_model_passes_on_avx2_kernels_and_agrees_with_avx512(run: 
     print("AVX2:", guard.summary())
     assert guard.passed, guard.failures()
     # the int8 model computes the same on both ISAs (overflow fix: no saturating VPMADDUBSW)
-    int8_model = openvino.Core().read_model(read_int8_artifact(result.written, _sha()).model_xml)
+    int8_model = openvino_core().read_model(read_int8_artifact(result.written, _sha()).model_xml)
     held = held_out_set(config, held_out.images, held_out.annotations, "test")
     native = evaluate_runner(openvino_runner(int8_model, "int8"), config, held)[1]
     shift, confidence = compare_heatmaps(native, torch.from_numpy(np.load(out)))
