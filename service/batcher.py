@@ -93,9 +93,10 @@ def _resolve(future: asyncio.Future, value: Any = None, error: BaseException | N
 class DynamicBatcher:
     """Model threads (``instances``) that form batches across requests from one shared queue.
 
-    Each instance runs one batch at a time. A batch closes when it holds ``max_batch_size`` units
-    or when the oldest waiting job has waited ``max_delay_s``: under load batches fill at once, at
-    low load latency is bounded.
+    Each instance runs one batch at a time. A batch closes when it holds ``max_batch_size`` units,
+    when the oldest waiting job has waited ``max_delay_s``, or when ``more_expected()`` says no
+    other work is on its way (then waiting could only catch requests not yet sent): under load
+    batches fill at once, at low load latency is bounded, and a request alone never waits.
     If a batch fails, its chunks are run again one at a time, so only the job whose input fails
     is failed (and the rest of it, if it was split, is taken out of the queue).
     """
@@ -111,6 +112,7 @@ class DynamicBatcher:
         on_start: Callable[[int], None] | None = None,
         instances: int = 1,
         all_cores: AllCoresRunner | None = None,
+        more_expected: Callable[[], bool] = lambda: True,
     ) -> None:
         self.name = name
         self._run_batch = run_batch
@@ -125,6 +127,7 @@ class DynamicBatcher:
         self.instances = instances
         self._idle_instances = 0  # instances waiting for work (they share the queue's units)
         self._all_cores = all_cores if instances > 1 else None
+        self._more_expected = more_expected
         self._cores_lent = False  # an all-cores batch runs: the other instances wait for it
         self.all_cores_batches = 0  # lone batches run on every core (tests, metrics)
         self._threads: list[threading.Thread] = []
@@ -235,6 +238,8 @@ class DynamicBatcher:
                         head = self._queue[0]
                         remaining = head.enqueued_at + self.max_delay_s - time.monotonic()
                         if remaining <= 0 or head.taken:  # a split job's rest goes at once
+                            break
+                        if not self._more_expected():  # nothing on its way to join the batch
                             break
                         self._cond.wait(remaining)
                     if self._stopping:

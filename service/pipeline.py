@@ -100,6 +100,10 @@ class ImagePipeline:
         self._detector_batcher = detector_batcher
         self._stopped = stopped
         self._jpeg_device = jpeg_device(settings, pose_model.estimator.device)
+        # Images admitted whose crops are not queued for the pose model yet: a partial pose batch
+        # waits (max_queue_delay_ms) only while some are on their way, not for requests that
+        # have not arrived, so a request alone runs at once (see lone_request_waits_for_batch).
+        self.images_before_pose = 0
 
     async def _in_pool(self, function: Callable[..., T], *args: Any) -> T:
         """Run on the CPU pool. Work the pool drops because the engine closed (not because the
@@ -183,6 +187,22 @@ class ImagePipeline:
     async def process(self, request: ImageRequest, deadline: float, lease: BudgetLease,
                       tracker: PoseTracker | None = None) -> ImageResult:
         """The persons of one admitted image (a frame of ``tracker``'s stream when given)."""
+        self.images_before_pose += 1
+        on_its_way = [True]  # until its crops are queued for the pose model (or it has none)
+
+        def reached_pose() -> None:
+            if on_its_way[0]:
+                on_its_way[0] = False
+                self.images_before_pose -= 1
+
+        try:
+            return await self._process(request, deadline, lease, tracker, reached_pose)
+        finally:
+            reached_pose()
+
+    async def _process(self, request: ImageRequest, deadline: float, lease: BudgetLease,
+                       tracker: PoseTracker | None, reached_pose: Callable[[], None]
+                       ) -> ImageResult:
         timings: dict[str, float] = {}
         started = time.perf_counter()
         # The decoded size is budgeted from the header, before the pixels exist: every image,
@@ -228,6 +248,7 @@ class ImagePipeline:
         if crops is not None:
             self._check_deadline(deadline, "preprocessing")
             flip = self.pose_model.estimator.flip_test if request.flip is None else request.flip
+            reached_pose()
             job = await self._pose_batcher.submit(crops.inputs, len(crops), deadline, key=flip)
             self._observe(
                 timings, "queue_wait", (job.first_batch_at or job.enqueued_at) - job.enqueued_at
@@ -243,6 +264,7 @@ class ImagePipeline:
             poses = self._filter(persons, request)
             self._observe(timings, "decode", time.perf_counter() - mark)
         else:  # nobody to estimate: a stream's tracks still age and expire
+            reached_pose()
             self.predictor.track(tracker, [], detector_ran)
         self.metrics.persons_per_image.observe(len(poses))
 

@@ -104,7 +104,15 @@ class ServiceSettings(BaseSettings):
     # --- dynamic batching (pose worker) ------------------------------------------------------
     max_batch_size: int = Field(16, ge=1, description="Most person crops in one pose forward pass")
     max_queue_delay_ms: float = Field(
-        5.0, ge=0.0, description="Longest wait for more crops before running a partial batch"
+        5.0, ge=0.0, description="Longest wait for more crops before running a partial batch,"
+        " while other admitted images are still on their way to the pose model (decoding,"
+        " detection); see lone_request_waits_for_batch"
+    )
+    lone_request_waits_for_batch: bool = Field(
+        False, description="Apply max_queue_delay_ms to a request alone in the service too (no"
+        " other image on its way to the pose model). Off: it runs at once, as waiting could only"
+        " catch a request not yet sent. On: where the next request reliably comes within the"
+        " delay (many evenly paced video streams on a GPU), lone requests wait to share batches",
     )
     detector_max_batch_size: int = Field(8, ge=1, description="Most images in one detector call")
     detector_max_queue_delay_ms: float = Field(2.0, ge=0.0, description="Detector batch wait")

@@ -150,7 +150,8 @@ def slow_server(servers: ServerPool) -> ServerProcess:
     do not depend on the backend), so /v1/models shows a real measured table."""
     return servers.get("slow", [
         "--detector", "none", "--max-queue-size", "1", "--max-batch-size", "8",
-        "--max-queue-delay-ms", str(SLOW_QUEUE_DELAY_MS), "--backend", "auto",
+        "--max-queue-delay-ms", str(SLOW_QUEUE_DELAY_MS), "--lone-request-waits-for-batch",
+        "--backend", "auto",
     ], startup_timeout=AUTO_STARTUP_TIMEOUT_S)  # fmt: skip
 
 

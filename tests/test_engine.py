@@ -434,7 +434,8 @@ def test_batched_results_land_on_each_persons_blob() -> None:
     scenes = [[(60, 80), (230, 150)], [(100, 120), (250, 60)], [(40, 190), (280, 180)]]
 
     async def scenario() -> tuple[list, tuple[float, float]]:
-        engine = make_engine(blob_model(), max_batch_size=3, max_queue_delay_ms=100)
+        engine = make_engine(blob_model(), max_batch_size=3, max_queue_delay_ms=100,
+                             lone_request_waits_for_batch=True)
         await engine.start()
         requests = [
             ImageRequest(blob_png(centers), boxes=np.array(
@@ -516,6 +517,29 @@ def test_engine_result_equals_the_estimator_run_directly(random_model: LoadedPos
     assert not np.allclose(results[0].persons[0].keypoints, results[1].persons[0].keypoints)
 
 
+def test_a_request_alone_never_waits_for_a_batch_and_concurrent_ones_share_one(
+        random_model: LoadedPoseModel, images) -> None:
+    """The batch wait (here ten minutes) applies only while other admitted images are on their
+    way to the pose model: a request alone runs at once, two sent together share one pass."""
+    boxes = np.array(images.bus_boxes)
+
+    async def scenario() -> tuple[tuple[float, float], tuple[float, float]]:
+        engine = make_engine(random_model, max_queue_delay_ms=600_000, model_instances=1)
+        await engine.start()
+        try:
+            await asyncio.wait_for(engine.estimate(ImageRequest(images.bus, boxes=boxes)), 120)
+            alone = pose_batches(engine)
+            await asyncio.wait_for(asyncio.gather(
+                *(engine.estimate(ImageRequest(images.bus, boxes=boxes)) for _ in range(2))), 120)
+            return alone, pose_batches(engine)
+        finally:
+            await engine.close()
+
+    alone, after_pair = asyncio.run(scenario())
+    assert alone == (1.0, 2.0)
+    assert after_pair == (2.0, 6.0)  # the pair's four crops in one forward pass
+
+
 def test_person_filters_and_keypoint_threshold() -> None:
     """Blobs of different brightness give persons of different confidence to filter on."""
     centers = [(60, 80), (230, 150), (150, 60)]
@@ -579,7 +603,7 @@ def test_detector_batches_images_across_requests() -> None:
 def test_admission_rejects_beyond_queue_size_and_cancel_frees_the_slot() -> None:
     async def scenario() -> None:
         engine = make_engine(blob_model(), max_queue_size=1, max_batch_size=64,
-                             max_queue_delay_ms=5000)
+                             max_queue_delay_ms=5000, lone_request_waits_for_batch=True)
         await engine.start()
         request = ImageRequest(blob_png([(60, 80)]), boxes=np.array([[30.0, 40, 60, 80]]))
         first = asyncio.create_task(engine.estimate(request))
@@ -602,7 +626,8 @@ def test_admission_rejects_beyond_queue_size_and_cancel_frees_the_slot() -> None
 
 def test_deadline_passes_while_queued_and_the_model_never_runs_it() -> None:
     async def scenario() -> float:
-        engine = make_engine(blob_model(), max_batch_size=64, max_queue_delay_ms=2000)
+        engine = make_engine(blob_model(), max_batch_size=64, max_queue_delay_ms=2000,
+                             lone_request_waits_for_batch=True)
         await engine.start()
         request = ImageRequest(blob_png([(60, 80)]), boxes=np.array([[30.0, 40, 60, 80]]))
         started = time.monotonic()
@@ -681,7 +706,7 @@ def test_stream_ids_are_registered_only_for_admitted_requests() -> None:
         assert loading.tracked_streams == 0
 
         engine = make_engine(blob_model(), max_queue_size=1, max_batch_size=64,
-                             max_queue_delay_ms=5000)
+                             max_queue_delay_ms=5000, lone_request_waits_for_batch=True)
         boxes = np.array([[30.0, 40, 60, 80]])
         frame = ImageRequest(blob_png([(60, 80)]), boxes=boxes, stream_id="cam")
         with pytest.raises(EngineUnavailable, match="loading"):
@@ -705,7 +730,8 @@ def test_a_tracked_frame_waits_for_its_stream_within_its_own_deadline() -> None:
     """Frames of one stream run one at a time; one queued behind a slow frame must still time
     out at its own deadline and give its admission slot back, not when the slow one ends."""
     async def scenario() -> float:
-        engine = make_engine(blob_model(), max_batch_size=64, max_queue_delay_ms=2000)
+        engine = make_engine(blob_model(), max_batch_size=64, max_queue_delay_ms=2000,
+                             lone_request_waits_for_batch=True)
         await engine.start()
         frame = ImageRequest(blob_png([(60, 80)]), boxes=np.array([[30.0, 40, 60, 80]]),
                              stream_id="cam")
@@ -875,7 +901,7 @@ def test_a_pose_failure_on_one_request_fails_only_that_request(instances: int) -
     async def scenario() -> tuple[list, tuple[float, float]]:
         # 2 + 1 + 1 crops fill one batch of 4 exactly: they ride together, then get isolated
         engine = make_engine(model, max_batch_size=4, max_queue_delay_ms=5000,
-                             model_instances=instances)
+                             model_instances=instances, lone_request_waits_for_batch=True)
         await engine.start()
         results = await asyncio.gather(
             engine.estimate(ImageRequest(two, boxes=two_boxes)),
@@ -917,7 +943,7 @@ def test_pixel_budget_refuses_a_second_image_while_the_first_holds_its_pixels() 
         engine = make_engine(blob_model(), OneBoxDetector(), max_image_pixels=pixels,
                              max_inflight_pixels=pixels + 1000, detector_max_batch_size=8,
                              detector_max_queue_delay_ms=5000, max_batch_size=64,
-                             max_queue_delay_ms=5000)
+                             max_queue_delay_ms=5000, lone_request_waits_for_batch=True)
         await engine.start()
         detecting = asyncio.create_task(engine.estimate(ImageRequest(image)))
         await until(lambda: engine._detector_batcher.depth == 1)  # decoded, waiting to detect

@@ -277,6 +277,7 @@ def test_requests_past_the_shutdown_grace_get_json_503_and_new_ones_are_answered
         "16",
         "--max-queue-delay-ms",
         "60000",
+        "--lone-request-waits-for-batch",
         "--shutdown-grace-s",
         "2",
     ]

@@ -488,7 +488,8 @@ def test_client_disconnect_frees_its_queued_work(slow_server, images) -> None:
 
 # --- graceful shutdown -----------------------------------------------------------------------
 def test_sigterm_answers_every_inflight_request_then_exits_0(tmp_path, images) -> None:
-    args = ["--detector", "none", "--max-batch-size", "16", "--max-queue-delay-ms", "4000"]
+    args = ["--detector", "none", "--max-batch-size", "16", "--max-queue-delay-ms", "4000",
+            "--lone-request-waits-for-batch"]
     with running_server(tmp_path, "shutdown", args) as server:
         results: dict[str, object] = {}
 
