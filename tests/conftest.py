@@ -33,9 +33,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import omnipose.model.openvino_runtime  # noqa: E402,F401  (OpenVINO telemetry off, see below)
 from bench.local_server import REPO_ROOT, ServerProcess, running, service_environment  # noqa: E402
 from bench.samples import BUS_JPG, ZIDANE_JPG  # noqa: E402
 
+# Importing omnipose.model.openvino_runtime makes OpenVINO's telemetry package unimportable for
+# this process, whichever test imports openvino first (pytest.importorskip included).
 __all__ = ["REPO_ROOT", "ServerProcess", "running_server", "wait_until"]
 
 LIGHT_CONFIG = "coco-w18-128x96"
