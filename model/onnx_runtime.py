@@ -8,12 +8,17 @@ dimension dynamic, so nothing here names a layer. The runner that executes such 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,12 +26,69 @@ INPUT_NAME, OUTPUT_NAME = "crops", "heatmaps"
 OPSET = 18
 METADATA_KEY = "omnipose"
 
+# Graphs exported inside a shared_exports() block, by what determines them (export_key).
+_shared: dict[str, bytes] | None = None
+_shared_lock = threading.Lock()
+
+
+def state_dict_sha256(network: nn.Module) -> str:
+    """A content hash of the network's weights, for networks that came from no file."""
+    digest = hashlib.sha256()
+    for name, tensor in network.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(np.ascontiguousarray(tensor.detach().cpu().float().numpy()).tobytes())
+    return digest.hexdigest()
+
+
+def export_key(network: nn.Module, input_size: tuple[int, int],
+               metadata: dict[str, Any] | None) -> str:  # fmt: skip
+    """What an export depends on: the weights, the architecture (the modules' repr), the crop
+    size, the metadata and the exporter's opset."""
+    parts = {"weights": state_dict_sha256(network), "modules": repr(network),
+             "input_size": list(input_size), "metadata": metadata, "opset": OPSET}  # fmt: skip
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def shared_exports() -> Iterator[None]:
+    """Within the block, :func:`export_onnx` of a network equal to one already exported in it
+    (same weights, architecture, crop size and metadata) returns that graph instead of tracing
+    again: backend=auto builds ONNX Runtime and OpenVINO (converted from the same export) from
+    copies of one network, and an export takes seconds. The graphs are dropped on leaving, so a
+    serving process holds none it does not use."""
+    global _shared
+    with _shared_lock:
+        outermost = _shared is None
+        if outermost:
+            _shared = {}
+    try:
+        yield
+    finally:
+        if outermost:
+            with _shared_lock:
+                _shared = None
+
 
 def export_onnx(
     network: nn.Module, input_size: tuple[int, int], metadata: dict[str, Any] | None = None
 ) -> bytes:
     """The network as an ONNX graph (bytes) with a dynamic batch; ``metadata`` (JSON-able) is
-    stored in the graph's metadata properties under ``omnipose``."""
+    stored in the graph's metadata properties under ``omnipose``. Inside :func:`shared_exports`,
+    an equal network's graph is exported once."""
+    shared = _shared
+    if shared is None:
+        return _export(network, input_size, metadata)
+    key = export_key(network, input_size, metadata)
+    graph = shared.get(key)
+    if graph is None:
+        graph = shared[key] = _export(network, input_size, metadata)
+    return graph
+
+
+def _export(
+    network: nn.Module, input_size: tuple[int, int], metadata: dict[str, Any] | None
+) -> bytes:
     import onnx
 
     height, width = input_size

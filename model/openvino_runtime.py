@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from omnipose.model import precision as precision_module
+from omnipose.model.onnx_runtime import state_dict_sha256
 
 if TYPE_CHECKING:
     import openvino
@@ -242,16 +243,6 @@ def convert_network(network: nn.Module, input_size: tuple[int, int]) -> openvino
 
     return openvino_core().read_model(io.BytesIO(export_onnx(network.eval(), input_size)))
 
-
-
-def state_dict_sha256(network: nn.Module) -> str:
-    """A content hash of the network's weights, for networks that came from no file."""
-    digest = hashlib.sha256()
-    for name, tensor in network.state_dict().items():
-        digest.update(name.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(np.ascontiguousarray(tensor.detach().cpu().float().numpy()).tobytes())
-    return digest.hexdigest()
 
 
 def cpu_isa_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from omnipose.model.configs import ModelConfig
+from omnipose.model.onnx_runtime import shared_exports
 from omnipose.model.precision import Precision, PrecisionSetting, cpu_has_native_bf16
 from omnipose.model.runners import (
     RUNNER_FACTORIES,
@@ -178,31 +179,24 @@ def measure_candidates(
 ) -> tuple[list[Measurement], Runner | None]:
     """The table of ``todo`` on the CPU and the fastest candidate's runner (None if none ran).
 
-    Each candidate gets its own deep copy of ``network`` (a torch runner casts it in place).
-    Candidates run one after another; the two fastest are kept and measured once more, in
-    reverse order, each keeping its better figure: on a shared machine a neighbour's burst
-    during one probe must not decide between two close backends. Memory holds at most three
-    copies of the network."""
+    Each candidate gets its own deep copy of ``network`` (a torch runner casts it in place);
+    the ONNX export behind ONNX Runtime and OpenVINO is made once for all of them
+    (:func:`omnipose.model.onnx_runtime.shared_exports`). Candidates run one after another;
+    the two fastest are kept and measured once more, in reverse order, each keeping its better
+    figure: on a shared machine a neighbour's burst during one probe must not decide between two
+    close backends. Memory holds at most three copies of the network."""
     probe = torch.randn(batch, 3, *input_size, generator=torch.Generator().manual_seed(0))
     table: list[Measurement] = []
     leaders: list[tuple[float, int, Runner]] = []  # (crops/s, row, runner): the two fastest
-    for backend, precision in todo:
-        if not backend_cache.backend_installed(backend):
-            libraries = ", ".join(backend_cache.backend_libraries(backend))
-            table.append(Measurement(backend, precision, note=f"{libraries}: not installed"))
-            continue
-        started = time.perf_counter()
-        try:
-            runner = build(backend, copy.deepcopy(network), input_size, torch.device("cpu"),
-                           precision, options or RunnerOptions())  # fmt: skip
-            rate = _rate(runner, probe, layout, seconds)
-        except Exception as exc:  # one candidate failing must not fail the start
-            table.append(Measurement(backend, precision, note=_reason(exc)))
-            continue
-        cost = round(time.perf_counter() - started, 2)
-        table.append(Measurement(backend, precision, rate, cost_s=cost))
-        leaders = sorted([*leaders, (rate, len(table) - 1, runner)], key=lambda x: -x[0])[:2]
-        del runner
+    with shared_exports():
+        for backend, precision in todo:
+            row, runner = _measured_row(backend, precision, network, input_size, probe, layout,
+                                        seconds, build, options)  # fmt: skip
+            table.append(row)
+            if runner is not None:
+                leaders = sorted([*leaders, (row.crops_per_s, len(table) - 1, runner)],
+                                 key=lambda x: -x[0])[:2]  # fmt: skip
+            del runner
     if len(leaders) == 2:
         for _, row, runner in reversed(leaders):
             started = time.perf_counter()
@@ -217,6 +211,33 @@ def measure_candidates(
         return table, None
     winner = choose_backend(table)
     return table, next(r for _, row, r in leaders if table[row] == winner)
+
+
+def _measured_row(
+    backend: str,
+    precision: str,
+    network: nn.Module,
+    input_size: tuple[int, int],
+    probe: torch.Tensor,
+    layout: InstanceLayout,
+    seconds: float,
+    build: Builder,
+    options: RunnerOptions | None,
+) -> tuple[Measurement, Runner | None]:
+    """One candidate built from its own copy of ``network`` and timed: its row, and its runner
+    (None when it was not measured)."""
+    if not backend_cache.backend_installed(backend):
+        libraries = ", ".join(backend_cache.backend_libraries(backend))
+        return Measurement(backend, precision, note=f"{libraries}: not installed"), None
+    started = time.perf_counter()
+    try:
+        runner = build(backend, copy.deepcopy(network), input_size, torch.device("cpu"),
+                       precision, options or RunnerOptions())  # fmt: skip
+        rate = _rate(runner, probe, layout, seconds)
+    except Exception as exc:  # one candidate failing must not fail the start
+        return Measurement(backend, precision, note=_reason(exc)), None
+    cost = round(time.perf_counter() - started, 2)
+    return Measurement(backend, precision, rate, cost_s=cost), runner
 
 
 def _rate(runner: Runner, probe: torch.Tensor, layout: InstanceLayout, seconds: float) -> float:

@@ -45,9 +45,11 @@ log = logging.getLogger(__name__)
 
 OVER_CONNECTION_LIMIT = "omnipose.over_connection_limit"  # key in the ASGI scope's state
 # An early answer (an error before the body was read) drains a body up to this size so the
-# connection stays usable; a larger one is left unread and the connection closes.
+# connection stays usable; a larger one is left unread and the connection closes. A 408 (the
+# body stalled or trickled) is never drained: the same slow client would only be waited on again.
 DRAIN_BYTES = 1024 * 1024
 DRAIN_TIMEOUT_S = 5.0
+BODY_TIMED_OUT = 408
 # Probes answered even on connections over the limit (they are cheap and never read a body).
 PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 # Descriptors kept out of the HTTP connection limit: the gRPC server's connections and listener,
@@ -297,11 +299,15 @@ class InflightRequests:
 class TransportGuard:
     """ASGI middleware for what only the transport knows: refuses requests on connections over
     the limit (before reading their body), and runs each request as a task registered in
-    ``inflight`` so that :meth:`InflightRequests.abort` can answer it."""
+    ``inflight`` so that :meth:`InflightRequests.abort` can answer it. ``drain_timeout_s``: how
+    long an early answer waits for the rest of a small body (the service passes at most its body
+    idle timeout: a body paused that long would be answered 408 anyway)."""
 
-    def __init__(self, app: ASGIApp, inflight: InflightRequests) -> None:
+    def __init__(self, app: ASGIApp, inflight: InflightRequests,
+                 drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:  # fmt: skip
         self.app = app
         self.inflight = inflight
+        self.drain_timeout_s = drain_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -333,7 +339,10 @@ class TransportGuard:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                if not body_read and not await _drain_small_body(scope, tracking_receive):
+                if not body_read and (
+                    message["status"] == BODY_TIMED_OUT
+                    or not await _drain_small_body(scope, tracking_receive, self.drain_timeout_s)
+                ):
                     # Answered (refused) before a large body was read: the rest of it must not
                     # be read, nor taken for the next request, so the connection closes.
                     headers = [*message.get("headers", ()), (b"connection", b"close")]
@@ -367,15 +376,16 @@ def _closing(send: Send) -> Send:
     return send_and_close
 
 
-async def _drain_small_body(scope: Scope, receive: Receive) -> bool:
-    """Read and drop the rest of a small body (at most DRAIN_BYTES declared) so an early answer
-    reaches the client: closing a socket with unread data makes the kernel reset the connection,
-    and the client may lose the answer. Large or chunked bodies are not read (False)."""
+async def _drain_small_body(scope: Scope, receive: Receive, timeout_s: float) -> bool:
+    """Read and drop the rest of a small body (at most DRAIN_BYTES declared) within
+    ``timeout_s`` so an early answer reaches the client: closing a socket with unread data makes
+    the kernel reset the connection, and the client may lose the answer. Large or chunked bodies
+    are not read (False)."""
     length = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)
     if length is None or not length.strip().isdigit() or int(length) > DRAIN_BYTES:
         return False
     try:
-        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+        async with asyncio.timeout(timeout_s):
             while True:
                 message = await receive()
                 if message["type"] != "http.request" or not message.get("more_body", False):

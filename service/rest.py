@@ -26,7 +26,7 @@ from omnipose.service.auth import KeyChecker, load_key_digests
 from omnipose.service.docs_ui import mount_docs
 from omnipose.service.engine import PoseEngine
 from omnipose.service.errors import ErrorCode, InvalidRequest, within_deadline
-from omnipose.service.http_server import InflightRequests, TransportGuard
+from omnipose.service.http_server import DRAIN_TIMEOUT_S, InflightRequests, TransportGuard
 from omnipose.service.metrics import ServiceMetrics
 from omnipose.service.options import (
     RequestOptions,
@@ -467,7 +467,8 @@ def create_app(engine: PoseEngine, metrics: ServiceMetrics | None = None) -> Fas
     checker = KeyChecker(load_key_digests(settings.api_key_sha256, settings.api_keys_file))
     if checker.enabled:  # before anything reads a body: a request without a key costs nothing
         app.add_middleware(ApiKeyMiddleware, checker=checker, settings=settings)
-    app.add_middleware(TransportGuard, inflight=app.state.inflight)
+    app.add_middleware(TransportGuard, inflight=app.state.inflight,
+                       drain_timeout_s=min(DRAIN_TIMEOUT_S, settings.http_body_idle_timeout_s))
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     mount_docs(app)
     app.include_router(router)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +11,14 @@ import pytest
 import torch
 
 from omnipose.cli.main import main
+from omnipose.model import onnx_runtime
 from omnipose.model.configs import get_config
 from omnipose.model.network import build_model
 from omnipose.model.onnx_runtime import (
     export_onnx,
     max_difference,
     read_onnx_metadata,
+    shared_exports,
 )
 from omnipose.model.runners import OnnxRuntimeRunner
 from omnipose.service import loading
@@ -41,6 +44,31 @@ def test_export_has_a_dynamic_batch_and_equals_pytorch(name: str) -> None:
         assert got.shape == expected.shape == (batch, config.num_joints, *config.heatmap_size)
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert max_difference(network, graph, config.input_size) < 1e-4
+
+
+def test_equal_networks_are_exported_once_inside_shared_exports(monkeypatch) -> None:
+    """backend=auto's candidates are copies of one network: inside shared_exports() the second
+    export of an equal network (same weights, architecture, size) is the first one's graph; a
+    network with other weights, another size, or an export outside the block traces again."""
+    traced = []
+
+    def counting_export(network, input_size, metadata):
+        traced.append(input_size)
+        return f"graph {len(traced)}".encode()
+
+    monkeypatch.setattr(onnx_runtime, "_export", counting_export)
+    config = get_config("coco-w8-96x64")
+    network = build_model(config).eval()
+    other_weights = copy.deepcopy(network)
+    with torch.no_grad():
+        next(other_weights.parameters()).add_(1.0)
+    with shared_exports():
+        first = export_onnx(network, config.input_size)
+        assert export_onnx(copy.deepcopy(network), config.input_size) is first
+        assert export_onnx(other_weights, config.input_size) != first
+        assert export_onnx(network, (128, 96)) != first
+    assert export_onnx(network, config.input_size) != first
+    assert len(traced) == 4
 
 
 def test_cli_exports_the_default_model_to_onnx(tmp_path: Path, capsys) -> None:
