@@ -5,7 +5,9 @@ different synthetic held-out folder (both cut through the service's crop pipelin
 overflow fix, the real guard against OpenVINO fp32. The same artifact is then checked under
 AVX2-only kernels in a subprocess (``ONEDNN_MAX_CPU_ISA=AVX2`` set before openvino loads; the
 OpenVINO CPU plugin honours it, as the kernel names of its compiled model show), broken
-deliberately for the loader, and served.
+deliberately for the loader, and served. The fixture keeps the heatmaps of the fp32 reference and
+of the guarded int8 model from its own guard run (one pass each over the held-out crops), so the
+AVX2 check measures only the int8 model there and compares it with those.
 """
 
 from __future__ import annotations
@@ -34,17 +36,15 @@ from omnipose.model.int8_artifact import (
     read_int8_artifact,
     write_int8_artifact,
 )
-from omnipose.model.openvino_runtime import import_openvino, openvino_core
+from omnipose.model.runners import Runner
 from omnipose.service import loading
-from omnipose.training.int8_guard import compare_heatmaps, evaluate_runner
+from omnipose.training.int8_guard import RecordingRunner, compare_heatmaps
 from omnipose.training.quantize import (
     SHIPPED_SETTINGS,
     SYNTH_HELD_OUT_SEED,
     CropSource,
-    held_out_set,
     openvino_runner,
     quantize_model,
-    to_openvino,
 )
 from omnipose.training.synth import generate_dataset
 
@@ -62,11 +62,22 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("int8")
     calibration = _synth(root / "calibration", "train", 1, CALIBRATION_IMAGES)
     held_out = _synth(root / "held_out", "test", SYNTH_HELD_OUT_SEED, HELD_OUT_IMAGES)
+    recorded: dict[str, list[RecordingRunner]] = {}
+
+    def recording_runner(ov_model: object, precision: str) -> Runner:
+        """The service's OpenVINO runner, keeping the heatmaps the guard computed with it."""
+        runner = RecordingRunner(openvino_runner(ov_model, precision))
+        recorded.setdefault(precision, []).append(runner)
+        return runner
+
     result = quantize_model(loading.DEFAULT_WEIGHTS, root / "default.int8",
                             calibration=calibration, held_out=held_out,
                             calibration_crops_count=CALIBRATION_CROPS,
-                            ladder=(SHIPPED_SETTINGS,))
-    return {"root": root, "result": result, "held_out": held_out}
+                            ladder=(SHIPPED_SETTINGS,), make_runner=recording_runner)
+    (fp32,), (int8,) = recorded["fp32"], recorded["int8"]  # one reference, one attempt
+    return {"root": root, "result": result, "held_out": held_out,
+            "make_runner": recording_runner, "fp32_heatmaps": torch.cat(fp32.outputs),
+            "int8_heatmaps": torch.cat(int8.outputs)}
 
 
 def test_quantised_default_passes_the_guard_and_is_written(run: dict) -> None:
@@ -85,42 +96,43 @@ def test_quantised_default_passes_the_guard_and_is_written(run: dict) -> None:
 
 
 AVX2_GUARD = r"""
-import collections, json, sys
+import json, sys
 import numpy as np
+import torch
 from omnipose.model.openvino_runtime import openvino_core
-from omnipose.model.checkpoint import load_model, save_checkpoint
+from omnipose.model.checkpoint import load_model
 from omnipose.model.int8_artifact import load_int8_artifact
-from omnipose.training.int8_guard import evaluate_runner, measure_guard
+from omnipose.training.int8_guard import RecordingRunner, measure_guard
 from omnipose.training.quantize import held_out_set, openvino_runner
-weights, fp32_xml, artifact, images, annotations, out = sys.argv[1:7]
+weights, artifact, images, annotations, ap_fp32, fp32_heatmaps, out = sys.argv[1:8]
 _, config, loaded = load_model(weights)
 int8_model, _ = load_int8_artifact(artifact, loaded.sha256)
 held_out = held_out_set(config, images, annotations, "test")
-fp32 = openvino_runner(openvino_core().read_model(fp32_xml), "fp32")
 int8 = openvino_runner(int8_model, "int8")
 # the kernels of the int8 runner's own compile configuration (explicit f32 for fp32 parts)
 compiled = openvino_core().compile_model(int8_model, "CPU", int8.compile_config(2))
 kernels = sorted({(op.get_rt_info()["layerType"].astype(str),
                    op.get_rt_info()["primitiveType"].astype(str))
                   for op in compiled.get_runtime_model().get_ordered_ops()})
-report = measure_guard(fp32, int8, config, held_out)
-np.save(out, evaluate_runner(int8, config, held_out)[1].numpy())
+# the guard against the OpenVINO fp32 reference of the same held-out crops (measured natively)
+reference = (float(ap_fp32), torch.from_numpy(np.load(fp32_heatmaps)))
+recording = RecordingRunner(int8)
+report = measure_guard(None, recording, config, held_out, fp32_result=reference)
+np.save(out, torch.cat(recording.outputs).numpy())
 print(json.dumps({"guard": report.to_dict(), "kernels": kernels}))
 """
 
 
 def test_the_same_int8_model_passes_on_avx2_kernels_and_agrees_with_avx512(run: dict) -> None:
-    openvino = import_openvino()
     root, result = run["root"], run["result"]
-    network, config, loaded = load_model(loading.DEFAULT_WEIGHTS)
-    openvino.save_model(to_openvino(network, config.input_size, loaded.sha256),
-                        root / "fp32.xml", compress_to_fp16=False)
-    out = root / "avx2_heatmaps.npy"
+    fp32_heatmaps, out = root / "fp32_heatmaps.npy", root / "avx2_heatmaps.npy"
+    np.save(fp32_heatmaps, run["fp32_heatmaps"].numpy())
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
     held_out = run["held_out"]
     completed = subprocess.run(
-        [sys.executable, "-c", AVX2_GUARD, str(loading.DEFAULT_WEIGHTS), str(root / "fp32.xml"),
-         str(result.written), str(held_out.images), str(held_out.annotations), str(out)],
+        [sys.executable, "-c", AVX2_GUARD, str(loading.DEFAULT_WEIGHTS), str(result.written),
+         str(held_out.images), str(held_out.annotations),
+         repr(result.attempts[-1].guard.ap_fp32), str(fp32_heatmaps), str(out)],
         env=env, capture_output=True, text=True, timeout=300, check=False)
     assert completed.returncode == 0, completed.stderr[-2000:]
     answer = json.loads(completed.stdout.strip().splitlines()[-1])
@@ -136,10 +148,9 @@ def test_the_same_int8_model_passes_on_avx2_kernels_and_agrees_with_avx512(run: 
     guard = GuardReport.from_dict(answer["guard"])
     print("AVX2:", guard.summary())
     assert guard.passed, guard.failures()
-    # the int8 model computes the same on both ISAs (overflow fix: no saturating VPMADDUBSW)
-    int8_model = openvino_core().read_model(read_int8_artifact(result.written, _sha()).model_xml)
-    held = held_out_set(config, held_out.images, held_out.annotations, "test")
-    native = evaluate_runner(openvino_runner(int8_model, "int8"), config, held)[1]
+    # the int8 model computes the same on both ISAs (overflow fix: no saturating VPMADDUBSW):
+    # natively, its heatmaps from the guard run that wrote the artifact
+    native = run["int8_heatmaps"]
     shift, confidence = compare_heatmaps(native, torch.from_numpy(np.load(out)))
     print(f"AVX2 vs native int8: shift p99 {np.percentile(shift, 99):.4f} px,"
           f" confidence max {np.abs(confidence).max():.2e}")
@@ -172,7 +183,7 @@ def test_a_model_that_breaks_the_guard_is_refused_and_nothing_usable_is_written(
     out = root / "broken.int8"
     result = quantize_model(loading.DEFAULT_WEIGHTS, out, calibration=_grey_calibration(root),
                             held_out=run["held_out"], calibration_crops_count=8,
-                            ladder=(SHIPPED_SETTINGS,))
+                            ladder=(SHIPPED_SETTINGS,), make_runner=run["make_runner"])
     guard = result.attempts[-1].guard
     print("broken:", guard.summary())
     assert result.written is None and not guard.passed
