@@ -85,6 +85,20 @@ def test_people_too_small_to_label_have_no_keypoints(dataset: Path) -> None:
     assert any(a["num_keypoints"] > 0 for a in large)
 
 
+def test_a_few_images_render_without_a_worker_pool(tmp_path: Path, monkeypatch) -> None:
+    """A spawned worker's start costs about IMAGES_PER_DEFAULT_WORKER images' rendering: the
+    default worker count starts none for fewer images."""
+    from omnipose.training.synth import dataset as synth_dataset
+
+    def no_pool(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a worker pool was started")
+
+    monkeypatch.setattr(synth_dataset.mp, "get_context", no_pool)
+    count = synth_dataset.IMAGES_PER_DEFAULT_WORKER - 1
+    synth.generate_dataset(tmp_path, count, seed=1, image_size=(32, 32), progress=False)
+    assert len(list((tmp_path / "images" / "train").iterdir())) == count
+
+
 def test_same_seed_gives_identical_files_for_any_worker_count(tmp_path: Path) -> None:
     kwargs = {"image_size": (96, 96), "progress": False}
     first = synth.generate_dataset(tmp_path / "a", 4, seed=11, workers=1, **kwargs)

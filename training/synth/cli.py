@@ -97,7 +97,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         help="person height / image height, log-uniform (default 0.08:1.3)",
     )
     parser.add_argument(
-        "--workers", type=_positive, default=None, help="processes (default: min(4, cpus))"
+        "--workers",
+        type=_positive,
+        default=None,
+        help="processes (default: min(4, cpus), one per 16 images for fewer)",
     )
     video = parser.add_argument_group("video sequences (docs/video.md)")
     video.add_argument(

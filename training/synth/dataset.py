@@ -27,6 +27,9 @@ from omnipose.training.synth.scene import SceneOptions, sample_scene
 JPEG_QUALITY = 90
 # Silhouettes below COCO's "small" (32 x 32 px) are annotated without keypoints, as in COCO.
 MIN_KEYPOINT_AREA = 32 * 32
+# A spawned worker first imports numpy, OpenCV and the renderer (about as long as rendering this
+# many images), so by default a worker is started only for every this many images.
+IMAGES_PER_DEFAULT_WORKER = 16
 
 
 def _annotations(render: SceneRender) -> list[dict]:
@@ -123,8 +126,10 @@ def generate_dataset(
     """Write ``num_images`` rendered images and ``annotations/person_keypoints_{split}.json``.
 
     Returns the annotation file's path. The same seed gives byte-identical files for any
-    ``workers`` (default ``min(4, cpu count)``). Workers are spawned processes, so a script that
-    calls this with ``workers > 1`` needs the usual ``if __name__ == "__main__":`` guard.
+    ``workers`` (default ``min(4, cpu count)``, fewer for a few images: one per
+    ``IMAGES_PER_DEFAULT_WORKER``, since a worker's start costs about that much rendering).
+    Workers are spawned processes, so a script that calls this with ``workers > 1`` needs the
+    usual ``if __name__ == "__main__":`` guard.
     """
     if num_images < 0 or seed < 0:
         raise ValueError("num_images and seed must be >= 0")
@@ -136,7 +141,8 @@ def generate_dataset(
     annotation_path.parent.mkdir(parents=True, exist_ok=True)
     height, width = image_size
     jobs = [(seed, i, str(image_dir), (height, width), options) for i in range(num_images)]
-    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1, max(1, num_images // IMAGES_PER_DEFAULT_WORKER))
 
     def results() -> Iterator[list[dict]]:
         if workers <= 1 or num_images < 2:
