@@ -106,6 +106,12 @@ def jpeg_device(settings: ServiceSettings, model_device: torch.device) -> torch.
     return None
 
 
+# Backends whose thread count follows the calling thread's (torch's OpenMP team; OpenVINO's
+# runner compiles per thread count and runs a call alone on every core). ONNX Runtime fixes its
+# threads per session, so a lone batch cannot borrow the idle instances' cores there.
+ALL_CORES_BACKENDS = ("torch", "openvino")
+
+
 def choose_layout(settings: ServiceSettings,
                   estimator: TopDownPoseEstimator) -> tuple[InstanceLayout, LoneBatchRule | None]:
     """Instances x threads from the settings, else measured on this machine (CPU only), and the
@@ -139,7 +145,7 @@ def choose_layout(settings: ServiceSettings,
     )
     rule = None
     if (best.instances > 1 and batch > 1 and settings.lone_batch_on_all_cores
-            and estimator.runner.backend == "torch"):  # fmt: skip
+            and estimator.runner.backend in ALL_CORES_BACKENDS):  # fmt: skip
         rule = measure_lone_batches(
             lambda units: estimator.forward(probe[:units], flip_test=False), best, cpus, batch
         )
@@ -152,8 +158,8 @@ def all_cores_runner(rule: LoneBatchRule | None, layout: InstanceLayout, max_bat
                      inflight: Callable[[], int]) -> AllCoresRunner | None:
     """Lone pose batches on every core where the start-up measurement says it is faster and
     the request is the only one admitted (``inflight() <= 1``)."""
-    if rule is None:  # measured only when the setting is on, and for torch only
-        return None  # (ONNX Runtime fixes its threads per session)
+    if rule is None:  # measured only when the setting is on, for ALL_CORES_BACKENDS
+        return None
     faster = [units for units in range(1, max_batch_size + 1) if rule.all_cores_faster(units)]
     log.info("pose model: a lone batch of %s crop(s) runs on every core, others spread",
              ", ".join(map(str, faster)) or "no")  # fmt: skip

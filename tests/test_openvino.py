@@ -24,7 +24,9 @@ from omnipose.model.openvino_runtime import (
     usable_cache_dir,
 )
 from omnipose.model.runners import RunnerOptions, TorchRunner, build_runner
+from omnipose.model.topdown import TopDownPoseEstimator
 from omnipose.service import loading, startup
+from omnipose.service.settings import ServiceSettings
 from tests.conftest import randomised
 
 CONFIG = get_config("coco-w8-96x64")
@@ -246,3 +248,22 @@ def test_conversion_starts_no_telemetry_threads(monkeypatch: pytest.MonkeyPatch)
     ov_model = openvino_runtime.convert_network(torch.nn.Conv2d(3, 17, 4, stride=4), (64, 48))
     assert ov_model.inputs[0].get_partial_shape().to_string() == "[?,3,64,48]"
     assert set(threading.enumerate()) <= before
+
+
+def test_a_lone_batch_is_measured_and_can_take_every_core_on_openvino(
+        runner: OpenVinoRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a measured 2 x 1 layout the engine measures lone batches on the OpenVINO runner as
+    on torch's (the runner follows the calling thread's thread count), and a lone batch sent as
+    one call runs on one stream with both cores, not spread 2 + 1 over two 1-thread streams."""
+    served = OpenVinoRunner(runner.ov_model, "fp32", cpus=2)  # threads from each caller
+    estimator = TopDownPoseEstimator(served, CONFIG, flip_test=False)
+    monkeypatch.setattr(startup, "available_cpus", lambda: 2)
+    monkeypatch.setattr(startup, "measure_layouts",  # as if 2 x 1 measured fastest
+                        lambda forward, layouts: {layout: layout.instances for layout in layouts})
+    settings = ServiceSettings(device="cpu", backend="openvino", precision="fp32", warmup=True)
+    layout, rule = startup.choose_layout(settings, estimator)
+    assert (layout.instances, layout.threads) == (2, 1)
+    assert rule is not None and min(rule.spread_one_s, rule.all_cores_one_s) > 0
+    compiled = [*served._compiled.values(), *([served._all_cores] if served._all_cores else [])]
+    assert any(model.get_property("INFERENCE_NUM_THREADS") == 2
+               and model.get_property("NUM_STREAMS") == 1 for model in compiled)
