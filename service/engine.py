@@ -228,7 +228,8 @@ class PoseEngine:
             on_start=lambda index: startup.start_pose_instance(settings, estimator, self.layout),
             instances=self.layout.instances,
             all_cores=all_cores,
-            more_expected=self._images_before_pose,
+            more_expected=(lambda: True) if settings.lone_request_waits_for_batch
+            else self._images_before_pose,
         )
         detector = self.detector
         self._detector_batcher = DynamicBatcher(
@@ -243,10 +244,8 @@ class PoseEngine:
 
     def _images_before_pose(self) -> bool:
         """Whether admitted images are still on their way to the pose batcher (decoding,
-        detection, cropping): only then does a partial pose batch wait for more, unless
-        lone_request_waits_for_batch says every partial batch waits."""
-        if self.settings.lone_request_waits_for_batch:
-            return True
+        detection, cropping): only then does a partial pose batch wait for more (unless
+        lone_request_waits_for_batch makes every partial batch wait)."""
         return self._pipeline is not None and self._pipeline.images_before_pose > 0
 
     def begin_drain(self) -> None:

@@ -188,11 +188,12 @@ class ImagePipeline:
                       tracker: PoseTracker | None = None) -> ImageResult:
         """The persons of one admitted image (a frame of ``tracker``'s stream when given)."""
         self.images_before_pose += 1
-        on_its_way = [True]  # until its crops are queued for the pose model (or it has none)
+        on_its_way = True  # until its crops are queued for the pose model (or it has none)
 
         def reached_pose() -> None:
-            if on_its_way[0]:
-                on_its_way[0] = False
+            nonlocal on_its_way
+            if on_its_way:
+                on_its_way = False
                 self.images_before_pose -= 1
 
         try:
