@@ -39,8 +39,7 @@ from omnipose.model.checkpoint import load_model
 from omnipose.model.configs import ModelConfig
 from omnipose.model.detection import Detections
 from omnipose.model.int8_artifact import GuardReport, GuardThresholds, write_int8_artifact
-from omnipose.model.onnx_runtime import export_onnx
-from omnipose.model.openvino_runtime import import_openvino, openvino_core
+from omnipose.model.openvino_runtime import convert_network, import_openvino
 from omnipose.model.predictor import PosePredictor
 from omnipose.model.runners import Runner
 from omnipose.model.topdown import TopDownPoseEstimator
@@ -187,10 +186,7 @@ def to_openvino(network: nn.Module, input_size: tuple[int, int],
     key = (weights_sha256, tuple(input_size)) if weights_sha256 else None
     if key in _CONVERTED:
         return _CONVERTED[key]
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "network.onnx"
-        path.write_bytes(export_onnx(network, input_size))
-        ov_model = openvino_core().read_model(path)
+    ov_model = convert_network(network, input_size)
     if key is not None:
         _CONVERTED[key] = ov_model
     return ov_model
