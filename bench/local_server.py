@@ -27,6 +27,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 60.0
 LOG_TAIL_CHARS = 4000
+LISTEN_ATTEMPTS = 3
+CANNOT_LISTEN = "cannot listen:"  # what the server logs when a port is taken (server.py)
 
 
 class ServerError(RuntimeError):
@@ -127,6 +129,10 @@ class ServerProcess:
             time.sleep(0.2)
         raise self._failure(f"server not ready after {timeout:g} s")
 
+    def lost_its_port(self) -> bool:
+        """Whether the server exited because one of its ports was taken (its own log line)."""
+        return self.process.poll() is not None and CANNOT_LISTEN in self.log()
+
     def terminate(self, timeout: float = STOP_TIMEOUT_S) -> int:
         """SIGTERM and wait; the exit code. A server still running after ``timeout`` seconds is
         killed and :class:`ServerError` raised."""
@@ -157,10 +163,23 @@ class ServerProcess:
 @contextlib.contextmanager
 def running(server: ServerProcess, ready_timeout: float = READY_TIMEOUT_S,
             stop_timeout: float = STOP_TIMEOUT_S) -> Iterator[ServerProcess]:
-    """Start ``server``, yield it once ready, SIGTERM it on leaving (unless it already exited)."""
-    server.start()
+    """Start ``server``, yield it once ready, SIGTERM it on leaving (unless it already exited).
+
+    A free port is only free when it is picked: another process (a parallel test worker, another
+    job on the machine) may bind it before the server does. A server that exits because it
+    cannot listen is started again on new ports, up to ``LISTEN_ATTEMPTS`` times."""
+    for attempt in range(1, LISTEN_ATTEMPTS + 1):
+        server.start()
+        try:
+            server.wait_ready(ready_timeout)
+            break
+        except ServerError:
+            if attempt == LISTEN_ATTEMPTS or not server.lost_its_port():
+                if server.process.poll() is None:
+                    server.terminate(stop_timeout)
+                raise
+            server.http_port, server.grpc_port = free_port(), free_port()
     try:
-        server.wait_ready(ready_timeout)
         yield server
     finally:
         if server.process.poll() is None:

@@ -39,7 +39,7 @@ from bench.samples import BUS_JPG, ZIDANE_JPG  # noqa: E402
 
 # Importing omnipose.model.openvino_runtime makes OpenVINO's telemetry package unimportable for
 # this process, whichever test imports openvino first (pytest.importorskip included).
-__all__ = ["REPO_ROOT", "ServerProcess", "running_server", "wait_until"]
+__all__ = ["REPO_ROOT", "ServerProcess", "running_server", "server_process", "wait_until"]
 
 LIGHT_CONFIG = "coco-w18-128x96"
 STARTUP_TIMEOUT_S = 90.0
@@ -243,6 +243,18 @@ def randomised(network: torch.nn.Module, seed: int) -> torch.nn.Module:
     return network.eval()
 
 
+# --- parallel workers ------------------------------------------------------------------------
+# The suite runs in pytest-xdist workers (pyproject: -n auto), one per CPU this process may use:
+# most tests are CPU-bound in a single thread or wait on a server, so one process leaves the
+# second core of a 2-core machine idle half the time. Each worker starts its own shared servers,
+# so more workers also mean more start-ups and memory; MAX_TEST_WORKERS bounds that.
+MAX_TEST_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_TEST_WORKERS))
+
+
 # --- process exit ----------------------------------------------------------------------------
 _SESSION_STATUS: list[int] = []
 
@@ -258,7 +270,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     this one process). Those ran after every test had passed and crashed the process once in CI
     (SIGSEGV after Python's own shutdown, so no stack): a crash in teardown the product never
     runs (each server is its own process, and the tests check their exit codes) must not
-    decide the suite's result."""
+    decide the suite's result. In an xdist worker this runs after the worker has sent its results
+    (its ``workerfinished`` event is written before pytest_unconfigure)."""
     if _SESSION_STATUS:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -22,7 +22,16 @@ from bench.samples import BUS_JPG, jpeg_with_orientation
 from omnipose.cli.main import main as cli_main
 from omnipose.proto import omnipose_pb2 as pb
 from omnipose.proto import omnipose_pb2_grpc
-from tests.conftest import REPO_ROOT, ServerProcess, running_server, wait_until
+from bench.local_server import running
+from tests.conftest import (
+    REPO_ROOT,
+    STARTUP_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    ServerProcess,
+    running_server,
+    server_process,
+    wait_until,
+)
 from tests.test_service_rest import assert_error, assert_still_serving, pose, wait_for_inflight
 
 pytestmark = pytest.mark.slow
@@ -301,6 +310,20 @@ def test_requests_past_the_shutdown_grace_get_json_503_and_new_ones_are_answered
         assert server.process.wait(30) == 0
     log = server.log()
     assert "Exception in ASGI application" not in log and "Traceback" not in log, log
+
+
+def test_a_server_whose_port_was_taken_is_started_again_on_new_ports(tmp_path) -> None:
+    """A free port may be taken before the server binds it (a parallel test worker, another job):
+    the server exits saying it cannot listen, and the launcher starts it on new ports."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = server_process(tmp_path, "taken-port", ["--detector", "none"])
+        process.http_port = port
+        with running(process, STARTUP_TIMEOUT_S, STOP_TIMEOUT_S) as server:
+            assert server.http_port != port
+            assert httpx.get(f"{server.http_url}/readyz", timeout=10).status_code == 200
 
 
 # --- no leaks, the right codes ----------------------------------------------------------------
