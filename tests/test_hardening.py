@@ -18,11 +18,11 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.local_server import running
 from bench.samples import BUS_JPG, jpeg_with_orientation
 from omnipose.cli.main import main as cli_main
 from omnipose.proto import omnipose_pb2 as pb
 from omnipose.proto import omnipose_pb2_grpc
-from bench.local_server import running
 from tests.conftest import (
     REPO_ROOT,
     STARTUP_TIMEOUT_S,
