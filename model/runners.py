@@ -97,8 +97,11 @@ class TorchRunner:
 
 class OnnxRuntimeRunner:
     """An exported pose network (:func:`omnipose.model.onnx_runtime.export_onnx`) in ONNX
-    Runtime, fp32. Each calling thread gets its own session with that thread's torch thread
-    count, as instance groups in Triton do."""
+    Runtime, fp32. A call runs with the calling thread's torch thread count, as torch does, so
+    the service's instance layout carries over: one session per thread count, shared by every
+    thread that calls with it (``InferenceSession.run`` may be called concurrently). With one
+    intra-op thread ORT computes on the calling thread, so single-threaded instances share a
+    session without sharing cores; a lone batch on every core gets its own session."""
 
     backend = "onnxruntime"
     precision: Precision = "fp32"
@@ -106,7 +109,8 @@ class OnnxRuntimeRunner:
     def __init__(self, onnx_model: bytes, device: torch.device | str = "cpu") -> None:
         self.onnx_model = onnx_model
         self.device = torch.device(device)
-        self._local = threading.local()
+        self._sessions: dict[int, Any] = {}
+        self._lock = threading.Lock()
 
     @classmethod
     def from_network(cls, network: nn.Module, input_size: tuple[int, int],
@@ -116,23 +120,29 @@ class OnnxRuntimeRunner:
         return cls(export_onnx(network, input_size), device)
 
     def _session(self) -> Any:
-        """This thread's session: its intra-op threads = this thread's torch thread count."""
-        session = getattr(self._local, "session", None)
+        """The session for this thread's torch thread count (its intra-op threads)."""
+        threads = torch.get_num_threads()
+        session = self._sessions.get(threads)
         if session is None:
-            import onnxruntime
-
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()
-            options.inter_op_num_threads = 1
-            providers = ["CPUExecutionProvider"]
-            if (
-                self.device.type == "cuda"
-                and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-            ):
-                providers.insert(0, "CUDAExecutionProvider")
-            session = onnxruntime.InferenceSession(self.onnx_model, options, providers=providers)
-            self._local.session = session
+            with self._lock:  # two instance threads starting at once create it once
+                session = self._sessions.get(threads)
+                if session is None:
+                    session = self._sessions[threads] = self._new_session(threads)
         return session
+
+    def _new_session(self, threads: int) -> Any:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        if (
+            self.device.type == "cuda"
+            and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+        ):
+            providers.insert(0, "CUDAExecutionProvider")
+        return onnxruntime.InferenceSession(self.onnx_model, options, providers=providers)
 
     def run(self, crops: torch.Tensor) -> torch.Tensor:
         from omnipose.model.onnx_runtime import INPUT_NAME, OUTPUT_NAME

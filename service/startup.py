@@ -106,10 +106,10 @@ def jpeg_device(settings: ServiceSettings, model_device: torch.device) -> torch.
     return None
 
 
-# Backends whose thread count follows the calling thread's (torch's OpenMP team; OpenVINO's
-# runner compiles per thread count and runs a call alone on every core). ONNX Runtime fixes its
-# threads per session, so a lone batch cannot borrow the idle instances' cores there.
-ALL_CORES_BACKENDS = ("torch", "openvino")
+# Backends whose thread count follows the calling thread's, so a lone batch can borrow the idle
+# instances' cores: torch's OpenMP team; OpenVINO's runner compiles, and ONNX Runtime's opens a
+# session, per thread count.
+ALL_CORES_BACKENDS = ("torch", "openvino", "onnxruntime")
 
 
 def choose_layout(settings: ServiceSettings,

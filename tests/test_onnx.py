@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,8 @@ from omnipose.model.onnx_runtime import (
     shared_exports,
 )
 from omnipose.model.runners import OnnxRuntimeRunner
-from omnipose.service import loading
+from omnipose.model.topdown import TopDownPoseEstimator
+from omnipose.service import loading, startup
 from omnipose.service.engine import PoseEngine
 from omnipose.service.metrics import ServiceMetrics
 from omnipose.service.requests import ImageRequest
@@ -130,3 +132,34 @@ def test_backend_serves_what_torch_serves(images, backend: str, tmp_path: Path) 
 def test_onnxruntime_backend_refuses_reduced_precision() -> None:
     with pytest.raises(ValueError, match="onnxruntime backend runs fp32"):
         loading.load_pose_model(device="cpu", precision="bf16", backend="onnxruntime")
+
+
+def test_a_lone_batch_is_measured_and_runs_on_every_core_on_onnxruntime(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a measured 2 x 1 layout the engine measures lone batches on ONNX Runtime as on
+    torch: the runner opens one session per caller's thread count, so both single-threaded
+    instances share one session and a lone batch runs in a two-thread one, with equal heatmaps."""
+    config = get_config("coco-w8-96x64")
+    torch.manual_seed(0)
+    network = build_model(config).eval()
+    runner = OnnxRuntimeRunner(export_onnx(network, config.input_size))
+    estimator = TopDownPoseEstimator(runner, config, flip_test=False)
+    monkeypatch.setattr(startup, "available_cpus", lambda: 2)
+    monkeypatch.setattr(startup, "measure_layouts",  # as if 2 x 1 measured fastest
+                        lambda forward, layouts: {layout: layout.instances for layout in layouts})
+    settings = ServiceSettings(device="cpu", backend="onnxruntime", warmup=True)
+    layout, rule = startup.choose_layout(settings, estimator)
+    assert (layout.instances, layout.threads) == (2, 1)
+    assert rule is not None and min(rule.spread_one_s, rule.all_cores_one_s) > 0
+    assert {threads: session.get_session_options().intra_op_num_threads
+            for threads, session in runner._sessions.items()} == {1: 1, 2: 2}  # fmt: skip
+
+    inputs = torch.randn(3, 3, *config.input_size)
+    with torch.inference_mode():
+        expected = network(inputs)
+    for threads, callers in ((1, 2), (2, 1)):  # the two instances at once; a lone batch
+        with ThreadPoolExecutor(callers, initializer=torch.set_num_threads,
+                                initargs=(threads,)) as pool:  # fmt: skip
+            for heatmaps in pool.map(lambda _: runner.run(inputs), range(callers)):
+                torch.testing.assert_close(heatmaps, expected, atol=1e-4, rtol=1e-4)
+    assert len(runner._sessions) == 2  # no session per thread
