@@ -183,7 +183,8 @@ def test_a_model_that_breaks_the_guard_is_refused_and_nothing_usable_is_written(
     out = root / "broken.int8"
     result = quantize_model(loading.DEFAULT_WEIGHTS, out, calibration=_grey_calibration(root),
                             held_out=run["held_out"], calibration_crops_count=8,
-                            ladder=(SHIPPED_SETTINGS,), make_runner=run["make_runner"])
+                            ladder=(SHIPPED_SETTINGS,), make_runner=run["make_runner"],
+                            fp32_result=run["result"].fp32_result)  # the same held-out set
     guard = result.attempts[-1].guard
     print("broken:", guard.summary())
     assert result.written is None and not guard.passed

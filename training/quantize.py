@@ -19,10 +19,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator
@@ -231,32 +229,6 @@ def fp32_layers(quantised: Any) -> list[str]:
     return kept
 
 
-# The fp32 reference (AP, heatmaps) of the last held-out set measured in this process, by
-# (weights, config, runner factory, held-out files): another quantisation of the same weights on
-# the same held-out images (another calibration set) compares against it without a second pass.
-_FP32_REFERENCE: dict[tuple[Any, ...], tuple[float, torch.Tensor]] = {}
-
-
-def held_out_fingerprint(image_dir: Path, annotation_file: Path) -> tuple[str, str, str]:
-    """(image folder, digest of its files' names, sizes and mtimes, digest of the annotations):
-    equal only for the same held-out files, unchanged."""
-    listing = hashlib.sha256()
-    for entry in sorted(os.scandir(image_dir), key=lambda entry: entry.name):
-        stat = entry.stat()
-        listing.update(f"{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    annotations = hashlib.sha256(annotation_file.read_bytes()).hexdigest()
-    return str(image_dir.resolve()), listing.hexdigest(), annotations
-
-
-def fp32_reference(fp32: Runner, model_config: ModelConfig, check: HeldOut,
-                   key: tuple[Any, ...]) -> tuple[float, torch.Tensor]:
-    """:func:`evaluate_runner` of ``fp32`` on ``check``, once per ``key`` (the latest kept)."""
-    if key not in _FP32_REFERENCE:
-        _FP32_REFERENCE.clear()
-        _FP32_REFERENCE[key] = evaluate_runner(fp32, model_config, check)
-    return _FP32_REFERENCE[key]
-
-
 RunnerFactory = Callable[[Any, str], Runner]  # (openvino.Model, "fp32" | "int8") -> runner
 
 
@@ -283,6 +255,9 @@ class QuantizeResult:
     written: Path | None  # the artifact, or None when every attempt failed the guard
     attempts: list[Attempt] = field(default_factory=list)
     rejected: Path | None = None  # the report of a failure
+    # the fp32 model's (AP, heatmaps) on the held-out crops, for another quantisation of the
+    # same weights against the same held-out set (``quantize_model(fp32_result=...)``)
+    fp32_result: tuple[float, torch.Tensor] | None = None
 
     @property
     def passed(self) -> Attempt | None:
@@ -295,9 +270,11 @@ def quantize_model(weights: str | Path | None, out: str | Path, *, config_name: 
                    calibration_crops_count: int = 300,
                    ladder: tuple[QuantizerSettings, ...] = LADDER,
                    thresholds: GuardThresholds | None = None,
-                   make_runner: RunnerFactory = openvino_runner) -> QuantizeResult:
+                   make_runner: RunnerFactory = openvino_runner,
+                   fp32_result: tuple[float, torch.Tensor] | None = None) -> QuantizeResult:
     """Quantise ``weights`` (None: the embedded default), guard each of ``ladder`` in turn,
-    write the first that passes."""
+    write the first that passes. ``fp32_result``: an earlier result's ``fp32_result`` for the
+    same weights, config and held-out set, which spares measuring the fp32 reference again."""
     network, model_config, loaded = load_model(weights or EMBEDDED_DEFAULT, config_name,
                                                device="cpu")
     if loaded is None:
@@ -316,9 +293,7 @@ def quantize_model(weights: str | Path | None, out: str | Path, *, config_name: 
         check = held_out_set(model_config, held_images, held_annotations, held_out.describe())
         ov_model = to_openvino(network, model_config.input_size, loaded.sha256)
         fp32 = make_runner(ov_model, "fp32")
-        reference = fp32_reference(fp32, model_config, check, (
-            loaded.sha256, model_config.name, tuple(model_config.input_size), make_runner,
-            *held_out_fingerprint(held_images, held_annotations)))
+        reference = fp32_result or evaluate_runner(fp32, model_config, check)
         attempts: list[Attempt] = []
         for settings in ladder:
             quantised = quantize_openvino(ov_model, crops, settings)
@@ -332,9 +307,9 @@ def quantize_model(weights: str | Path | None, out: str | Path, *, config_name: 
                 sidecar = _sidecar(loaded.sha256, model_config, attempts[-1], calibration,
                                    len(crops), attempts)
                 return QuantizeResult(write_int8_artifact(out, quantised, sidecar, guard),
-                                      attempts)
+                                      attempts, fp32_result=reference)
     return QuantizeResult(None, attempts, _write_rejected(out, loaded.sha256, model_config,
-                                                          attempts))
+                                                          attempts), reference)
 
 
 def _versions() -> dict[str, str]:
