@@ -20,14 +20,13 @@ from pathlib import Path
 import torch
 
 from omnipose.model.checkpoint import load_model
-from omnipose.model.openvino_runtime import OpenVinoRunner
+from omnipose.model.openvino_runtime import OpenVinoRunner, convert_network
 from omnipose.training.quantize import (
     LADDER,
     SHIPPED_SETTINGS,
     CropSource,
     calibration_crops,
     quantize_openvino,
-    to_openvino,
 )
 
 
@@ -54,7 +53,7 @@ def main() -> None:
             network, config, _ = load_model(args.weights, name, device="cpu")
             network.eval()
             crops = calibration_crops(network, config, images, annotations, 64)
-            fp32 = to_openvino(network, config.input_size)
+            fp32 = convert_network(network, config.input_size)
             variants = {"fp32": OpenVinoRunner(fp32, "fp32", threads=args.threads)}
             for settings in (LADDER[1], SHIPPED_SETTINGS):
                 variants[f"int8 {settings.name}"] = OpenVinoRunner(

@@ -184,7 +184,7 @@ def test_a_model_that_breaks_the_guard_is_refused_and_nothing_usable_is_written(
     result = quantize_model(loading.DEFAULT_WEIGHTS, out, calibration=_grey_calibration(root),
                             held_out=run["held_out"], calibration_crops_count=8,
                             ladder=(SHIPPED_SETTINGS,), make_runner=run["make_runner"],
-                            fp32_result=run["result"].fp32_result)  # the same held-out set
+                            fp32=run["result"].fp32)  # the same weights and held-out set
     guard = result.attempts[-1].guard
     print("broken:", guard.summary())
     assert result.written is None and not guard.passed

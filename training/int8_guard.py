@@ -98,13 +98,17 @@ def compare_heatmaps(reference: torch.Tensor, candidate: torch.Tensor) -> tuple[
     return shift, (conf.astype(np.float64) - ref_conf).reshape(-1)
 
 
-def measure_guard(fp32: Runner, int8: Runner, model_config: ModelConfig, held_out: HeldOut,
-                  thresholds: GuardThresholds | None = None,
+def measure_guard(fp32: Runner | None, int8: Runner, model_config: ModelConfig,
+                  held_out: HeldOut, thresholds: GuardThresholds | None = None,
                   fp32_result: tuple[float, torch.Tensor] | None = None) -> GuardReport:
     """The guard figures of ``int8`` against ``fp32`` on ``held_out``; ``fp32_result`` reuses an
-    earlier :func:`evaluate_runner` of ``fp32`` on the same set (several candidates, one
-    reference)."""
-    ap_fp32, reference = fp32_result or evaluate_runner(fp32, model_config, held_out)
+    earlier :func:`evaluate_runner` of the fp32 model on the same set (several candidates, one
+    reference), and ``fp32`` may then be None."""
+    if fp32_result is None:
+        if fp32 is None:
+            raise ValueError("measure_guard needs the fp32 runner or its fp32_result")
+        fp32_result = evaluate_runner(fp32, model_config, held_out)
+    ap_fp32, reference = fp32_result
     ap_int8, candidate = evaluate_runner(int8, model_config, held_out)
     shift, confidence = compare_heatmaps(reference, candidate)
     finite = bool(np.isfinite(shift).all() and np.isfinite(confidence).all())

@@ -174,22 +174,6 @@ def held_out_set(model_config: ModelConfig, image_dir: str | Path, annotation_fi
 # --- OpenVINO + NNCF ----------------------------------------------------------------------------
 
 
-_CONVERTED: dict[tuple[str, tuple[int, int]], Any] = {}
-
-
-def to_openvino(network: nn.Module, input_size: tuple[int, int],
-                weights_sha256: str | None = None) -> Any:
-    """The network as an openvino.Model (dynamic batch) through the project's ONNX export; with
-    ``weights_sha256`` the conversion is kept for this process (callers clone before changing)."""
-    key = (weights_sha256, tuple(input_size)) if weights_sha256 else None
-    if key in _CONVERTED:
-        return _CONVERTED[key]
-    ov_model = convert_network(network, input_size)
-    if key is not None:
-        _CONVERTED[key] = ov_model
-    return ov_model
-
-
 def quantize_openvino(ov_model: Any, crops: torch.Tensor, settings: QuantizerSettings) -> Any:
     """NNCF post-training quantisation of ``ov_model`` calibrated on ``crops`` (batch 1 each)."""
     import_openvino()  # before nncf imports it: usage telemetry declined
@@ -250,14 +234,24 @@ class Attempt:
                 "fp32_layers": self.fp32_layers}
 
 
+@dataclass(frozen=True)
+class Fp32Reference:
+    """The fp32 side of a quantisation: the converted model (quantised from, never changed) and
+    its AP and heatmaps on the held-out crops. Another quantisation of the same weights against
+    the same held-out set (another calibration set, another ladder) starts from it instead of
+    converting and measuring again."""
+
+    ov_model: Any
+    ap: float
+    heatmaps: torch.Tensor
+
+
 @dataclass
 class QuantizeResult:
     written: Path | None  # the artifact, or None when every attempt failed the guard
     attempts: list[Attempt] = field(default_factory=list)
     rejected: Path | None = None  # the report of a failure
-    # the fp32 model's (AP, heatmaps) on the held-out crops, for another quantisation of the
-    # same weights against the same held-out set (``quantize_model(fp32_result=...)``)
-    fp32_result: tuple[float, torch.Tensor] | None = None
+    fp32: Fp32Reference | None = None  # what another quantisation of the same weights can reuse
 
     @property
     def passed(self) -> Attempt | None:
@@ -271,10 +265,10 @@ def quantize_model(weights: str | Path | None, out: str | Path, *, config_name: 
                    ladder: tuple[QuantizerSettings, ...] = LADDER,
                    thresholds: GuardThresholds | None = None,
                    make_runner: RunnerFactory = openvino_runner,
-                   fp32_result: tuple[float, torch.Tensor] | None = None) -> QuantizeResult:
+                   fp32: Fp32Reference | None = None) -> QuantizeResult:
     """Quantise ``weights`` (None: the embedded default), guard each of ``ladder`` in turn,
-    write the first that passes. ``fp32_result``: an earlier result's ``fp32_result`` for the
-    same weights, config and held-out set, which spares measuring the fp32 reference again."""
+    write the first that passes. ``fp32``: an earlier result's ``fp32`` for the same weights,
+    config and held-out set."""
     network, model_config, loaded = load_model(weights or EMBEDDED_DEFAULT, config_name,
                                                device="cpu")
     if loaded is None:
@@ -291,14 +285,15 @@ def quantize_model(weights: str | Path | None, out: str | Path, *, config_name: 
         crops = calibration_crops(network, model_config, calib_images, calib_annotations,
                                   calibration_crops_count)
         check = held_out_set(model_config, held_images, held_annotations, held_out.describe())
-        ov_model = to_openvino(network, model_config.input_size, loaded.sha256)
-        fp32 = make_runner(ov_model, "fp32")
-        reference = fp32_result or evaluate_runner(fp32, model_config, check)
+        if fp32 is None:
+            ov_model = convert_network(network, model_config.input_size)
+            fp32 = Fp32Reference(ov_model, *evaluate_runner(make_runner(ov_model, "fp32"),
+                                                            model_config, check))
         attempts: list[Attempt] = []
         for settings in ladder:
-            quantised = quantize_openvino(ov_model, crops, settings)
-            guard = measure_guard(fp32, make_runner(quantised, "int8"), model_config, check,
-                                  thresholds, fp32_result=reference)
+            quantised = quantize_openvino(fp32.ov_model, crops, settings)
+            guard = measure_guard(None, make_runner(quantised, "int8"), model_config, check,
+                                  thresholds, fp32_result=(fp32.ap, fp32.heatmaps))
             attempts.append(Attempt(settings, guard, fp32_layers(quantised)))
             log.info("int8 %s: %s: %s", settings.name, "PASS" if guard.passed else "FAIL",
                      guard.summary())
@@ -307,9 +302,9 @@ def quantize_model(weights: str | Path | None, out: str | Path, *, config_name: 
                 sidecar = _sidecar(loaded.sha256, model_config, attempts[-1], calibration,
                                    len(crops), attempts)
                 return QuantizeResult(write_int8_artifact(out, quantised, sidecar, guard),
-                                      attempts, fp32_result=reference)
+                                      attempts, fp32=fp32)
     return QuantizeResult(None, attempts, _write_rejected(out, loaded.sha256, model_config,
-                                                          attempts), reference)
+                                                          attempts), fp32)
 
 
 def _versions() -> dict[str, str]:
