@@ -36,6 +36,10 @@ import torch  # noqa: E402
 import omnipose.model.openvino_runtime  # noqa: E402,F401  (OpenVINO telemetry off, see below)
 from bench.local_server import REPO_ROOT, ServerProcess, running, service_environment  # noqa: E402
 from bench.samples import BUS_JPG, ZIDANE_JPG  # noqa: E402
+from omnipose.model.topdown import TopDownPoseEstimator  # noqa: E402
+from omnipose.service import startup  # noqa: E402
+from omnipose.service.resources import InstanceLayout, LoneBatchRule  # noqa: E402
+from omnipose.service.settings import ServiceSettings  # noqa: E402
 
 # Importing omnipose.model.openvino_runtime makes OpenVINO's telemetry package unimportable for
 # this process, whichever test imports openvino first (pytest.importorskip included).
@@ -241,6 +245,18 @@ def randomised(network: torch.nn.Module, seed: int) -> torch.nn.Module:
                 noise = torch.rand(tensor.shape, generator=generator)
                 tensor.copy_(noise + 0.5 if "running_var" in name else (noise - 0.5) * 0.2)
     return network.eval()
+
+
+def choose_layout_as_if_2x1_fastest(
+    monkeypatch: pytest.MonkeyPatch, estimator: TopDownPoseEstimator, **settings: object
+) -> tuple[InstanceLayout, LoneBatchRule | None]:
+    """:func:`omnipose.service.startup.choose_layout` on 2 CPUs where the 2 x 1 layout measures
+    fastest (that measurement replaced; the lone-batch measurement after it is real)."""
+    monkeypatch.setattr(startup, "available_cpus", lambda: 2)
+    monkeypatch.setattr(startup, "measure_layouts",
+                        lambda forward, layouts: {layout: layout.instances for layout in layouts})
+    return startup.choose_layout(ServiceSettings(device="cpu", warmup=True, **settings),
+                                 estimator)
 
 
 # --- parallel workers ------------------------------------------------------------------------

@@ -23,11 +23,12 @@ from omnipose.model.onnx_runtime import (
 )
 from omnipose.model.runners import OnnxRuntimeRunner
 from omnipose.model.topdown import TopDownPoseEstimator
-from omnipose.service import loading, startup
+from omnipose.service import loading
 from omnipose.service.engine import PoseEngine
 from omnipose.service.metrics import ServiceMetrics
 from omnipose.service.requests import ImageRequest
 from omnipose.service.settings import ServiceSettings
+from tests.conftest import choose_layout_as_if_2x1_fastest
 
 
 @pytest.mark.parametrize("name", ["coco-w8-96x64", "coco-w8-96x64-waspv1"])  # both heads
@@ -144,11 +145,7 @@ def test_a_lone_batch_is_measured_and_runs_on_every_core_on_onnxruntime(
     network = build_model(config).eval()
     runner = OnnxRuntimeRunner(export_onnx(network, config.input_size))
     estimator = TopDownPoseEstimator(runner, config, flip_test=False)
-    monkeypatch.setattr(startup, "available_cpus", lambda: 2)
-    monkeypatch.setattr(startup, "measure_layouts",  # as if 2 x 1 measured fastest
-                        lambda forward, layouts: {layout: layout.instances for layout in layouts})
-    settings = ServiceSettings(device="cpu", backend="onnxruntime", warmup=True)
-    layout, rule = startup.choose_layout(settings, estimator)
+    layout, rule = choose_layout_as_if_2x1_fastest(monkeypatch, estimator, backend="onnxruntime")
     assert (layout.instances, layout.threads) == (2, 1)
     assert rule is not None and min(rule.spread_one_s, rule.all_cores_one_s) > 0
     assert {threads: session.get_session_options().intra_op_num_threads

@@ -26,8 +26,7 @@ from omnipose.model.openvino_runtime import (
 from omnipose.model.runners import RunnerOptions, TorchRunner, build_runner
 from omnipose.model.topdown import TopDownPoseEstimator
 from omnipose.service import loading, startup
-from omnipose.service.settings import ServiceSettings
-from tests.conftest import randomised
+from tests.conftest import choose_layout_as_if_2x1_fastest, randomised
 
 CONFIG = get_config("coco-w8-96x64")
 
@@ -257,11 +256,8 @@ def test_a_lone_batch_is_measured_and_can_take_every_core_on_openvino(
     one call runs on one stream with both cores, not spread 2 + 1 over two 1-thread streams."""
     served = OpenVinoRunner(runner.ov_model, "fp32", cpus=2)  # threads from each caller
     estimator = TopDownPoseEstimator(served, CONFIG, flip_test=False)
-    monkeypatch.setattr(startup, "available_cpus", lambda: 2)
-    monkeypatch.setattr(startup, "measure_layouts",  # as if 2 x 1 measured fastest
-                        lambda forward, layouts: {layout: layout.instances for layout in layouts})
-    settings = ServiceSettings(device="cpu", backend="openvino", precision="fp32", warmup=True)
-    layout, rule = startup.choose_layout(settings, estimator)
+    layout, rule = choose_layout_as_if_2x1_fastest(monkeypatch, estimator, backend="openvino",
+                                                   precision="fp32")
     assert (layout.instances, layout.threads) == (2, 1)
     assert rule is not None and min(rule.spread_one_s, rule.all_cores_one_s) > 0
     compiled = [*served._compiled.values(), *([served._all_cores] if served._all_cores else [])]
