@@ -257,6 +257,16 @@ def cpu_isa_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
     return [*flags, f"cap={cap}"] if cap else flags
 
 
+def compiled_kernels(model: openvino.Model, config: dict[str, Any]) -> list[tuple[str, str]]:
+    """(layer type, kernel) pairs of ``model`` compiled for the CPU with ``config``, e.g.
+    ``("Convolution", "brgconv_avx2_I8")``: which ISA the plugin's kernels use, for the checks of
+    an ISA cap and for benchmarks."""
+    compiled = openvino_core().compile_model(model, "CPU", config)
+    return sorted({(op.get_rt_info()["layerType"].astype(str),
+                    op.get_rt_info()["primitiveType"].astype(str))
+                   for op in compiled.get_runtime_model().get_ordered_ops()})  # fmt: skip
+
+
 def _digest(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
