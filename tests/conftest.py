@@ -119,9 +119,15 @@ class ServerPool:
 def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The tests' own cache folder (XDG_CACHE_HOME, inherited by the servers they start): a
     backend choice cached by an earlier run or by the developer's own server never decides
-    what a test runs."""
+    what a test runs. One folder for all workers of this run (their base folders' parent), so a
+    second worker's backend=auto server finds the first one's measured choice and compiled
+    model, as a restarted deployment does; the cache writes are atomic renames."""
     with pytest.MonkeyPatch.context() as patch:
-        folder = tmp_path_factory.mktemp("xdg-cache")
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            folder = tmp_path_factory.getbasetemp().parent / "xdg-cache"
+            folder.mkdir(exist_ok=True)
+        else:
+            folder = tmp_path_factory.mktemp("xdg-cache")
         patch.setenv("XDG_CACHE_HOME", str(folder))
         yield folder
 
