@@ -161,7 +161,8 @@ def capped_run(run: dict) -> dict | None:
             "heatmaps": torch.from_numpy(np.load(out))}
 
 
-def test_the_int8_model_passes_the_guard_on_avx2_kernels(run: dict, capped_run: dict | None):
+def test_the_int8_model_passes_the_guard_on_avx2_kernels(run: dict,
+                                                        capped_run: dict | None) -> None:
     if capped_run is None:  # this CPU's own kernels are the AVX2 ones
         int8_model, _ = load_int8_artifact(run["result"].written, _sha())
         config = openvino_runner(int8_model, "int8").compile_config(2)
