@@ -259,8 +259,8 @@ def cpu_isa_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
 
 def compiled_kernels(model: openvino.Model, config: dict[str, Any]) -> list[tuple[str, str]]:
     """(layer type, kernel) pairs of ``model`` compiled for the CPU with ``config``, e.g.
-    ``("Convolution", "brgconv_avx2_I8")``: which ISA the plugin's kernels use, for the checks of
-    an ISA cap and for benchmarks."""
+    ``("Convolution", "brgconv_avx2_I8")``: which ISA the plugin's kernels use on this CPU or
+    under an ``ONEDNN_MAX_CPU_ISA`` cap (tests/test_int8.py checks the int8 model's with it)."""
     compiled = openvino_core().compile_model(model, "CPU", config)
     return sorted({(op.get_rt_info()["layerType"].astype(str),
                     op.get_rt_info()["primitiveType"].astype(str))

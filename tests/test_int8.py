@@ -133,16 +133,12 @@ def _assert_int8_convolutions_run_avx2_kernels(kernels: list[tuple[str, str]]) -
     print("AVX-512 kernels left:", [pair for pair in kernels if "avx512" in pair[1]])
 
 
-def _cpu_has_avx512() -> bool:
-    return "avx512f" in cpu_isa_flags()
-
-
 @pytest.fixture(scope="module")
 def capped_run(run: dict) -> dict | None:
     """The guarded int8 model under ``ONEDNN_MAX_CPU_ISA=AVX2`` in a subprocess: its kernels,
     its guard against the fixture's fp32 reference and its heatmaps. None on a CPU whose best is
     AVX2: there the cap changes nothing, and the fixture's own guard run was the AVX2 run."""
-    if not _cpu_has_avx512():
+    if "avx512f" not in cpu_isa_flags():
         return None
     root, result = run["root"], run["result"]
     fp32_heatmaps, out = root / "fp32_heatmaps.npy", root / "avx2_heatmaps.npy"
