@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from omnipose.model import precision as precision_module
+from omnipose.model.cpu_info import read_cpu_info
 from omnipose.model.onnx_runtime import state_dict_sha256
 
 if TYPE_CHECKING:
@@ -247,12 +248,7 @@ def convert_network(network: nn.Module, input_size: tuple[int, int]) -> openvino
 
 def cpu_isa_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
     """The kernel-relevant ISA flags of this CPU, plus any oneDNN ISA cap in the environment."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        text = ""
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    flags = sorted(set(line.split()) & set(ISA_FLAGS))
+    flags = sorted(read_cpu_info(cpuinfo).flags & set(ISA_FLAGS))
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
     return [*flags, f"cap={cap}"] if cap else flags
 

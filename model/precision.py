@@ -17,6 +17,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from omnipose.model.cpu_info import read_cpu_info
+
 # int8: a quantised model, run by the openvino backend only (torch refuses it).
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
 PrecisionSetting = Literal["auto", "fp32", "fp16", "bf16", "int8"]
@@ -31,13 +33,7 @@ NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 @cache
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether the CPU computes bf16 natively (oneDNN otherwise emulates it, slower than fp32)."""
-    try:
-        flags = next(
-            (line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), ""
-        )
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in NATIVE_BF16_CPU_FLAGS)
+    return not read_cpu_info(cpuinfo).flags.isdisjoint(NATIVE_BF16_CPU_FLAGS)
 
 
 def resolve_precision(device: torch.device, precision: PrecisionSetting) -> Precision:

@@ -29,6 +29,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from omnipose.model.cpu_info import read_cpu_info
+
 log = logging.getLogger(__name__)
 
 KEY_FORMAT = 1  # bump when the key or the stored decision changes shape
@@ -71,17 +73,9 @@ def backend_installed(backend: str) -> bool:
 @cache
 def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
     """The CPU's model name and a digest of its feature flags (what kernels it can run)."""
-    model, flags = "", ""
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name.strip() == "model name" and not model:
-                model = value.strip()
-            elif name.strip() in ("flags", "Features") and not flags:
-                flags = " ".join(sorted(value.split()))
-    except OSError:
-        pass
-    return {"model": model or "unknown",
+    cpu = read_cpu_info(cpuinfo)
+    flags = " ".join(sorted(cpu.flags))
+    return {"model": cpu.model or "unknown",
             "flags_sha256": hashlib.sha256(flags.encode()).hexdigest()}  # fmt: skip
 
 
